@@ -1,0 +1,279 @@
+"""Building a :class:`Backbone` from an architecture name and a weights tag or file.
+
+Architecture: any open_clip model name (``ViT-B-16``, ``ViT-L-14``, ...), a config shipped with
+promptalign (``pa-tiny-vit``), a path to an open_clip-style JSON config, or a config dict.
+Weights: None (random initialisation), an open_clip pretrained tag (downloaded and cached by
+open_clip when online), or a local file: an open_clip / OpenAI-format state dict as
+``.safetensors`` or a ``.pt``/``.pth``/``.bin`` file read with ``torch.load(weights_only=True)``.
+TorchScript archives are refused: promptalign never calls ``torch.jit.load`` on user files.
+
+Preprocessing (image size, mean/std, interpolation) is resolved here, from architecture + weights,
+and never from method or dataset configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import zipfile
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .clip import Backbone, Preprocess
+
+log = logging.getLogger(__name__)
+
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class WeightsError(ValueError):
+    """A weights file could not be read or does not fit the architecture."""
+
+
+def _open_clip():
+    import open_clip  # imported lazily: it pulls in torchvision and timm
+
+    return open_clip
+
+
+def _shipped_configs() -> dict[str, Path]:
+    root = resources.files("promptalign.backbone") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".json")}
+
+
+def list_backbones() -> list[str]:
+    """Architecture names accepted by :func:`load_backbone` (shipped configs, then open_clip's)."""
+    return sorted(_shipped_configs()) + list(_open_clip().list_models())
+
+
+def list_pretrained(arch: str) -> list[str]:
+    """open_clip pretrained tags known for ``arch``."""
+    return list(_open_clip().list_pretrained_tags_by_model(arch))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected an open_clip model config") from e
+
+
+def resolve_arch(arch: str | os.PathLike | Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Return ``(name, model_cfg, preprocess_overrides)`` for an architecture spec."""
+    pre: dict[str, Any] = {}
+    if isinstance(arch, Mapping):
+        name, cfg = "custom", copy.deepcopy(dict(arch))
+    else:
+        shipped = _shipped_configs()
+        path = Path(arch)
+        if str(arch) in shipped:
+            name, cfg = str(arch), _read_json(shipped[str(arch)])
+        elif path.suffix == ".json" or path.is_file():
+            if not path.is_file():
+                raise FileNotFoundError(f"architecture config {path} does not exist")
+            name, cfg = path.stem, _read_json(path)
+        else:
+            name = str(arch).replace("/", "-")
+            cfg = _open_clip().get_model_config(name)
+            if cfg is None:
+                raise ValueError(
+                    f"unknown architecture {str(arch)!r}: not a promptalign config "
+                    f"({', '.join(sorted(shipped))}), not an open_clip model name "
+                    "(see `promptalign.list_backbones()`), and not a JSON config file"
+                )
+            cfg = copy.deepcopy(cfg)
+    if "model_cfg" in cfg:  # open_clip_config.json layout (hf-hub / local-dir)
+        pre = dict(cfg.get("preprocess_cfg", {}))
+        cfg = cfg["model_cfg"]
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        raise ValueError(f"architecture {name!r}: config lacks {missing}; expected an open_clip model config")
+    if "timm_model_name" in cfg["vision_cfg"] or "hf_model_name" in cfg["text_cfg"]:
+        raise ValueError(
+            f"architecture {name!r} uses a timm or Hugging Face tower; promptalign needs open_clip's "
+            "own ViT image tower and CLIP text transformer"
+        )
+    return name, cfg, pre
+
+
+def _build_model(cfg: dict[str, Any]) -> torch.nn.Module:
+    oc = _open_clip()
+    cfg = copy.deepcopy(cfg)
+    custom_text = cfg.pop("custom_text", False)
+    if "multimodal_cfg" in cfg:
+        raise ValueError("CoCa-style models (multimodal_cfg) are not supported")
+    cls = oc.CustomTextCLIP if custom_text else oc.CLIP
+    return cls(**cfg)
+
+
+def _tokenizer(name: str, cfg: dict[str, Any]):
+    oc = _open_clip()
+    if oc.get_model_config(name) is not None:
+        return oc.get_tokenizer(name)
+    if "hf_tokenizer_name" in cfg["text_cfg"]:
+        raise ValueError(f"architecture {name!r} needs a Hugging Face tokenizer, which is not supported")
+    return oc.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors or weights-only torch file, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("constants.pkl") for n in z.namelist()):
+                raise WeightsError(
+                    f"{path} is a TorchScript archive; promptalign never runs torch.jit.load on "
+                    "files. Use the matching open_clip pretrained tag (e.g. weights='openai'), or "
+                    "convert the file once to a plain state dict (safetensors) in a trusted session"
+                )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise WeightsError(
+            f"{path}: could not be read as a weights-only torch file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Save a plain state dict "
+            "(torch.save(model.state_dict(), ...)) or a .safetensors file"
+        ) from e
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise WeightsError(f"{path}: expected a non-empty state dict, found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: entries that are not tensors: {bad[:10]}")
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _fmt_keys(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, arch: str = "") -> None:
+    """Load a weights file into an open_clip model strictly; mismatches name the file and keys."""
+    oc = _open_clip()
+    sd = read_state_dict(path)
+    for k in _OPENAI_EXTRA_KEYS:
+        sd.pop(k, None)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = oc.model.convert_to_custom_text_state_dict(sd)
+    if "logit_scale" in sd and sd["logit_scale"].shape != model.logit_scale.shape:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_fmt_keys(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_fmt_keys(shapes, 5)}")
+        raise WeightsError(
+            f"{path}: weights do not fit architecture {arch!r}; " + "; ".join(parts)
+            + ". Check that the file was saved from this architecture."
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def load_backbone(
+    arch: str | os.PathLike | Mapping[str, Any],
+    weights: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Build a frozen :class:`Backbone`.
+
+    Args:
+        arch: open_clip architecture name, shipped promptalign config, JSON config path, or dict.
+        weights: None (random init), an open_clip pretrained tag, or a local weights file.
+        device: where to put the model.
+        dtype: parameter dtype (fp32 default; use autocast for mixed precision).
+        cache_dir: open_clip download cache for pretrained tags.
+
+    Returns:
+        The frozen backbone, its tokenizer and preprocessing resolved from ``arch`` + ``weights``.
+    """
+    oc = _open_clip()
+    name, cfg, pre_over = resolve_arch(arch)
+    pre = {
+        "size": cfg["vision_cfg"].get("image_size", 224),
+        "mean": tuple(oc.OPENAI_DATASET_MEAN),
+        "std": tuple(oc.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    pre.update(pre_over)
+    weights_path: Path | None = None
+    weights_label: str | None = None
+    if weights is not None:
+        tag_cfg = oc.get_pretrained_cfg(name, str(weights)) if not isinstance(arch, Mapping) else {}
+        if tag_cfg:
+            if tag_cfg.get("quick_gelu", False) and not cfg.get("quick_gelu", False):
+                cfg["quick_gelu"] = True  # the tag was trained with QuickGELU; match it
+            for k in ("mean", "std", "interpolation", "resize_mode"):
+                if k in tag_cfg:
+                    pre[k] = tag_cfg[k]
+            try:
+                weights_path = Path(oc.download_pretrained(tag_cfg, cache_dir=cache_dir))
+            except Exception as e:
+                raise RuntimeError(
+                    f"could not fetch open_clip pretrained weights {str(weights)!r} for {name!r} "
+                    f"({type(e).__name__}: {e}). Without network access, pass a local weights "
+                    "file path as `weights` instead"
+                ) from e
+            weights_label = str(weights)
+        elif Path(weights).is_file():
+            weights_path = Path(weights)
+            weights_label = str(weights_path)
+        else:
+            tags = list_pretrained(name) if not isinstance(arch, Mapping) else []
+            raise FileNotFoundError(
+                f"weights {str(weights)!r} is neither an open_clip pretrained tag for {name!r} "
+                f"(known tags: {', '.join(tags) or 'none'}) nor an existing file"
+            )
+    model = _build_model(cfg)
+    if weights_path is not None:
+        load_weights_file(model, weights_path, arch=name)
+    else:
+        log.info("architecture %s built with random weights (no `weights` given)", name)
+    model = model.to(device=device, dtype=dtype)
+    size = pre["size"]
+    preprocess = Preprocess(
+        image_size=(size, size) if isinstance(size, int) else tuple(size),
+        mean=tuple(float(m) for m in pre["mean"]),
+        std=tuple(float(s) for s in pre["std"]),
+        interpolation=str(pre["interpolation"]),
+        resize_mode=str(pre["resize_mode"]),
+    )
+    return Backbone(model, _tokenizer(name, cfg), preprocess, arch=name, weights=weights_label)

@@ -1,0 +1,26 @@
+"""The thin command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from promptalign.cli import main
+
+
+def test_help_runs_as_console_command():
+    out = subprocess.run([sys.executable, "-m", "promptalign.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "selfcheck" in out.stdout
+
+
+def test_selfcheck_json(capsys):
+    assert main(["selfcheck", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ok"] is True and res["logits_shape"] == [4, 4]
+    assert res["max_abs_diff"]["reloaded_image"] == 0.0
+
+
+def test_list_backbones(capsys):
+    assert main(["list", "backbones"]) == 0
+    assert "pa-tiny-vit" in capsys.readouterr().out.split()

@@ -1,0 +1,161 @@
+"""Weights and architecture loading: round trips, formats, and errors that name files and keys."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import promptalign
+from conftest import TINY_CUSTOM_TEXT, images_for
+from promptalign.backbone import WeightsError, read_state_dict
+
+
+def _outputs(bb):
+    with torch.no_grad():
+        tok = bb.tokenize(["a photo of a dog.", "a sketch of a cat."])
+        return bb.encode_text(tok), bb.encode_image(images_for(bb, 2))
+
+
+def _state(bb):
+    return {k: v.contiguous() for k, v in bb.clip.state_dict().items()}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_save_and_reload_by_path_is_identical(tiny, tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(_state(tiny), str(path))
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in _state(tiny).items()}}, path)
+    bb = promptalign.load_backbone("pa-tiny-vit", weights=str(path))
+    assert bb.weights == str(path)
+    for a, b in zip(_outputs(bb), _outputs(tiny)):
+        assert torch.equal(a, b)
+
+
+def test_openai_format_state_dict_loads_into_custom_text_layout(tmp_path):
+    """An OpenAI/CLIP-layout file (text keys at top level) loads into the CustomTextCLIP layout."""
+    cfg = copy.deepcopy(TINY_CUSTOM_TEXT)
+    flat_cfg = {k: v for k, v in cfg.items() if k != "custom_text"}
+    torch.manual_seed(3)
+    src = promptalign.load_backbone(flat_cfg)  # CLIP layout: token_embedding, transformer.* ...
+    sd = _state(src)
+    sd.update(input_resolution=torch.tensor(48), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    path = tmp_path / "openai_style.pt"
+    torch.save(sd, path)
+    dst = promptalign.load_backbone(cfg, weights=path)
+    assert hasattr(dst.clip, "text")
+    for a, b in zip(_outputs(dst), _outputs(src)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_missing_weights_file_names_it(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        promptalign.load_backbone("pa-tiny-vit", weights=str(missing))
+
+
+def test_mismatched_weights_name_file_and_keys(tiny, tmp_path):
+    other = promptalign.load_backbone(copy.deepcopy(TINY_CUSTOM_TEXT))
+    path = tmp_path / "other.safetensors"
+    save_file(_state(other), str(path))
+    with pytest.raises(WeightsError) as e:
+        promptalign.load_backbone("pa-tiny-vit", weights=path)
+    msg = str(e.value)
+    assert "other.safetensors" in msg and "pa-tiny-vit" in msg
+    assert "visual.conv1.weight" in msg and "shape mismatches" in msg
+
+
+def test_missing_and_unexpected_keys_are_listed(tiny, tmp_path):
+    sd = _state(tiny)
+    del sd["ln_final.weight"]
+    sd["extra.thing"] = torch.zeros(1)
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError, match=r"partial.safetensors.*missing keys: ln_final.weight.*unexpected keys: extra.thing"):
+        promptalign.load_backbone("pa-tiny-vit", weights=path)
+
+
+def test_corrupt_files_give_clear_errors(tmp_path):
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WeightsError, match="bad.safetensors"):
+        read_state_dict(bad_st)
+    bad_pt = tmp_path / "bad.pt"
+    bad_pt.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(WeightsError, match="bad.pt.*weights-only"):
+        read_state_dict(bad_pt)
+    not_dict = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], not_dict)
+    with pytest.raises(WeightsError, match="list.pt.*state dict"):
+        read_state_dict(not_dict)
+
+
+def test_arbitrary_pickles_are_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(WeightsError, match="evil.pt"):
+        read_state_dict(path)
+
+
+def test_torchscript_archives_are_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(WeightsError, match="TorchScript"):
+        read_state_dict(path)
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(FileNotFoundError, match="openai"):
+        promptalign.load_backbone("ViT-B-16", weights="no_such_tag")
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown architecture 'ViT-Q-99'"):
+        promptalign.load_backbone("ViT-Q-99")
+
+
+def test_unsupported_towers_are_refused():
+    cfg = copy.deepcopy(TINY_CUSTOM_TEXT)
+    cfg["vision_cfg"]["timm_model_name"] = "resnet18"
+    with pytest.raises(ValueError, match="timm"):
+        promptalign.load_backbone(cfg)
+
+
+def test_preprocess_resolved_from_config_file(tmp_path):
+    """An open_clip_config.json (model_cfg + preprocess_cfg) sets the preprocessing."""
+    path = tmp_path / "open_clip_config.json"
+    pre = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
+    path.write_text(json.dumps({"model_cfg": TINY_CUSTOM_TEXT, "preprocess_cfg": pre}))
+    bb = promptalign.load_backbone(path)
+    assert bb.preprocess.image_size == (48, 48)
+    assert bb.preprocess.mean == (0.5, 0.5, 0.5) and bb.preprocess.std == (0.25, 0.25, 0.25)
+    assert bb.preprocess.interpolation == "bilinear"
+    assert bb.arch == "open_clip_config"
+
+
+def test_preprocess_defaults_follow_architecture(tiny):
+    assert tiny.preprocess.image_size == (32, 32)
+    assert tiny.preprocess.interpolation == "bicubic"
+    assert len(tiny.preprocess.mean) == 3
+
+
+def test_bad_json_config_names_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json"):
+        promptalign.load_backbone(path)
+
+
+def test_list_backbones_includes_shipped_and_open_clip():
+    names = promptalign.list_backbones()
+    assert "pa-tiny-vit" in names and "ViT-B-16" in names
+    assert "openai" in promptalign.list_pretrained("ViT-B-16")
