@@ -1,0 +1,18 @@
+"""Optimal transport for prompt learning: batched Sinkhorn and ALIGN's hierarchical OT.
+
+Pure torch (an optional Triton kernel is used on CUDA when available); imports nothing else from
+promptalign.
+"""
+
+from .hierarchical import HierarchicalOTResult, OTStats, class_chunk_size, hierarchical_ot, lengths_to_mask
+from .sinkhorn import SinkhornResult, sinkhorn
+
+__all__ = [
+    "HierarchicalOTResult",
+    "OTStats",
+    "SinkhornResult",
+    "class_chunk_size",
+    "hierarchical_ot",
+    "lengths_to_mask",
+    "sinkhorn",
+]

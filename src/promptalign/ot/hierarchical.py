@@ -1,0 +1,270 @@
+"""ALIGN's hierarchical optimal transport between prompted image and text features.
+
+For every image b and class k (Wang et al., NeurIPS 2023, arXiv 2309.13847):
+
+* token level, for every visual prompt set m and text prompt set n: cosines ``S = r s^T``
+  between the image tokens r (``J`` patches + prompt tokens) and the class's text tokens s
+  (``L_k`` real tokens; padding gets zero mass), cost ``1 - S``, uniform marginals, entropic OT with
+  ``eps_token`` -> plan ``T_hat``; token distance ``<T_hat, 1 - S>`` and similarity ``<T_hat, S>``.
+* prompt level: cosines ``s_mn`` of the global features; cost
+    - paper form:    ``C_mn = (1 - s_mn) + beta * <T_hat, 1 - S>``  (a distance)
+    - released form: ``C_mn = (1 - s_mn) + beta * <T_hat, S>``      (the released code adds the
+      transported *similarity*; it has no beta, i.e. beta = 1)
+  uniform marginals 1/M, 1/N, entropic OT with ``eps`` -> plan ``T``.
+* score: paper form ``1 - <T, C>`` (gradient reaches token features through C, plans constant);
+  released form ``<T, s>`` (only the global cosines carry gradient).
+
+Every token cost comes from one batched matmul of L2-normalised features, classes are processed
+in chunks so the peak memory stays under ``memory_budget`` (results do not depend on the chunk
+size: each problem stops on its own), and on CUDA with Triton the token level runs in one fused
+kernel (``promptalign.ot.fused``) when no gradient is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .sinkhorn import Domain, GradMode, sinkhorn
+
+Form = Literal["paper", "released"]
+Backend = Literal["auto", "torch", "fused"]
+
+# fp32 copies of a [.., J, L] token problem alive at once in the torch path (similarities, cost,
+# log-kernel, plan, logsumexp temporaries, autograd saves): used to size class chunks.
+_TORCH_BYTES_PER_ENTRY = 4 * 8
+
+
+@dataclass
+class OTStats:
+    """Convergence summary of one OT level (tensors, no host sync)."""
+
+    converged: torch.Tensor  # fraction of problems that converged, scalar
+    mean_iter: torch.Tensor  # mean iterations run, scalar
+    max_iter: torch.Tensor  # most iterations any problem ran, scalar
+    max_error: torch.Tensor  # largest final marginal error, scalar
+
+
+@dataclass
+class HierarchicalOTResult:
+    """Scores and intermediate quantities of the hierarchical OT.
+
+    Attributes:
+        score: ``[B, K]`` image-class score (paper: ``1 - <T, C>``; released: ``<T, s>``);
+            logits are ``logit_scale * score``.
+        prompt_plan: ``[B, K, M, N]`` prompt-level plans T.
+        prompt_cost: ``[B, K, M, N]`` prompt-level costs C.
+        global_sim: ``[B, K, M, N]`` cosines of the global features.
+        token_distance: ``[B, K, M, N]`` ``<T_hat, 1 - S>``.
+        token_similarity: ``[B, K, M, N]`` ``<T_hat, S>``.
+        token_stats, prompt_stats: convergence of the two levels.
+        backend: "torch" or "fused", whichever computed the token level.
+    """
+
+    score: torch.Tensor
+    prompt_plan: torch.Tensor
+    prompt_cost: torch.Tensor
+    global_sim: torch.Tensor
+    token_distance: torch.Tensor
+    token_similarity: torch.Tensor
+    token_stats: OTStats
+    prompt_stats: OTStats
+    backend: str
+
+
+def _stats(converged: torch.Tensor, n_iter: torch.Tensor, err: torch.Tensor) -> OTStats:
+    return OTStats(
+        converged=converged.float().mean(),
+        mean_iter=n_iter.float().mean(),
+        max_iter=n_iter.max(),
+        max_error=err.max(),
+    )
+
+
+def lengths_to_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """``[...]`` token counts -> ``[..., size]`` bool mask of the real tokens."""
+    return torch.arange(size, device=lengths.device) < lengths.unsqueeze(-1)
+
+
+def class_chunk_size(batch: int, m: int, n: int, j: int, l: int, memory_budget: int) -> int:
+    """Classes per chunk so that the torch token level stays under ``memory_budget`` bytes."""
+    per_class = batch * m * n * j * l * _TORCH_BYTES_PER_ENTRY
+    return max(1, int(memory_budget // max(per_class, 1)))
+
+
+def _fused_usable(*tensors: torch.Tensor) -> bool:
+    if not all(t.is_cuda for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    from . import fused
+
+    return fused.available()
+
+
+def hierarchical_ot(
+    image_global: torch.Tensor,
+    image_tokens: torch.Tensor,
+    text_global: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor | None = None,
+    *,
+    text_lengths: torch.Tensor | None = None,
+    beta: float = 1.0,
+    eps: float = 0.1,
+    eps_token: float | None = None,
+    max_iter: int = 100,
+    max_iter_token: int | None = None,
+    tol: float = 1e-3,
+    tol_token: float | None = None,
+    form: Form = "paper",
+    domain: Domain = "log",
+    grad: GradMode = "envelope",
+    normalize: bool = True,
+    memory_budget: int = 2 * 1024**3,
+    class_chunk: int | None = None,
+    backend: Backend = "auto",
+    check_every: int = 5,
+) -> HierarchicalOTResult:
+    """Score every (image, class) pair with ALIGN's two-level OT.
+
+    Args:
+        image_global: ``[B, M, D]`` global image features (one per visual prompt set).
+        image_tokens: ``[B, M, J, D]`` image token features (patches + visual prompt tokens).
+        text_global: ``[K, N, D]`` global text features (one per text prompt set).
+        text_tokens: ``[K, N, L, D]`` text token features, padded to L.
+        text_mask: ``[K, N, L]`` or ``[K, L]`` bool, True for real tokens; or give
+            ``text_lengths`` (``[K]`` or ``[K, N]``). Default: all L tokens are real.
+        beta: weight of the token-level term in the prompt-level cost.
+        eps, eps_token: entropic regularisation of the prompt and token level (token defaults to eps).
+        max_iter, max_iter_token, tol, tol_token: Sinkhorn limits per level (tol on the L1
+            marginal error; token level defaults to the prompt-level values).
+        form: "paper" (distance, gradient through the token level) or "released" (the released
+            code: transported similarity added to the cost, score from global cosines only).
+        domain: Sinkhorn domain of the torch path.
+        grad: "envelope" (plans constant in backward) or "unrolled".
+        normalize: L2-normalise all features first (set False if already normalised).
+        memory_budget: bytes the torch token level may use per chunk of classes.
+        class_chunk: force a chunk size (classes per chunk) instead of the budget.
+        backend: "auto" (fused kernel on CUDA with Triton when no gradient is needed, else
+            torch), "torch", or "fused".
+        check_every: iterations between convergence checks.
+    """
+    if form not in ("paper", "released"):
+        raise ValueError(f"form {form!r} unknown; use 'paper' (distance) or 'released' (similarity)")
+    if backend not in ("auto", "torch", "fused"):
+        raise ValueError(f"backend {backend!r} unknown; use 'auto', 'torch' or 'fused'")
+    B, M, J, D = image_tokens.shape
+    K, N, L, Dt = text_tokens.shape
+    if D != Dt or image_global.shape != (B, M, D) or text_global.shape != (K, N, D):
+        raise ValueError(
+            "feature shapes disagree: image_global "
+            f"{tuple(image_global.shape)}, image_tokens {tuple(image_tokens.shape)}, text_global "
+            f"{tuple(text_global.shape)}, text_tokens {tuple(text_tokens.shape)}; expected "
+            "[B, M, D], [B, M, J, D], [K, N, D], [K, N, L, D]"
+        )
+    eps_token = eps if eps_token is None else eps_token
+    max_iter_token = max_iter if max_iter_token is None else max_iter_token
+    tol_token = tol if tol_token is None else tol_token
+
+    if text_mask is None:
+        if text_lengths is not None:
+            text_mask = lengths_to_mask(text_lengths.to(text_tokens.device), L)
+        else:
+            text_mask = torch.ones(K, N, L, dtype=torch.bool, device=text_tokens.device)
+    if text_mask.dim() == 2:
+        text_mask = text_mask.unsqueeze(1)
+    text_mask = text_mask.expand(K, N, L).bool()
+
+    if normalize:
+        image_global = F.normalize(image_global, dim=-1)
+        image_tokens = F.normalize(image_tokens, dim=-1)
+        text_global = F.normalize(text_global, dim=-1)
+        text_tokens = F.normalize(text_tokens, dim=-1)
+
+    work = torch.promote_types(image_tokens.dtype, torch.float32)  # fp32, or fp64 if given
+    global_sim = torch.einsum("bmd,knd->bkmn", image_global.to(work), text_global.to(work))
+
+    use_fused = backend == "fused" or (backend == "auto" and _fused_usable(image_tokens, text_tokens))
+    if use_fused:
+        from . import fused
+
+        tok = fused.token_ot(
+            image_tokens, text_tokens, text_mask,
+            eps=eps_token, max_iter=max_iter_token, tol=tol_token, check_every=check_every,
+        )
+        token_distance, token_similarity = tok.distance, tok.similarity
+        token_stats = _stats(tok.converged, tok.n_iter, tok.error)
+    else:
+        token_distance, token_similarity, token_stats = _token_level_torch(
+            image_tokens, text_tokens, text_mask,
+            eps=eps_token, max_iter=max_iter_token, tol=tol_token, domain=domain, grad=grad,
+            memory_budget=memory_budget, class_chunk=class_chunk, check_every=check_every,
+            need_grad=form == "paper",
+        )
+
+    if form == "paper":
+        prompt_cost = (1.0 - global_sim) + beta * token_distance  # [B, K, M, N]
+    else:
+        prompt_cost = (1.0 - global_sim) + beta * token_similarity.detach()
+    outer = sinkhorn(
+        prompt_cost, eps=eps, max_iter=max_iter, tol=tol, domain=domain, grad=grad,
+        check_every=check_every,
+    )
+    if form == "paper":
+        score = 1.0 - outer.cost  # [B, K]
+    else:
+        score = (outer.plan.detach() * global_sim).sum((-2, -1))
+    return HierarchicalOTResult(
+        score=score,
+        prompt_plan=outer.plan,
+        prompt_cost=prompt_cost,
+        global_sim=global_sim,
+        token_distance=token_distance,
+        token_similarity=token_similarity,
+        token_stats=token_stats,
+        prompt_stats=_stats(outer.converged, outer.n_iter, outer.marginal_error),
+        backend="fused" if use_fused else "torch",
+    )
+
+
+def _token_level_torch(
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    eps: float,
+    max_iter: int,
+    tol: float,
+    domain: Domain,
+    grad: GradMode,
+    memory_budget: int,
+    class_chunk: int | None,
+    check_every: int,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, OTStats]:
+    B, M, J, _ = image_tokens.shape
+    K, N, L, _ = text_tokens.shape
+    chunk = class_chunk or class_chunk_size(B, M, N, J, L, memory_budget)
+    dists, sims, convs, iters, errs = [], [], [], [], []
+    work = torch.promote_types(image_tokens.dtype, torch.float32)
+    r = image_tokens.to(work)
+    for k0 in range(0, K, chunk):
+        s = text_tokens[k0:k0 + chunk].to(work)
+        sim = torch.einsum("bmjd,knld->bkmnjl", r, s)  # [B, kc, M, N, J, L]
+        mask_b = text_mask[k0:k0 + chunk][None, :, None]  # [1, kc, 1, N, L]
+        res = sinkhorn(
+            1.0 - sim, eps=eps, max_iter=max_iter, tol=tol, domain=domain, grad=grad,
+            mask_b=mask_b, check_every=check_every,
+        )
+        dist = res.cost if need_grad else res.cost.detach()  # [B, kc, M, N]
+        dists.append(dist)
+        sims.append((res.plan.detach() * sim.detach()).sum((-2, -1)))
+        convs.append(res.converged)
+        iters.append(res.n_iter)
+        errs.append(res.marginal_error)
+    cat = lambda xs: torch.cat(xs, dim=1)  # noqa: E731  (classes are dim 1)
+    return cat(dists), cat(sims), _stats(cat(convs), cat(iters), cat(errs))
