@@ -36,6 +36,8 @@ Backend = Literal["auto", "torch", "fused"]
 # fp32 copies of a [.., J, L] token problem alive at once in the torch path (similarities, cost,
 # log-kernel, plan, logsumexp temporaries, autograd saves): used to size class chunks.
 _TORCH_BYTES_PER_ENTRY = 4 * 8
+# below this eps the torch path switches to the log domain when domain="auto"
+KERNEL_DOMAIN_MIN_EPS = 0.05
 
 
 @dataclass
@@ -121,7 +123,7 @@ def hierarchical_ot(
     tol: float = 1e-3,
     tol_token: float | None = None,
     form: Form = "paper",
-    domain: Domain = "log",
+    domain: Domain | Literal["auto"] = "auto",
     grad: GradMode = "envelope",
     normalize: bool = True,
     memory_budget: int = 2 * 1024**3,
@@ -144,7 +146,9 @@ def hierarchical_ot(
             marginal error; token level defaults to the prompt-level values).
         form: "paper" (distance, gradient through the token level) or "released" (the released
             code: transported similarity added to the cost, score from global cosines only).
-        domain: Sinkhorn domain of the torch path.
+        domain: Sinkhorn domain of the torch path; "auto" takes the faster kernel domain when
+            both eps are >= 0.05 (safe in fp32 for costs in [0, 2], i.e. normalised features)
+            and the log domain otherwise.
         grad: "envelope" (plans constant in backward) or "unrolled".
         normalize: L2-normalise all features first (set False if already normalised).
         memory_budget: bytes the torch token level may use per chunk of classes.
@@ -167,6 +171,8 @@ def hierarchical_ot(
             "[B, M, D], [B, M, J, D], [K, N, D], [K, N, L, D]"
         )
     eps_token = eps if eps_token is None else eps_token
+    if domain == "auto":
+        domain = "kernel" if min(eps, eps_token) >= KERNEL_DOMAIN_MIN_EPS else "log"
     max_iter_token = max_iter if max_iter_token is None else max_iter_token
     tol_token = tol if tol_token is None else tol_token
 
@@ -254,7 +260,8 @@ def _token_level_torch(
     r = image_tokens.to(work)
     for k0 in range(0, K, chunk):
         s = text_tokens[k0:k0 + chunk].to(work)
-        sim = torch.einsum("bmjd,knld->bkmnjl", r, s)  # [B, kc, M, N, J, L]
+        # einsum returns a permuted view; make it dense so every later op streams memory
+        sim = torch.einsum("bmjd,knld->bkmnjl", r, s).contiguous()  # [B, kc, M, N, J, L]
         mask_b = text_mask[k0:k0 + chunk][None, :, None]  # [1, kc, 1, N, L]
         res = sinkhorn(
             1.0 - sim, eps=eps, max_iter=max_iter, tol=tol, domain=domain, grad=grad,
