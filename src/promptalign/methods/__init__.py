@@ -1,0 +1,24 @@
+"""Prompt-learning methods: one file per method, each registering itself.
+
+``list_methods()`` / ``create_method(name, backbone, classnames, **config)`` are the entry points.
+"""
+
+from .base import (
+    MethodConfig,
+    MethodOutput,
+    OptimPreset,
+    PromptMethod,
+    Regularizer,
+    create_method,
+    list_methods,
+)
+
+__all__ = [
+    "MethodConfig",
+    "MethodOutput",
+    "OptimPreset",
+    "PromptMethod",
+    "Regularizer",
+    "create_method",
+    "list_methods",
+]

@@ -1,0 +1,141 @@
+"""ALIGN: multi-mode token-level prompt alignment across modalities.
+
+Wang, Li, Liu, Xu, Chen, Zhang. "Tuning Multi-mode Token-level Prompt Alignment across
+Modalities", NeurIPS 2023, arXiv 2309.13847, https://github.com/wds2014/ALIGN.
+
+M visual and N text prompt sets (M = N, MaPLe-coupled: the visual prompt of mode m and layer l is
+Linear_l of text prompt m at that layer). An image is a uniform distribution over its M prompted
+encodings, a class one over its N; their score is a hierarchical OT (``promptalign.ot``): the
+prompt-level cost mixes the global cosine distance with a token-level OT between image tokens
+(patches + prompt tokens) and the class's text tokens.
+
+Two forms (``form``):
+* "paper" (default): C_mn = (1 - s_mn) + beta * <T_hat, 1 - S>, logit = scale * (1 - <T, C>),
+  plans constant in backward so gradient reaches the token features; text token set of prompt n
+  = its own tokens SOS..EOT.
+* "released" (preset ``reference``): the released code's semantics - transported similarity added
+  to the cost (beta = 1), logit = scale * <T, s> (token level only moves the plan), text token
+  window = positions 0 .. eot(prompt 0) - 2 for every prompt of a class (so "." and EOT are left
+  out for prompt 0 and included for the shorter prompts n >= 1), Sinkhorn eps 0.1, <= 100
+  iterations, tolerance 1e-2. Deviations kept on purpose: fp32 (fp16 kernels underflow, see the
+  spec) and the tolerance is on the L1 marginal error per problem, not the released code's mean
+  change of the row scaling over a pair's batch.
+Text prompts: set 0 initialised from "a photo of a" (first b tokens; "of a" stays literal text:
+"[SOS] c1 c2 of a {class}. [EOT]"), sets n >= 1 random N(0, 0.02) rendered "[SOS] c1 c2 {class}.".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..backbone.clip import VisionPromptPosition
+from ..ot import hierarchical_ot
+from ..registry import METHODS
+from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
+from .maple import CoupledPrompts
+from .prompts import build_class_prompts
+
+
+@dataclass(frozen=True)
+class ALIGNConfig(MethodConfig):
+    """Attributes:
+        n_sets: prompt sets per modality (M = N).
+        n_ctx: prompt tokens b per set; depth: prompt depth in both towers.
+        ctx_init: initialisation phrase of text set 0.
+        beta: weight of the token-level distance (paper form).
+        eps, eps_token, max_iter, tol: Sinkhorn settings of the prompt / token level.
+        form: "paper" or "released" (see the module docstring).
+        token_window: "own" (each prompt's SOS..EOT) or "prompt0" (released-code window).
+        domain: Sinkhorn domain ("auto": kernel domain for eps >= 0.05).
+        memory_budget: bytes for the token-level OT per class chunk.
+    """
+
+    n_sets: int = 4
+    n_ctx: int = 2
+    depth: int = 9
+    ctx_init: str = "a photo of a"
+    position: VisionPromptPosition = "after_patches"
+    beta: float = 1.0
+    eps: float = 0.1
+    eps_token: float | None = None
+    max_iter: int = 100
+    tol: float = 1e-3
+    form: Literal["paper", "released"] = "paper"
+    token_window: Literal["own", "prompt0"] = "own"
+    domain: Literal["auto", "log", "kernel"] = "auto"
+    memory_budget: int = 2 * 1024**3
+    optim: OptimPreset = OptimPreset(
+        lr=0.0025, batch_size=4, epochs=20, epochs_by_shots=((1, 30), (4, 50), (16, 80))
+    )
+    PRESETS = {
+        "reference": {"form": "released", "token_window": "prompt0", "beta": 1.0, "eps": 0.1,
+                      "max_iter": 100, "tol": 1e-2, "domain": "kernel"},
+        # the released SUN397 config
+        "sun397": {"n_sets": 2, "optim": {"lr": 0.002}},
+    }
+
+
+@METHODS.register("align")
+class ALIGN(PromptMethod):
+    config_class = ALIGNConfig
+
+    def __init__(self, backbone, classnames, config=None):
+        super().__init__(backbone, classnames, config)
+        cfg = self.config
+        if cfg.form not in ("paper", "released") or cfg.token_window not in ("own", "prompt0"):
+            raise ValueError(f"form {cfg.form!r} / token_window {cfg.token_window!r} unknown")
+        self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
+        self.on_classnames_changed()
+
+    def on_classnames_changed(self) -> None:
+        suffix = self.prompts.suffix
+        first = build_class_prompts(
+            self.backbone, self.classnames, self.config.n_ctx, template=f"{suffix} {{}}." if suffix else "{}."
+        ).tokens
+        rest = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx).tokens
+        tokens = torch.stack([first] + [rest] * (self.config.n_sets - 1))  # [N, K, T]
+        self.register_buffer("tokens", tokens, persistent=False)
+
+    def encode_classes(self) -> dict[str, torch.Tensor]:
+        ctx, deep = self.prompts.text()  # [N, b, W], depth-1 x [N, b, W]
+        out = self.backbone.forward_text(
+            self.tokens, ctx.unsqueeze(1), deep=[d.unsqueeze(1) for d in deep], return_tokens=True
+        )  # pooled [N, K, D], tokens [N, K, T', D], eot [N, K]
+        T = out.tokens.shape[2]
+        pos = torch.arange(T, device=out.eot.device)
+        if self.config.token_window == "own":
+            mask = pos <= out.eot.unsqueeze(-1)  # [N, K, T]
+        else:
+            window = out.eot[0] - 1  # [K]: positions 0 .. eot(prompt 0) - 2
+            mask = (pos < window.unsqueeze(-1)).unsqueeze(0).expand(out.eot.shape[0], -1, -1)
+        L = int(mask.sum(-1).max())
+        return {
+            "global": out.pooled.transpose(0, 1),  # [K, N, D]
+            "tokens": out.tokens[:, :, :L].transpose(0, 1),  # [K, N, L, D]
+            "mask": mask[:, :, :L].transpose(0, 1),  # [K, N, L]
+        }
+
+    def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
+        cfg = self.config
+        vis, vdeep = self.prompts.visual()  # [M, b, Wv]
+        out = self.backbone.forward_image(images, vis, deep=vdeep, position=cfg.position, return_tokens=True)
+        res = hierarchical_ot(
+            out.pooled, out.tokens, classes["global"], classes["tokens"], classes["mask"],
+            beta=cfg.beta, eps=cfg.eps, eps_token=cfg.eps_token, max_iter=cfg.max_iter, tol=cfg.tol,
+            form=cfg.form, domain=cfg.domain, memory_budget=cfg.memory_budget,
+        )
+        extras = {
+            "ot_token_converged": res.token_stats.converged.detach(),
+            "ot_prompt_converged": res.prompt_stats.converged.detach(),
+            "ot_token_iters": res.token_stats.mean_iter.detach(),
+        }
+        return MethodOutput(
+            self.backbone.logit_scale * res.score,
+            normalize_mean(out.pooled, 1),
+            normalize_mean(classes["global"], 1),
+            extras,
+        )

@@ -1,0 +1,337 @@
+"""The method base: config, the four roles, caching, state, and the registry entry points.
+
+A method is one file holding a frozen config dataclass (defaults = the published settings,
+optimiser preset included) and a :class:`PromptMethod` subclass registered with
+``@METHODS.register(name)``. Its roles:
+
+* prompter: the learnable tokens (parameters created in ``__init__``) and where they go;
+* frozen encoder: the :class:`~promptalign.backbone.Backbone` it is given;
+* scorer: ``forward_with_text`` turns image features and the class-side features into logits
+  (cosine, OT, hierarchical OT);
+* objective: :meth:`PromptMethod.training_step` - cross-entropy plus any configured regularisers.
+
+The trainer (one for all methods) only calls ``trainable_parameters``, ``training_step``,
+``logits`` and the state functions.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone
+from ..registry import METHODS, REGULARIZERS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimPreset:
+    """Published optimisation settings of a method (read by the trainer).
+
+    Attributes:
+        optimizer: "sgd" or "adamw".
+        lr, momentum, weight_decay: optimiser settings.
+        epochs: default epoch count; ``epochs_by_shots`` overrides it for few-shot runs as
+            ((max_shots, epochs), ...) checked in order, e.g. ((1, 50), (4, 100), (16, 200)).
+        batch_size: training batch size.
+        warmup_epochs, warmup_lr: constant-lr warm-up before the cosine schedule.
+        scheduler: "cosine" (stepped once per epoch) or "constant".
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 50
+    epochs_by_shots: tuple[tuple[int, int], ...] = ()
+    batch_size: int = 32
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    scheduler: str = "cosine"
+
+    def epochs_for(self, shots: int | None) -> int:
+        """Epochs for a run with ``shots`` labelled images per class (None: the default)."""
+        if shots is not None:
+            for max_shots, epochs in self.epochs_by_shots:
+                if shots <= max_shots:
+                    return epochs
+        return self.epochs
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Fields every method has. Subclasses add their own, with published defaults.
+
+    Attributes:
+        regularizers: names of registered regularisers added to the objective (e.g. NPT's).
+        regularizer_options: per-regulariser keyword options, ``{name: {key: value}}``.
+        optim: the published optimisation preset.
+    """
+
+    regularizers: tuple[str, ...] = ()
+    regularizer_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    optim: OptimPreset = OptimPreset()
+
+    # named presets: {preset name: {field: value}} (e.g. ALIGN's released-code reference)
+    PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        """A copy with ``changes``; unknown keys raise an error that lists the allowed ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no field(s) {unknown}; allowed: {sorted(names)}"
+            )
+        if "optim" in changes and isinstance(changes["optim"], Mapping):
+            changes["optim"] = dataclasses.replace(self.optim, **changes["optim"])
+        if "regularizers" in changes:
+            changes["regularizers"] = tuple(changes["regularizers"])
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, preset: str | None = None, **changes: Any) -> "MethodConfig":
+        base = cls()
+        if preset is not None:
+            if preset not in cls.PRESETS:
+                raise ValueError(
+                    f"{cls.__name__} has no preset {preset!r}; presets: {sorted(cls.PRESETS) or 'none'}"
+                )
+            base = base.replace(**dict(cls.PRESETS[preset]))
+        return base.replace(**changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MethodOutput:
+    """What a method's forward returns.
+
+    Attributes:
+        logits: ``[B, K]`` class scores (already multiplied by the logit scale).
+        image_features: ``[B, D]`` L2-normalised image features (mean over prompt sets).
+        text_features: ``[K, D]`` (or ``[B, K, D]`` for image-conditioned prompts) L2-normalised
+            class features (mean over prompt sets).
+        extras: method-specific diagnostics (e.g. OT convergence), tensors.
+    """
+
+    logits: torch.Tensor
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Regularizer(nn.Module, abc.ABC):
+    """A loss term added to any method's objective; returns already weighted named terms."""
+
+    @abc.abstractmethod
+    def forward(self, out: MethodOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weighted loss terms for one batch."""
+
+
+def _is_backbone_key(key: str) -> bool:
+    """True for state keys inside a backbone (also one held by a wrapped inner method)."""
+    return "backbone" in key.split(".")
+
+
+def normalize_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean of L2-normalised vectors over ``dim``, renormalised (prompt-set / template ensemble)."""
+    return F.normalize(F.normalize(x, dim=-1).mean(dim), dim=-1)
+
+
+def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * cos``: image ``[B, D]`` with text ``[K, D]`` or per-image ``[B, K, D]`` -> ``[B, K]``."""
+    image = F.normalize(image, dim=-1)
+    text = F.normalize(text, dim=-1)
+    if text.dim() == 3:
+        return scale * torch.einsum("bd,bkd->bk", image, text)
+    return scale * image @ text.t()
+
+
+class PromptMethod(nn.Module, abc.ABC):
+    """Base class of every prompt-learning method.
+
+    Subclasses implement :meth:`encode_classes` (everything on the class side that does not
+    depend on the image; cached during evaluation) and :meth:`forward_with_text` (image side and
+    scorer), and optionally :meth:`on_classnames_changed` (re-tokenise class prompts).
+    """
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    registered_name: ClassVar[str] = ""
+    # False when the class side has no trainable input (fixed text): it is then cached in
+    # training too, until the class names change
+    class_side_trainable: ClassVar[bool] = True
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig | None = None):
+        super().__init__()
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.backbone = backbone
+        self.config = config
+        self._classnames = self._check_classnames(classnames)
+        self._cache: tuple[torch.device, Any] | None = None
+        self.regularizer_modules = nn.ModuleList(
+            REGULARIZERS.get(name)(**dict(config.regularizer_options.get(name, {})))
+            for name in config.regularizers
+        )
+
+    # ------------------------------------------------------------------ classes
+    @staticmethod
+    def _check_classnames(classnames: Sequence[str]) -> tuple[str, ...]:
+        names = tuple(str(c) for c in classnames)
+        if not names:
+            raise ValueError("classnames is empty; give at least one class name")
+        dup = sorted({c for c in names if names.count(c) > 1})
+        if dup:
+            raise ValueError(f"duplicate class names: {dup}")
+        return names
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return self._classnames
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Switch to other classes (e.g. base -> new evaluation); prompts are kept."""
+        self._classnames = self._check_classnames(classnames)
+        self.on_classnames_changed()
+        self.clear_cache()
+
+    def on_classnames_changed(self) -> None:
+        """Hook: rebuild class-dependent buffers (tokenised prompts)."""
+
+    # ------------------------------------------------------------------ roles
+    @abc.abstractmethod
+    def encode_classes(self) -> Any:
+        """Class-side features for all classes (text tower with the current prompts)."""
+
+    @abc.abstractmethod
+    def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
+        """Image side + scorer, given :meth:`encode_classes`' output."""
+
+    # ------------------------------------------------------------------ caching
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def train(self, mode: bool = True) -> "PromptMethod":
+        if self.class_side_trainable:
+            self.clear_cache()
+        return super().train(mode)
+
+    def class_features(self) -> Any:
+        """:meth:`encode_classes`, computed once per evaluation (cached while in eval mode)."""
+        if self.training and self.class_side_trainable:
+            return self.encode_classes()
+        device = self.backbone.device
+        if self._cache is None or self._cache[0] != device:
+            with torch.no_grad():
+                self._cache = (device, self.encode_classes())
+        return self._cache[1]
+
+    # ------------------------------------------------------------------ API used by the trainer
+    def forward(self, images: torch.Tensor) -> MethodOutput:
+        return self.forward_with_text(images, self.class_features())
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` logits for the current classes."""
+        return self(images).logits
+
+    def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Cross-entropy plus regularisers. ``batch`` is (images, labels) or a dict with
+        "image"/"label". Returns {"loss", "ce", "acc", <regulariser terms>, <extras>}."""
+        if isinstance(batch, Mapping):
+            images, labels = batch["image"], batch["label"]
+        else:
+            images, labels = batch[0], batch[1]
+        out = self(images)
+        ce = F.cross_entropy(out.logits, labels)
+        terms: dict[str, torch.Tensor] = {"ce": ce}
+        for reg in self.regularizer_modules:
+            terms.update(reg(out, labels))
+        loss = sum(terms.values())
+        with torch.no_grad():
+            acc = (out.logits.argmax(-1) == labels).float().mean()
+        return {"loss": loss, **terms, "acc": acc, **out.extras}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates (never any of the frozen CLIP)."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and not _is_backbone_key(n)]
+
+    @property
+    def optim_preset(self) -> OptimPreset:
+        """The published optimisation settings the trainer uses for this method."""
+        return self.config.optim
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # ------------------------------------------------------------------ state
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's own state (prompts, projections, meta-nets); never CLIP weights."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not _is_backbone_key(k)}
+
+    def load_prompt_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Strictly load :meth:`prompt_state_dict` output; mismatches name the keys and shapes."""
+        own = {k: v for k, v in self.state_dict().items() if not _is_backbone_key(k)}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: given {tuple(state[k].shape)} vs method {tuple(v.shape)}"
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"state does not fit method {self.registered_name!r}: missing {missing}, "
+                f"unexpected {unexpected}, shape mismatches {shapes}"
+            )
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
+        self.clear_cache()
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods."""
+    from . import _load_all  # noqa: F401  (imports every method file, which registers it)
+
+    return METHODS.names()
+
+
+def create_method(
+    name: str,
+    backbone: Backbone,
+    classnames: Sequence[str],
+    *,
+    preset: str | None = None,
+    config: MethodConfig | None = None,
+    **overrides: Any,
+) -> PromptMethod:
+    """Build a registered method.
+
+    Args:
+        name: a name from :func:`list_methods`.
+        backbone: the frozen CLIP.
+        classnames: the classes to score.
+        preset: a named preset of the method's config (e.g. "reference"); None = published defaults.
+        config: a ready config instance (overrides are applied on top).
+        **overrides: config fields to change.
+    """
+    from . import _load_all  # noqa: F401
+
+    cls = METHODS.get(name)
+    if config is None:
+        config = cls.config_class.from_preset(preset, **overrides)
+    else:
+        config = config.replace(**overrides)
+    return cls(backbone, classnames, config)

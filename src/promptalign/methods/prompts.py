@@ -1,0 +1,91 @@
+"""Class-prompt helpers shared by the methods: placeholder tokenisation and context init.
+
+Learnable context goes where placeholder tokens ("X") sit in a tokenised prompt; the backbone's
+prompted text forward replaces their embeddings at the recorded positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from ..backbone import Backbone
+
+ClassPosition = Literal["end", "middle", "front"]
+PLACEHOLDER = "X"
+
+
+@dataclass
+class ClassPrompts:
+    """Tokenised class prompts: ``tokens [K, T]`` and the context slots ``positions [K, n]``."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+
+
+def build_class_prompts(
+    backbone: Backbone,
+    classnames: Sequence[str],
+    n_ctx: int,
+    template: str = "{}.",
+    class_position: ClassPosition = "end",
+) -> ClassPrompts:
+    """Tokenise ``n_ctx`` placeholders + ``template.format(name)`` for every class.
+
+    ``class_position`` (CoOp): "end" -> ``X..X name.``; "front" -> ``name X..X.``; "middle" ->
+    ``X..X name X..X.`` (half the context on each side). Front/middle use the template "{}.".
+    """
+    if class_position not in ("end", "middle", "front"):
+        raise ValueError(f"class_position {class_position!r} unknown; use 'end', 'middle' or 'front'")
+    if class_position != "end" and template != "{}.":
+        raise ValueError("class_position 'middle'/'front' work with the plain template '{}.'")
+    texts, positions = [], []
+    for name in classnames:
+        name_len = backbone.token_count(name)
+        if class_position == "end":
+            ctx = " ".join([PLACEHOLDER] * n_ctx)
+            texts.append(f"{ctx} {template.format(name)}".strip())
+            positions.append(list(range(1, 1 + n_ctx)))
+        elif class_position == "front":
+            texts.append(f"{name} {' '.join([PLACEHOLDER] * n_ctx)}.")
+            positions.append(list(range(1 + name_len, 1 + name_len + n_ctx)))
+        else:
+            half = n_ctx // 2
+            left, right = " ".join([PLACEHOLDER] * half), " ".join([PLACEHOLDER] * (n_ctx - half))
+            texts.append(f"{left} {name} {right}.".strip())
+            positions.append(list(range(1, 1 + half)) + list(range(1 + half + name_len, 1 + name_len + n_ctx)))
+    tokens = backbone.tokenize(texts)
+    pos = torch.tensor(positions, dtype=torch.long, device=tokens.device).reshape(len(texts), n_ctx)
+    eot = backbone.eot_index(tokens)
+    too_long = [c for c, e, p in zip(classnames, eot.tolist(), pos.tolist()) if p and max(p) >= e]
+    if too_long:
+        raise ValueError(
+            f"prompts for classes {too_long[:5]} do not fit the context length "
+            f"{backbone.context_length} with {n_ctx} context tokens; shorten the class names"
+        )
+    return ClassPrompts(tokens=tokens, positions=pos)
+
+
+def phrase_init(backbone: Backbone, phrase: str, n: int) -> torch.Tensor:
+    """Word embeddings of the first ``n`` tokens of ``phrase`` (CoOp/MaPLe init). ``[n, W]``"""
+    count = backbone.token_count(phrase)
+    if count < n:
+        raise ValueError(f"init phrase {phrase!r} has {count} tokens, fewer than the {n} context tokens")
+    with torch.no_grad():
+        return backbone.embed_tokens(backbone.tokenize([phrase]))[0, 1:1 + n].float().clone()
+
+
+def remaining_words(backbone: Backbone, phrase: str, n: int) -> str:
+    """The part of ``phrase`` after its first ``n`` tokens, kept as literal text (MaPLe/ALIGN)."""
+    words = phrase.split()
+    # CLIP BPE keeps common words whole; fall back to decoding when a word splits
+    if len(words) >= n and all(backbone.token_count(w) == 1 for w in words[:n]):
+        return " ".join(words[n:])
+    tok = backbone.tokenizer.encode(phrase)[n:]
+    return backbone.tokenizer.decode(tok).strip()
+
+
+def normal_init(*shape: int, std: float = 0.02, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator) * std
