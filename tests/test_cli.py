@@ -24,3 +24,9 @@ def test_selfcheck_json(capsys):
 def test_list_backbones(capsys):
     assert main(["list", "backbones"]) == 0
     assert "pa-tiny-vit" in capsys.readouterr().out.split()
+
+
+def test_list_methods(capsys):
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "align" in out and "coop" in out and len(out) == 10

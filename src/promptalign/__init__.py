@@ -3,6 +3,7 @@
 Public API:
     load_backbone(arch, weights=None) -> Backbone   frozen CLIP with prompt seams
     list_backbones(), list_pretrained(arch)
+    list_methods(), create_method(name, backbone, classnames, **config) -> PromptMethod
     promptalign.ot                                   batched Sinkhorn and hierarchical OT
 """
 
@@ -18,6 +19,7 @@ from .backbone import (
     list_pretrained,
     load_backbone,
 )
+from .methods import MethodConfig, MethodOutput, OptimPreset, PromptMethod, create_method, list_methods
 
 try:
     __version__ = version("promptalign")
@@ -33,5 +35,11 @@ __all__ = [
     "list_backbones",
     "list_pretrained",
     "load_backbone",
+    "MethodConfig",
+    "MethodOutput",
+    "OptimPreset",
+    "PromptMethod",
+    "create_method",
+    "list_methods",
     "__version__",
 ]

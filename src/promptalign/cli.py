@@ -10,9 +10,9 @@ import sys
 def _cmd_list(args: argparse.Namespace) -> int:
     import promptalign
 
-    if args.what == "backbones":
-        for name in promptalign.list_backbones():
-            print(name)
+    names = promptalign.list_backbones() if args.what == "backbones" else promptalign.list_methods()
+    for name in names:
+        print(name)
     return 0
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     pl = sub.add_parser("list", help="list registered things")
-    pl.add_argument("what", choices=["backbones"], help="what to list")
+    pl.add_argument("what", choices=["backbones", "methods"], help="what to list")
     pl.set_defaults(func=_cmd_list)
 
     ps = sub.add_parser(
