@@ -30,3 +30,9 @@ def test_list_methods(capsys):
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out.split()
     assert "align" in out and "coop" in out and len(out) == 10
+
+
+def test_list_datasets(capsys):
+    assert main(["list", "datasets"]) == 0
+    out = capsys.readouterr().out.split()
+    assert len(out) == 15 and "imagenet_r" in out and "fgvc_aircraft" in out

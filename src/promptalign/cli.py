@@ -10,8 +10,11 @@ import sys
 def _cmd_list(args: argparse.Namespace) -> int:
     import promptalign
 
-    names = promptalign.list_backbones() if args.what == "backbones" else promptalign.list_methods()
-    for name in names:
+    from promptalign.data import list_datasets
+
+    listing = {"backbones": promptalign.list_backbones, "methods": promptalign.list_methods,
+               "datasets": list_datasets}
+    for name in listing[args.what]():
         print(name)
     return 0
 
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     pl = sub.add_parser("list", help="list registered things")
-    pl.add_argument("what", choices=["backbones", "methods"], help="what to list")
+    pl.add_argument("what", choices=["backbones", "methods", "datasets"], help="what to list")
     pl.set_defaults(func=_cmd_list)
 
     ps = sub.add_parser(

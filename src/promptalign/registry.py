@@ -42,3 +42,4 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method")
 REGULARIZERS: Registry = Registry("regularizer")
+DATASETS: Registry = Registry("dataset")

@@ -1,0 +1,379 @@
+"""Datasets: readers parse a layout into records; this module owns everything shared.
+
+A reader (one file per dataset under ``readers/``) only turns its annotation format into
+``(relative path, label, classname)`` records for train / val / test and registers itself with
+``@DATASETS.register(name)``. Few-shot sampling with CoOp's semantics (so a seed selects the same
+images as CoOp), the portable cache of sampled splits, base/new subsampling and the load-time
+summary live here, once.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar, Literal, Sequence
+
+from ..registry import DATASETS
+
+log = logging.getLogger(__name__)
+
+Subsample = Literal["all", "base", "new"]
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """Bad dataset input: the message names the dataset, the file and the entry."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: ``path`` relative to the dataset's image folder, 0-based ``label``, class name."""
+
+    path: str
+    label: int
+    classname: str
+
+
+@dataclass
+class Splits:
+    """Records of the three splits plus the class names indexed by label."""
+
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+    classnames: list[str]
+
+    def split(self, name: str) -> list[Record]:
+        return getattr(self, name)
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: records, class names for prompts, where the images are, and how it was
+    sampled. ``classnames`` are display names ("_" -> " "), indexed by the (relabelled) label."""
+
+    name: str
+    image_root: Path
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+    classnames: list[str]
+    template: str
+    shots: int | None = None
+    seed: int | None = None
+    subsample: Subsample = "all"
+    label_map: dict[int, int] = field(default_factory=dict)  # original label -> label here
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def summary(self) -> str:
+        """A one-table summary: classes / train / val / test / shots."""
+        shots = "all" if self.shots is None else str(self.shots)
+        head = f"{'dataset':<16}{'subset':<8}{'classes':>8}{'train':>9}{'val':>8}{'test':>8}{'shots':>7}"
+        row = (f"{self.name:<16}{self.subsample:<8}{self.num_classes:>8}{len(self.train):>9}"
+               f"{len(self.val):>8}{len(self.test):>8}{shots:>7}")
+        return f"{head}\n{row}"
+
+    def sampling_info(self) -> dict:
+        """What identifies the sample (stored with checkpoints)."""
+        return {"dataset": self.name, "shots": self.shots, "seed": self.seed,
+                "subsample": self.subsample, "num_classes": self.num_classes}
+
+
+def display_name(name: str) -> str:
+    """Class name as used in prompts: "_" -> " " (applied everywhere, after reader cleanups)."""
+    return name.replace("_", " ")
+
+
+class DatasetReader(abc.ABC):
+    """Base of the readers. Subclasses set ``folder``, ``image_dir``, ``template`` and implement
+    :meth:`read`; ``test_only`` marks evaluation-only datasets."""
+
+    folder: ClassVar[str] = ""
+    image_dir: ClassVar[str] = ""
+    template: ClassVar[str] = "a photo of a {}."
+    test_only: ClassVar[bool] = False
+    registered_name: ClassVar[str] = ""
+
+    def dataset_dir(self, root: Path) -> Path:
+        return root / self.folder
+
+    def image_root(self, root: Path) -> Path:
+        return self.dataset_dir(root) / self.image_dir
+
+    @abc.abstractmethod
+    def read(self, root: Path) -> Splits:
+        """Parse the layout under ``root`` (the data root) into splits."""
+
+    def check_root(self, root: Path) -> Path:
+        d = self.dataset_dir(root)
+        if not d.is_dir():
+            raise DatasetError(
+                f"{self.registered_name}: dataset folder {d} does not exist; prepare it under the "
+                f"data root as {self.folder}/ (CoOp's DATASETS.md layout) or pass the right --data-root"
+            )
+        return d
+
+
+class SplitJsonReader(DatasetReader):
+    """Readers whose splits come from a CoOp ``split_zhou_*.json`` in the dataset folder."""
+
+    split_file: ClassVar[str] = ""
+    rename: ClassVar[dict[str, str]] = {}
+
+    def read(self, root: Path) -> Splits:
+        return read_split_json(
+            self.dataset_dir(root) / self.split_file, self.registered_name, self.image_root(root), self.rename
+        )
+
+
+# --------------------------------------------------------------------------- shared parsing
+def read_split_json(path: Path, dataset: str, image_root: Path,
+                    rename: dict[str, str] | None = None) -> Splits:
+    """Read a CoOp ``split_zhou_*.json``: {"train"|"val"|"test": [[relpath, label, classname], ...]}."""
+    if not path.is_file():
+        raise DatasetError(f"{dataset}: split file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{dataset}: split file {path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not all(s in data for s in SPLITS):
+        raise DatasetError(f"{dataset}: split file {path} must be an object with 'train', 'val' and 'test' lists")
+    names: dict[int, str] = {}
+    out: dict[str, list[Record]] = {}
+    for split in SPLITS:
+        items = data[split]
+        if not isinstance(items, list):
+            raise DatasetError(f"{dataset}: {path}: '{split}' is not a list")
+        recs = []
+        for i, item in enumerate(items):
+            if (not isinstance(item, (list, tuple)) or len(item) != 3 or not isinstance(item[0], str)
+                    or not isinstance(item[1], int) or isinstance(item[1], bool) or not isinstance(item[2], str)):
+                raise DatasetError(
+                    f"{dataset}: {path}: {split}[{i}] = {item!r} is not [relpath, int label, classname]"
+                )
+            rel, label, cname = item
+            if label < 0:
+                raise DatasetError(f"{dataset}: {path}: {split}[{i}] has negative label {label}")
+            check_inside(image_root, rel, dataset, f"{path}: {split}[{i}]")
+            cname = (rename or {}).get(cname, cname)
+            if names.setdefault(label, cname) != cname:
+                raise DatasetError(
+                    f"{dataset}: {path}: {split}[{i}] labels {label} as {cname!r}, earlier entries as "
+                    f"{names[label]!r}"
+                )
+            recs.append(Record(rel, label, cname))
+        out[split] = recs
+    n = max(names) + 1 if names else 0
+    missing = sorted(set(range(n)) - set(names))
+    if missing:
+        raise DatasetError(f"{dataset}: {path}: labels {missing[:10]} never occur; labels must be 0..{n - 1}")
+    return Splits(out["train"], out["val"], out["test"], [names[i] for i in range(n)])
+
+
+def check_inside(image_root: Path, rel: str, dataset: str, where: str) -> None:
+    """A relative path must stay inside the dataset's image folder."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise DatasetError(f"{dataset}: {where}: path {rel!r} escapes the dataset folder {image_root}")
+
+
+def list_images(folder: Path) -> list[str]:
+    """Sorted image file names in a folder (hidden files skipped)."""
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    return sorted(f.name for f in folder.iterdir()
+                  if not f.name.startswith(".") and f.is_file() and f.suffix.lower() in exts)
+
+
+def list_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def read_classnames_txt(path: Path, dataset: str) -> dict[str, str]:
+    """``<wnid> <name with spaces>`` lines -> {wnid: name}, in file order."""
+    if not path.is_file():
+        raise DatasetError(f"{dataset}: class-name file {path} does not exist (lines '<wnid> <name>')")
+    out: dict[str, str] = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(" ", 1)
+        if len(parts) != 2:
+            raise DatasetError(f"{dataset}: {path}:{i}: expected '<wnid> <name>', got {line!r}")
+        out[parts[0]] = parts[1].strip()
+    return out
+
+
+def folder_records(image_root: Path, sub: str, folders: Sequence[str], names: Sequence[str]) -> list[Record]:
+    """Records of ``image_root/sub/<folder>/*`` with label = index in ``folders``."""
+    recs = []
+    for label, (folder, name) in enumerate(zip(folders, names)):
+        d = image_root / sub / folder if sub else image_root / folder
+        for f in list_images(d):
+            recs.append(Record(f"{sub}/{folder}/{f}" if sub else f"{folder}/{f}", label, name))
+    return recs
+
+
+def camel_to_words(name: str) -> str:
+    """UCF101 cleanup: ApplyEyeMakeup -> Apply_Eye_Makeup."""
+    return "_".join(re.findall(r"[A-Z][^A-Z]*|[^A-Z]+", name))
+
+
+# --------------------------------------------------------------------------- few-shot sampling
+def sample_few_shot(records: Sequence[Record], k: int, rng: random.Random) -> list[Record]:
+    """CoOp's rule: group by label in first-seen order, ``rng.sample(items, k)`` per label (all
+    items when fewer than k)."""
+    groups: dict[int, list[Record]] = {}
+    for r in records:
+        groups.setdefault(r.label, []).append(r)
+    out: list[Record] = []
+    for items in groups.values():
+        out.extend(rng.sample(items, k) if len(items) >= k else items)
+    return out
+
+
+def few_shot_splits(splits: Splits, shots: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """Train with ``shots`` per class and val with min(shots, 4), from one RNG seeded with ``seed``
+    (the same stream as CoOp's seeded global ``random``: train first, then val)."""
+    rng = random.Random(seed)
+    train = sample_few_shot(splits.train, shots, rng)
+    val = sample_few_shot(splits.val, min(shots, 4), rng)
+    return train, val
+
+
+def _records_to_json(recs: list[Record]) -> list[list]:
+    return [[r.path, r.label, r.classname] for r in recs]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def base_new_labels(labels: set[int], subsample: Subsample) -> list[int]:
+    """sorted labels; base = first ceil(n/2), new = the rest; "all" = every label."""
+    ordered = sorted(labels)
+    m = math.ceil(len(ordered) / 2)
+    return {"all": ordered, "base": ordered[:m], "new": ordered[m:]}[subsample]
+
+
+def _relabel(recs: list[Record], mapping: dict[int, int]) -> list[Record]:
+    return [replace(r, label=mapping[r.label]) for r in recs if r.label in mapping]
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered datasets."""
+    from . import readers  # noqa: F401  (each reader registers itself)
+
+    return DATASETS.names()
+
+
+def get_reader(name: str) -> DatasetReader:
+    from . import readers  # noqa: F401
+
+    return DATASETS.get(name)()
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike,
+    *,
+    shots: int | None = None,
+    seed: int = 1,
+    subsample: Subsample = "all",
+    cache_dir: str | os.PathLike | None = None,
+    reader: DatasetReader | None = None,
+) -> Dataset:
+    """Read a dataset and apply few-shot sampling and base/new subsampling.
+
+    Args:
+        name: a registered dataset (see :func:`list_datasets`).
+        root: the data root holding the dataset folders (CoOp layout).
+        shots: labelled images per class for training (None = all).
+        seed: sampling seed (CoOp seeds 1, 2, 3 select the same images as CoOp).
+        subsample: "all", "base" (first ceil(n/2) classes) or "new" (the rest), relabelled from 0.
+        cache_dir: where sampled splits are cached (JSON, relative paths); default
+            ``<dataset folder>/split_fewshot``.
+        reader: a reader instance to use instead of the registered one (custom datasets).
+    """
+    if subsample not in ("all", "base", "new"):
+        raise ValueError(f"subsample {subsample!r} unknown; use 'all', 'base' or 'new'")
+    if shots is not None and shots < 1:
+        raise ValueError(f"shots must be >= 1 (or None for all images), got {shots}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{name}: data root {root} does not exist")
+    reader = reader or get_reader(name)
+    ddir = reader.check_root(root)
+    image_root = reader.image_root(root)
+    splits = reader.read(root)
+    _check_labels(splits, name)
+    train, val = splits.train, splits.val
+    if shots is not None and not reader.test_only:
+        train, val = _cached_few_shot(name, splits, shots, seed, Path(cache_dir) if cache_dir else ddir / "split_fewshot", image_root)
+    label_pool = {r.label for r in (splits.train if not reader.test_only else splits.test)}
+    keep = base_new_labels(label_pool, subsample)
+    mapping = {old: new for new, old in enumerate(keep)}
+    ds = Dataset(
+        name=name,
+        image_root=image_root,
+        train=_relabel(train, mapping),
+        val=_relabel(val, mapping),
+        test=_relabel(splits.test, mapping),
+        classnames=[display_name(splits.classnames[old]) for old in keep],
+        template=reader.template,
+        shots=shots,
+        seed=seed,
+        subsample=subsample,
+        label_map=mapping,
+    )
+    log.info("loaded dataset\n%s", ds.summary())
+    return ds
+
+
+def _check_labels(splits: Splits, name: str) -> None:
+    n = len(splits.classnames)
+    for split in SPLITS:
+        for r in splits.split(split):
+            if not 0 <= r.label < n:
+                raise DatasetError(f"{name}: {split} entry {r.path!r} has label {r.label} outside 0..{n - 1}")
+
+
+def _cached_few_shot(name, splits, shots, seed, cache_dir: Path, image_root: Path):
+    path = cache_dir / f"shot_{shots}-seed_{seed}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            cached = read_split_json(path, name, image_root) if "test" in data else None
+        except DatasetError:
+            cached = None
+            log.warning("%s: ignoring unreadable few-shot cache %s; resampling", name, path)
+        if cached is not None:
+            log.info("%s: few-shot split from cache %s", name, path)
+            return cached.train, cached.val
+    train, val = few_shot_splits(splits, shots, seed)
+    payload = {"train": _records_to_json(train), "val": _records_to_json(val), "test": [],
+               "shots": shots, "seed": seed}
+    try:
+        atomic_write_text(path, json.dumps(payload))
+    except OSError as e:  # a read-only data folder must not stop the run
+        log.warning("%s: could not cache the few-shot split at %s (%s)", name, path, e)
+    return train, val
