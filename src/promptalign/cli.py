@@ -1,19 +1,27 @@
-"""The `promptalign` command line: turns arguments into library calls and prints results."""
+"""The `promptalign` command line: turns arguments into a config and calls library functions."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     import promptalign
-
     from promptalign.data import list_datasets
+    from promptalign.presets import list_presets
 
     listing = {"backbones": promptalign.list_backbones, "methods": promptalign.list_methods,
-               "datasets": list_datasets}
+               "datasets": list_datasets, "presets": list_presets}
     for name in listing[args.what]():
         print(name)
     return 0
@@ -35,6 +43,88 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def _train_config(args: argparse.Namespace):
+    from promptalign.config import RunConfig, apply_overrides, load_yaml
+    from promptalign.presets import list_presets, load_preset
+
+    if args.config:
+        cfg = load_preset(args.config) if args.config in list_presets() else load_yaml(args.config)
+    else:
+        cfg = RunConfig()
+    flags = {
+        "method.name": args.method, "method.preset": args.preset, "data.dataset": args.dataset,
+        "data.root": args.data_root, "data.shots": args.shots, "data.subsample": args.subsample,
+        "data.workers": args.workers, "run.seed": args.seed, "run.device": args.device,
+        "backbone.arch": args.arch, "backbone.weights": args.weights,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if args.no_progress:
+        overrides["run.progress"] = False
+    cfg = apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from promptalign.engine import train
+
+    if args.resume:
+        res = train(None, args.out, resume=True)
+    else:
+        res = train(_train_config(args), args.out)
+    m = res.metrics
+    print(f"run {res.run_dir}: {res.epochs} epochs, {res.steps} steps; test accuracy {m['accuracy']:.2f}% "
+          f"macro-F1 {m['macro_f1']:.2f}% on {m['n']} images")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from promptalign.engine import evaluate_run, harmonic_mean
+
+    kw = dict(dataset=args.dataset, root=args.data_root, device=args.device)
+    if args.base_new:
+        base = evaluate_run(args.run, subsample="base", **kw)
+        new = evaluate_run(args.run, subsample="new", **kw)
+        out = {"base": base["accuracy"], "new": new["accuracy"], "H": harmonic_mean(base["accuracy"], new["accuracy"])}
+        if args.json:
+            print(json.dumps(out))
+        else:
+            _print_table([[f"{out['base']:.2f}", f"{out['new']:.2f}", f"{out['H']:.2f}"]], ["base", "new", "H"])
+        return 0
+    m = evaluate_run(args.run, subsample=args.subsample, **kw)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        _print_table([[m["dataset"], m["subsample"], str(m["num_classes"]), str(m["n"]), f"{m['accuracy']:.2f}",
+                       f"{m['macro_f1']:.2f}", str(m["skipped"])]],
+                     ["dataset", "classes", "#classes", "images", "accuracy", "macro-F1", "skipped"])
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from promptalign.engine import predict
+
+    paths: list[str] = []
+    for p in args.images:
+        path = Path(p)
+        if path.is_dir():
+            paths += sorted(str(f) for f in path.rglob("*")
+                            if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+        elif path.suffix.lower() == ".txt":
+            paths += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            paths.append(p)
+    classes = None
+    if args.classes:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    res = predict(args.run, paths, classnames=classes, topk=args.topk, device=args.device)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _print_table([[r["image"], ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in r["top"])] for r in res],
+                     ["image", f"top-{args.topk}"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from promptalign import __version__
 
@@ -43,17 +133,56 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prompt learning for frozen CLIP-style models (ALIGN, CoOp, MaPLe, ...).",
     )
     p.add_argument("--version", action="version", version=f"promptalign {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    pl = sub.add_parser("list", help="list registered things")
-    pl.add_argument("what", choices=["backbones", "methods", "datasets"], help="what to list")
+    pl = sub.add_parser("list", help="list methods, datasets, presets or backbones")
+    pl.add_argument("what", choices=["methods", "datasets", "presets", "backbones"])
     pl.set_defaults(func=_cmd_list)
 
-    ps = sub.add_parser(
-        "selfcheck",
-        help="offline check of the installation on a tiny random model (invariants, not accuracy)",
-    )
-    ps.add_argument("--arch", default="pa-tiny-vit", help="architecture to check (default: pa-tiny-vit)")
+    pt = sub.add_parser("train", help="train a method (writes a run folder)",
+                        description="Train a method. Unset optimisation settings come from the "
+                                    "method's published preset. Extra KEY=VALUE arguments override any "
+                                    "config key, e.g. optim.lr=0.002 method.options.n_ctx=8.")
+    pt.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
+    pt.add_argument("--method", help="method name (promptalign list methods)")
+    pt.add_argument("--preset", help="named preset of the method's config (e.g. align's 'reference')")
+    pt.add_argument("--config", help="a YAML run config, or a shipped preset name (promptalign list presets)")
+    pt.add_argument("--dataset", help="dataset name (promptalign list datasets) or a folder / CSV path")
+    pt.add_argument("--data-root", help="folder holding the datasets (CoOp layout)")
+    pt.add_argument("--shots", type=int, help="labelled images per class")
+    pt.add_argument("--subsample", choices=["all", "base", "new"])
+    pt.add_argument("--seed", type=int)
+    pt.add_argument("--arch", help="backbone architecture (default ViT-B-16)")
+    pt.add_argument("--weights", help="open_clip pretrained tag or local weights file")
+    pt.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    pt.add_argument("--workers", type=int, help="data-loading workers")
+    pt.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pt.set_defaults(func=_cmd_train)
+
+    pe = sub.add_parser("eval", help="evaluate a run folder (its classes, other classes or datasets)")
+    pe.add_argument("run", help="run folder written by `promptalign train`")
+    pe.add_argument("--subsample", choices=["all", "base", "new"], help="class subset (default: the run's)")
+    pe.add_argument("--base-new", action="store_true", help="evaluate base and new classes and their H")
+    pe.add_argument("--dataset", help="evaluate on another dataset (cross-dataset, domain generalisation)")
+    pe.add_argument("--data-root")
+    pe.add_argument("--device", default="auto")
+    pe.add_argument("--json", action="store_true")
+    pe.set_defaults(func=_cmd_eval)
+
+    pp = sub.add_parser("predict", help="top-k labels for images with a trained run")
+    pp.add_argument("run", help="run folder")
+    pp.add_argument("images", nargs="+", help="image files, folders, or .txt lists of paths")
+    pp.add_argument("--classes", help="comma-separated class names (default: the run's classes)")
+    pp.add_argument("--topk", type=int, default=5)
+    pp.add_argument("--device", default="auto")
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(func=_cmd_predict)
+
+    ps = sub.add_parser("selfcheck", help="offline check of the installation on a tiny random model")
+    ps.add_argument("--arch", default="pa-tiny-vit")
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--json", action="store_true", help="print one JSON line")
     ps.set_defaults(func=_cmd_selfcheck)
@@ -63,10 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    from promptalign.config import ConfigError
+    from promptalign.data import DatasetError
+    from promptalign.engine import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, CheckpointError, FileExistsError, FileNotFoundError, KeyError) as e:
+        print(f"promptalign {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

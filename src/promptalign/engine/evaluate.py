@@ -1,0 +1,75 @@
+"""Evaluation: accuracy, macro-F1 and per-class accuracy; text features computed once.
+
+Sharded under torch.distributed: each rank scores a disjoint slice (indices rank::world, no
+padding duplicates), predictions are gathered, and the metrics are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..data import ImageDataset, make_loader
+from . import distributed as dist_utils
+
+
+def metrics_from_predictions(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """accuracy (%), macro-F1 (%), per-class accuracy (%) from flat predictions and labels."""
+    n = labels.numel()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    tp = conf.diag().float()
+    support = conf.sum(1).float()
+    predicted = conf.sum(0).float()
+    per_class = torch.where(support > 0, tp / support.clamp_min(1), torch.full_like(tp, float("nan")))
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    present = support > 0
+    return {
+        "accuracy": 100.0 * tp.sum().item() / max(n, 1),
+        "macro_f1": 100.0 * f1[present].mean().item() if present.any() else 0.0,
+        "per_class_accuracy": [None if torch.isnan(v) else 100.0 * v.item() for v in per_class],
+        "n": n,
+    }
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+@torch.no_grad()
+def evaluate(method, data: ImageDataset, *, batch_size: int = 100, device: torch.device | str = "cpu",
+             amp: str = "none", workers: int = 0) -> dict:
+    """Score ``data`` with ``method`` (its current class names) and return the metrics."""
+    device = torch.device(device)
+    method.eval()
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    shard = torch.utils.data.Subset(data, list(range(rank, len(data), world))) if world > 1 else data
+    loader = make_loader(shard, batch_size, train=False, workers=workers, device=device)
+    preds, labels, skipped = [], [], 0
+    for batch in loader:
+        skipped += batch["skipped"]
+        if batch["image"] is None:
+            continue
+        with autocast(device, amp):
+            logits = method.logits(batch["image"].to(device, non_blocking=True))
+        preds.append(logits.argmax(-1).cpu())
+        labels.append(batch["label"])
+    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    lab = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    gathered = dist_utils.gather_objects((pred, lab, skipped))
+    pred = torch.cat([g[0] for g in gathered])
+    lab = torch.cat([g[1] for g in gathered])
+    out = metrics_from_predictions(pred, lab, method.num_classes)
+    out["skipped"] = sum(g[2] for g in gathered)
+    return out
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed-precision context for ``amp`` in {"none", "bf16", "fp16"}."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)

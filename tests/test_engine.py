@@ -1,0 +1,211 @@
+"""Trainer, evaluation, checkpoints, resume, configs and the CLI, end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import promptalign
+from promptalign.cli import main
+from promptalign.config import ConfigError, RunConfig, apply_overrides, load_yaml
+from promptalign.engine import CheckpointError, evaluate_run, lr_at, metrics_from_predictions, train
+from promptalign.presets import PROTOCOLS, list_presets, make_preset
+
+from data_fixtures import make_json_dataset
+from test_methods import ALL, small_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    make_json_dataset(root / "data", "oxford_pets")
+    torch.manual_seed(0)
+    bb = promptalign.load_backbone("pa-tiny-vit")
+    weights = root / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.clip.state_dict().items()}, str(weights))
+    return root, weights
+
+
+def _args(setup, out, method="coop", extra=()):
+    root, weights = setup
+    opts = [f"method.options.{k}={json.dumps(v)}" for k, v in small_config(method).items()]
+    return ["train", "--method", method, "--dataset", "oxford_pets", "--data-root", str(root / "data"),
+            "--shots", "2", "--seed", "1", "--out", str(out), "--arch", "pa-tiny-vit", "--weights",
+            str(weights), "--device", "cpu", "--workers", "0", "--no-progress",
+            "optim.epochs=1", "optim.batch_size=4", "optim.eval_batch_size=8", *opts, *extra]
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_trains_and_evaluates_through_the_cli(setup, tmp_path, method, capsys):
+    out = tmp_path / method
+    assert main(_args(setup, out, method, ["--subsample", "base"])) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    for f in ("config.yaml", "prompts.safetensors", "run.json", "metrics.jsonl"):
+        assert (out / f).is_file()
+    info = json.loads((out / "run.json").read_text())
+    assert info["sampling"] == {"dataset": "oxford_pets", "shots": 2, "seed": 1, "subsample": "base", "num_classes": 3}
+    assert load_yaml(out / "config.yaml").optim.lr is not None  # resolved from the method preset
+    assert main(["eval", str(out), "--subsample", "new", "--device", "cpu", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["num_classes"] == 2 and m["n"] == 4 and 0 <= m["accuracy"] <= 100
+
+
+def test_base_new_eval_and_predict(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out, "maple", ["--subsample", "base"])) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--base-new", "--device", "cpu", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["H"] == pytest.approx(2 * r["base"] * r["new"] / (r["base"] + r["new"]) if r["base"] + r["new"] else 0)
+    images = setup[0] / "data" / "oxford_pets" / "images"
+    assert main(["predict", str(out), str(images / "beagle"), "--topk", "2", "--json", "--device", "cpu"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert len(preds) == 11 and len(preds[0]["top"]) == 2
+    assert {t["label"] for p in preds for t in p["top"]} <= {"abyssinian", "american bulldog", "beagle"}
+    assert main(["predict", str(out), str(images / "beagle"), "--classes", "dog,cat", "--device", "cpu"]) == 0
+
+
+def test_resume_after_interrupt_is_bit_identical(setup, tmp_path):
+    def cfg(out):
+        from promptalign.cli import build_parser, _train_config
+
+        return _train_config(build_parser().parse_args(_args(setup, out, "coop", ["optim.epochs=3"])))
+
+    full = train(cfg(tmp_path / "full"), tmp_path / "full")
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupt(record):
+        if record["step"] == 5:  # in the middle of epoch 2 (3 steps per epoch)
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg(tmp_path / "cut"), tmp_path / "cut", callbacks=[interrupt])
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["epoch"] == 1
+    resumed = train(None, tmp_path / "cut", resume=True)
+    a = load_file(str(tmp_path / "full" / "prompts.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "prompts.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.steps == full.steps == 9
+    assert resumed.metrics["accuracy"] == full.metrics["accuracy"]
+
+
+def test_existing_run_is_not_overwritten(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out)) == 0
+    before = (out / "prompts.safetensors").read_bytes()
+    assert main(_args(setup, out)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "prompts.safetensors").read_bytes() == before
+
+
+def test_corrupt_checkpoint_and_config_give_clear_errors(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out, extra=["optim.epochs=2"])) == 0
+    prompts = (out / "prompts.safetensors").read_bytes()
+    (out / "resume.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="resume.safetensors is corrupt"):
+        train(None, out, resume=True)
+    assert (out / "prompts.safetensors").read_bytes() == prompts  # earlier checkpoint intact
+    capsys.readouterr()
+    (out / "prompts.safetensors").write_bytes(b"\x00" * 10)
+    assert main(["eval", str(out), "--device", "cpu"]) == 2
+    assert "prompts.safetensors is corrupt" in capsys.readouterr().err
+    (out / "config.yaml").write_text("optim: {lr: [unclosed")
+    assert main(["eval", str(out), "--device", "cpu"]) == 2
+    assert "config.yaml: not valid YAML" in capsys.readouterr().err
+
+
+def test_interrupted_write_leaves_previous_checkpoint(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert main(_args(setup, out)) == 0
+    before = (out / "prompts.safetensors").read_bytes()
+    import promptalign.engine.checkpoint as ck
+
+    def broken(tensors, path, *a, **k):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", broken)
+    with pytest.raises(OSError):
+        ck.write_tensors(out / "prompts.safetensors", {"x": torch.zeros(2)})
+    assert (out / "prompts.safetensors").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_config_overrides_are_typed():
+    cfg = apply_overrides(RunConfig(), ["optim.lr=0.01", "data.shots=4", "method.options.n_ctx=8",
+                                        "data.shots=none", "backbone.weights=null"])
+    assert cfg.optim.lr == 0.01 and cfg.data.shots is None and cfg.method.options == {"n_ctx": 8}
+    with pytest.raises(ConfigError, match=r"optim.amp: 'fp8' is not allowed; choose one of \['none', 'bf16', 'fp16'\]"):
+        apply_overrides(RunConfig(), ["optim.amp=fp8"])
+    with pytest.raises(ConfigError, match="optim.lr: expected a number"):
+        apply_overrides(RunConfig(), ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrr'.*optim.lr"):
+        apply_overrides(RunConfig(), ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides(RunConfig(), ["optim.lr"])
+
+
+def test_shipped_presets_match_the_method_configs():
+    assert len(list_presets()) == len(ALL) * len(PROTOCOLS)
+    for method in ALL:
+        for protocol in PROTOCOLS:
+            from promptalign.presets import load_preset
+
+            assert load_preset(f"{method}-{protocol}") == make_preset(method, protocol), (method, protocol)
+    assert load_preset("maple-cross_dataset").optim.epochs == 2
+    assert load_preset("coop-fewshot").optim.epochs is None  # shot-dependent
+
+
+def test_lr_schedule_constant_warmup_then_cosine():
+    kw = dict(lr=0.002, epochs=10, warmup_epochs=1, warmup_lr=1e-5)
+    assert lr_at(0, **kw) == 1e-5
+    assert lr_at(1, **kw) == pytest.approx(0.002)
+    assert lr_at(6, **kw) == pytest.approx(0.001)
+    assert lr_at(3, **kw) > lr_at(4, **kw) > lr_at(9, **kw) > 0
+
+
+def test_metrics():
+    pred = torch.tensor([0, 0, 1, 2, 2, 2])
+    lab = torch.tensor([0, 1, 1, 2, 2, 0])
+    m = metrics_from_predictions(pred, lab, 4)
+    assert m["accuracy"] == pytest.approx(400 / 6)
+    assert m["per_class_accuracy"][:3] == [50.0, 50.0, 100.0] and m["per_class_accuracy"][3] is None
+    f1 = [2 * .5 * .5 / 1, 2 * 1 * .5 / 1.5, 2 * (2 / 3) * 1 / (5 / 3)]
+    assert m["macro_f1"] == pytest.approx(100 * sum(f1) / 3)
+
+
+def _torchrun(args, env_extra=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "promptalign.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_two_process_gloo_training_and_sharded_eval(setup, tmp_path):
+    one = tmp_path / "one"
+    assert main(_args(setup, one, "coop", ["optim.epochs=2", "optim.batch_size=4"])) == 0
+    two = tmp_path / "two"
+    res = _torchrun(_args(setup, two, "coop", ["optim.epochs=2", "optim.batch_size=2"]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    acc1 = json.loads((one / "run.json").read_text())["metrics"]["accuracy"]
+    acc2 = json.loads((two / "run.json").read_text())["metrics"]["accuracy"]
+    assert abs(acc1 - acc2) <= 20.0  # same recipe, 2 x 2 images per step vs 4: different sample order
+    lines = [ln for ln in (two / "metrics.jsonl").read_text().splitlines()]
+    assert all(json.loads(ln).get("step", 0) <= 6 for ln in lines)  # rank 0 logs only its own steps once
+    # sharded evaluation is exact: two processes score the same checkpoint identically to one
+    res = _torchrun(["eval", str(one), "--json", "--device", "cpu"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    sharded = json.loads(res.stdout.splitlines()[0])
+    single = evaluate_run(one, device="cpu")
+    assert sharded["accuracy"] == single["accuracy"] and sharded["n"] == single["n"] == 10
+    assert sharded["per_class_accuracy"] == single["per_class_accuracy"]
