@@ -33,12 +33,12 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class MethodSpec:
     """Attributes:
-        name: registered method.
+        name: registered method (required; see ``promptalign list methods``).
         preset: named preset of the method's config (e.g. ALIGN's "reference").
         options: method config overrides, e.g. {"n_ctx": 4}.
     """
 
-    name: str = "coop"
+    name: str = ""
     preset: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 

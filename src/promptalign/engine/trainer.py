@@ -82,6 +82,11 @@ def load_data(cfg: RunConfig, seed: int, subsample: str | None = None) -> Datase
 
 
 def build_method(cfg: RunConfig, classnames: Sequence[str], device: torch.device, backbone=None):
+    if not cfg.method.name:
+        from ..config import ConfigError
+        from ..methods import list_methods
+
+        raise ConfigError(f"no method given: set method.name (--method), one of {', '.join(list_methods())}")
     bb = backbone if backbone is not None else load_backbone(cfg.backbone.arch, cfg.backbone.weights, device=device)
     torch.manual_seed(cfg.run.seed)  # prompt initialisation
     method = create_method(cfg.method.name, bb, classnames, preset=cfg.method.preset, **dict(cfg.method.options))
