@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
+# Pretrained models shipped inside the package: name -> (architecture config, weights file).
+# They load through the same path as any local weights file.
+SHIPPED_PRETRAINED = {"tiny-shapes": ("pa-tiny-shapes", "weights/tiny-shapes.safetensors")}
+
 
 class WeightsError(ValueError):
     """A weights file could not be read or does not fit the architecture."""
@@ -48,7 +52,7 @@ def _shipped_configs() -> dict[str, Path]:
 
 def list_backbones() -> list[str]:
     """Architecture names accepted by :func:`load_backbone` (shipped configs, then open_clip's)."""
-    return sorted(_shipped_configs()) + list(_open_clip().list_models())
+    return sorted(SHIPPED_PRETRAINED) + sorted(_shipped_configs()) + list(_open_clip().list_models())
 
 
 def list_pretrained(arch: str) -> list[str]:
@@ -215,7 +219,8 @@ def load_backbone(
     """Build a frozen :class:`Backbone`.
 
     Args:
-        arch: open_clip architecture name, shipped promptalign config, JSON config path, or dict.
+        arch: open_clip architecture name, shipped promptalign config, JSON config path, or dict;
+            "tiny-shapes" is the small CLIP pretrained on the synthetic world (weights shipped).
         weights: None (random init), an open_clip pretrained tag, or a local weights file.
         device: where to put the model.
         dtype: parameter dtype (fp32 default; use autocast for mixed precision).
@@ -225,6 +230,10 @@ def load_backbone(
         The frozen backbone, its tokenizer and preprocessing resolved from ``arch`` + ``weights``.
     """
     oc = _open_clip()
+    if isinstance(arch, str) and arch in SHIPPED_PRETRAINED:
+        arch, shipped = SHIPPED_PRETRAINED[arch]
+        if weights is None:
+            weights = str(resources.files("promptalign.backbone") / shipped)
     name, cfg, pre_over = resolve_arch(arch)
     pre = {
         "size": cfg["vision_cfg"].get("image_size", 224),

@@ -281,13 +281,13 @@ def _relabel(recs: list[Record], mapping: dict[int, int]) -> list[Record]:
 
 def list_datasets() -> list[str]:
     """Names of the registered datasets."""
-    from . import readers  # noqa: F401  (each reader registers itself)
+    from . import readers, synthetic  # noqa: F401  (each reader registers itself)
 
     return DATASETS.names()
 
 
 def get_reader(name: str) -> DatasetReader:
-    from . import readers  # noqa: F401
+    from . import readers, synthetic  # noqa: F401
 
     return DATASETS.get(name)()
 

@@ -1,0 +1,262 @@
+"""A procedural image-caption world for the built-in demo and CI: shapes on textured backgrounds.
+
+Every scene is drawn deterministically from (seed, index) with PIL: a shape kind, a colour, a size,
+a count (1-3), a background texture and a rendering style (filled, outline, noisy sketch), plus a
+caption describing it ("two small red triangles on a striped background"; "a sketch of ...").
+The tiny CLIP shipped with promptalign was pretrained contrastively on these pairs
+(``scripts/pretrain_tiny_clip.py``).
+
+Downstream few-shot tasks are registered like any dataset and use the same split / few-shot /
+base-new machinery; their images are rendered to PNG files under the data root on first use:
+
+* ``synthetic_shapes``: which shape (8 classes), any colour, filled or outline;
+* ``synthetic_colour_shapes``: colour x shape (6 x 8 = 48 classes; base / new 24 / 24), with the
+  class order shuffled once so base and new both mix colours and shapes;
+* ``synthetic_shapes_sketch``, ``synthetic_colour_shapes_sketch``: test-only, the same classes in
+  the noisy sketch style (domain shift for generalisation and cross-task transfer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..registry import DATASETS
+from .base import DatasetReader, Splits, read_split_json
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart")
+COLOURS = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (230, 200, 30),
+    "purple": (135, 55, 185),
+    "orange": (240, 130, 25),
+}
+SIZES = {"small": 0.13, "large": 0.24}  # radius as a fraction of the image side
+COUNTS = {1: "one", 2: "two", 3: "three"}
+BACKGROUNDS = ("plain", "striped", "dotted", "checkered")
+STYLES = ("filled", "outline", "sketch")
+IMAGE_SIZE = 48
+_PLURAL = {"cross": "crosses"}
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    size: str
+    count: int
+    background: str
+    style: str
+
+
+def sample_scene(rng: np.random.Generator, *, shapes: Sequence[str] = SHAPES,
+                 colours: Sequence[str] = tuple(COLOURS), styles: Sequence[str] = STYLES) -> Scene:
+    return Scene(
+        shape=str(rng.choice(shapes)),
+        colour=str(rng.choice(colours)),
+        size=str(rng.choice(tuple(SIZES))),
+        count=int(rng.integers(1, 4)),
+        background=str(rng.choice(BACKGROUNDS)),
+        style=str(rng.choice(styles)),
+    )
+
+
+def caption(scene: Scene) -> str:
+    """Words that describe exactly what :func:`render` draws."""
+    noun = scene.shape if scene.count == 1 else _PLURAL.get(scene.shape, scene.shape + "s")
+    det = "a" if scene.count == 1 else COUNTS[scene.count]
+    body = f"{det} {scene.size} {scene.colour} {noun} on a {scene.background} background"
+    if scene.style == "outline":
+        return f"an outline of {body}"
+    if scene.style == "sketch":
+        return f"a sketch of {body}"
+    return body
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    def ring(n, radius, offset=0.0):
+        return [(cx + radius * math.cos(rot + offset + 2 * math.pi * i / n),
+                 cy + radius * math.sin(rot + offset + 2 * math.pi * i / n)) for i in range(n)]
+
+    if shape == "circle":
+        return ring(20, r)
+    if shape == "square":
+        return ring(4, r, math.pi / 4)
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.65 * r, cy), (cx, cy + r), (cx - 0.65 * r, cy)]
+    if shape == "triangle":
+        return ring(3, r, -math.pi / 2)
+    if shape == "hexagon":
+        return ring(6, r)
+    if shape == "star":
+        outer, inner = ring(5, r, -math.pi / 2), ring(5, 0.45 * r, -math.pi / 2 + math.pi / 5)
+        return [p for pair in zip(outer, inner) for p in pair]
+    if shape == "cross":
+        a = 0.35 * r
+        pts = [(-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a)]
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    if shape == "heart":
+        pts = []
+        for i in range(24):
+            t = 2 * math.pi * i / 24
+            x = 16 * math.sin(t) ** 3
+            y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+            pts.append((cx + r * x / 17, cy + r * y / 17))
+        return pts
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw ``scene``; ``rng`` supplies positions, jitter and noise."""
+    base = int(rng.integers(200, 245))
+    tint = tuple(int(base + d) for d in rng.integers(-12, 12, 3))
+    img = Image.new("RGB", (size, size), tint)
+    draw = ImageDraw.Draw(img)
+    pattern = tuple(max(0, c - int(rng.integers(25, 50))) for c in tint)
+    step = int(rng.integers(5, 9))
+    if scene.background == "striped":
+        for x in range(int(rng.integers(0, step)), size * 2, step):
+            draw.line([(x, 0), (x - size, size)], fill=pattern, width=2)
+    elif scene.background == "dotted":
+        for y in range(2, size, step):
+            for x in range(2 + (y // step % 2) * step // 2, size, step):
+                draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=pattern)
+    elif scene.background == "checkered":
+        for y in range(0, size, step):
+            for x in range(0, size, step):
+                if (x // step + y // step) % 2:
+                    draw.rectangle([x, y, x + step - 1, y + step - 1], fill=pattern)
+    colour = tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[scene.colour], rng.integers(-18, 18, 3)))
+    r = SIZES[scene.size] * size * float(rng.uniform(0.85, 1.15))
+    for _ in range(scene.count):
+        cx, cy = (float(v) for v in rng.uniform(r + 1, size - r - 1, 2))
+        pts = _polygon(scene.shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)) if scene.shape not in ("heart",) else 0.0)
+        if scene.style == "filled":
+            draw.polygon(pts, fill=colour)
+        elif scene.style == "outline":
+            draw.polygon(pts, outline=colour, width=2)
+        else:  # sketch: jittered strokes in the shape's colour
+            for _ in range(2):
+                jit = [(x + float(rng.normal(0, 0.9)), y + float(rng.normal(0, 0.9))) for x, y in pts]
+                draw.line(jit + [jit[0]], fill=colour, width=1)
+    if scene.style == "sketch":
+        arr = np.asarray(img).astype(np.int16)
+        arr = arr + rng.normal(0, 14, arr.shape).astype(np.int16)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return img
+
+
+def scene_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index])
+
+
+def caption_pairs(seed: int, start: int, n: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
+    """``n`` (image, caption) pairs of the pretraining stream: uint8 ``[n, size, size, 3]``."""
+    images, captions = np.empty((n, size, size, 3), dtype=np.uint8), []
+    for i in range(n):
+        rng = scene_rng(seed, start + i)
+        scene = sample_scene(rng)
+        images[i] = np.asarray(render(scene, rng, size))
+        captions.append(caption(scene))
+    return images, captions
+
+
+# --------------------------------------------------------------------------- downstream tasks
+@dataclass(frozen=True)
+class Task:
+    classes: tuple[tuple[str, str | None], ...]  # (shape, colour or None)
+    styles: tuple[str, ...]
+    train: int
+    val: int
+    test: int
+    seed: int
+
+    def classname(self, shape: str, colour: str | None) -> str:
+        return f"{colour} {shape}" if colour else shape
+
+
+def _colour_shape_classes() -> tuple[tuple[str, str], ...]:
+    pairs = [(s, c) for c in COLOURS for s in SHAPES]
+    order = np.random.default_rng(2024).permutation(len(pairs))  # base / new both mix colours and shapes
+    return tuple(pairs[i] for i in order)
+
+
+TASKS = {
+    "shapes": Task(tuple((s, None) for s in SHAPES), ("filled", "outline"), 24, 4, 25, 11),
+    "colour_shapes": Task(_colour_shape_classes(), ("filled", "outline"), 20, 4, 12, 12),
+    "shapes_sketch": Task(tuple((s, None) for s in SHAPES), ("sketch",), 0, 0, 25, 13),
+    "colour_shapes_sketch": Task(_colour_shape_classes(), ("sketch",), 0, 0, 12, 14),
+}
+
+
+def generate_task(task: Task, folder: Path) -> None:
+    """Render the task's images and split file into ``folder`` (atomically: all or nothing)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        split: dict[str, list] = {"train": [], "val": [], "test": []}
+        index = 0
+        for label, (shape, colour) in enumerate(task.classes):
+            name = task.classname(shape, colour)
+            for part in ("train", "val", "test"):
+                for i in range(getattr(task, part)):
+                    rng = scene_rng(task.seed, index)
+                    index += 1
+                    scene = sample_scene(rng, shapes=(shape,), colours=(colour,) if colour else tuple(COLOURS),
+                                         styles=task.styles)
+                    rel = f"{label:02d}/{part}_{i:03d}.png"
+                    (tmp / "images" / f"{label:02d}").mkdir(parents=True, exist_ok=True)
+                    render(scene, rng).save(tmp / "images" / rel)
+                    split[part].append([rel, label, name])
+        (tmp / "split.json").write_text(json.dumps(split))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class SyntheticReader(DatasetReader):
+    """Reads (and on first use renders) one synthetic task under ``<root>/synthetic/<task>``."""
+
+    task: str = ""
+    image_dir = "images"
+
+    @property
+    def folder(self) -> str:  # type: ignore[override]
+        return f"synthetic/{self.task}"
+
+    def check_root(self, root: Path) -> Path:
+        d = self.dataset_dir(root)
+        if not (d / "split.json").is_file():
+            generate_task(TASKS[self.task], d)
+        return d
+
+    def read(self, root: Path) -> Splits:
+        d = self.check_root(root)
+        return read_split_json(d / "split.json", self.registered_name, d / self.image_dir)
+
+
+def _register(name: str, task: str, test_only: bool) -> None:
+    # prompts in the captions' own words: "a red circle", not "a photo of a red circle."
+    cls = type(f"Synthetic_{task}", (SyntheticReader,), {"task": task, "test_only": test_only, "template": "a {}"})
+    DATASETS.register(name)(cls)
+
+
+_register("synthetic_shapes", "shapes", False)
+_register("synthetic_colour_shapes", "colour_shapes", False)
+_register("synthetic_shapes_sketch", "shapes_sketch", True)
+_register("synthetic_colour_shapes_sketch", "colour_shapes_sketch", True)
