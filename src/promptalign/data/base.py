@@ -103,6 +103,7 @@ class DatasetReader(abc.ABC):
     image_dir: ClassVar[str] = ""
     template: ClassVar[str] = "a photo of a {}."
     test_only: ClassVar[bool] = False
+    generates: ClassVar[bool] = False  # renders its own images under the root (synthetic world)
     registered_name: ClassVar[str] = ""
 
     def dataset_dir(self, root: Path) -> Path:
@@ -319,9 +320,9 @@ def load_dataset(
     if shots is not None and shots < 1:
         raise ValueError(f"shots must be >= 1 (or None for all images), got {shots}")
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"{name}: data root {root} does not exist")
     reader = reader or get_reader(name)
+    if not root.is_dir() and not reader.generates:
+        raise DatasetError(f"{name}: data root {root} does not exist")
     ddir = reader.check_root(root)
     image_root = reader.image_root(root)
     splits = reader.read(root)

@@ -234,6 +234,7 @@ class SyntheticReader(DatasetReader):
 
     task: str = ""
     image_dir = "images"
+    generates = True
 
     @property
     def folder(self) -> str:  # type: ignore[override]

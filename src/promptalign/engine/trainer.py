@@ -93,6 +93,20 @@ def build_method(cfg: RunConfig, classnames: Sequence[str], device: torch.device
     return method.to(device)
 
 
+def _with_dataset_template(cfg: RunConfig, template: str) -> RunConfig:
+    """Methods with a hand-written ``template`` field get the dataset's template unless the run
+    sets one (recorded in the resolved config, so evaluation rebuilds the same prompts)."""
+    from ..methods import list_methods
+    from ..registry import METHODS
+
+    list_methods()  # make sure every method file is registered
+    fields = {f.name for f in dataclasses.fields(METHODS.get(cfg.method.name).config_class)} if cfg.method.name else set()
+    if "template" not in fields or "template" in cfg.method.options:
+        return cfg
+    spec = dataclasses.replace(cfg.method, options={**cfg.method.options, "template": template})
+    return dataclasses.replace(cfg, method=spec)
+
+
 class _Step(torch.nn.Module):
     """What DistributedDataParallel wraps: one training step of a method."""
 
@@ -153,6 +167,7 @@ def train(
     seed = cfg.run.seed
     seed_everything(seed)
     data = load_data(cfg, seed)
+    cfg = _with_dataset_template(cfg, data.template)
     method = build_method(cfg, data.classnames, device, backbone)
     cfg = resolve(cfg, method.optim_preset)
     o = cfg.optim
