@@ -125,6 +125,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from promptalign.benchmark import run_benchmark
+
+    overrides = list(args.overrides)
+    for key, value in (("backbone.arch", args.arch), ("backbone.weights", args.weights), ("run.device", args.device)):
+        if value is not None:
+            overrides.insert(0, f"{key}={value}")
+    from promptalign.benchmark import default_datasets
+
+    s = run_benchmark(args.protocol, methods=args.methods, datasets=args.datasets or default_datasets(args.protocol), seeds=args.seeds,
+                      data_root=args.data_root, out=args.out, shots=args.shots, targets=args.targets,
+                      overrides=overrides)
+    for md in s.tables.values():
+        print(md)
+    print(f"{len(s.ran)} job(s) run, {len(s.skipped)} already finished, {len(s.failed)} failed; tables in {s.out_dir}")
+    for key, err in s.failed.items():
+        print(f"  FAILED {key}: {err}")
+    return 1 if s.failed else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -194,6 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=_cmd_predict)
 
+    pb = sub.add_parser("benchmark", help="run a whole protocol (base2new, fewshot, cross_dataset, domain_generalisation)",
+                        description="Run every (dataset, method, shots, seed) job of a protocol; finished jobs "
+                                    "are skipped on re-runs, an interrupted one resumes. KEY=VALUE overrides apply "
+                                    "to every job; METHOD:KEY=VALUE only to that method's jobs.")
+    pb.add_argument("protocol", choices=["base2new", "fewshot", "cross_dataset", "domain_generalisation"])
+    pb.add_argument("--methods", nargs="+", required=True)
+    pb.add_argument("--datasets", nargs="+", default=None, help="datasets (source dataset for cross/DG: imagenet)")
+    pb.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    pb.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="few-shot protocol only")
+    pb.add_argument("--targets", nargs="+", default=None, help="target datasets (cross-dataset / DG)")
+    pb.add_argument("--data-root", default=".")
+    pb.add_argument("--out", default="benchmark")
+    pb.add_argument("--arch")
+    pb.add_argument("--weights")
+    pb.add_argument("--device")
+    pb.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE")
+    pb.set_defaults(func=_cmd_benchmark)
+
     pd = sub.add_parser("demo", help="zero-shot vs prompt learning on the built-in synthetic world (offline, ~2 min CPU)")
     pd.add_argument("--out", default="promptalign-demo", help="output folder (default: promptalign-demo)")
     pd.add_argument("--seed", type=int, default=None)
@@ -210,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse binds a trailing nargs="*" positional right after a leading positional
+        # (benchmark PROTOCOL); KEY=VALUE overrides given after the options arrive here
+        if getattr(args, "overrides", None) is None or not all("=" in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

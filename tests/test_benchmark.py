@@ -1,0 +1,83 @@
+"""Benchmark protocols end to end on the synthetic world with the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import promptalign
+from promptalign.benchmark import make_jobs, run_benchmark
+from promptalign.cli import main
+
+OVERRIDES = ["backbone.arch=tiny-shapes", "backbone.weights=null", "run.device=cpu", "data.workers=0",
+             "optim.epochs=1", "optim.batch_size=32", "optim.eval_batch_size=256", "maple:method.options.depth=2"]
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return promptalign.load_backbone("tiny-shapes")
+
+
+def test_base2new_interrupted_and_resumed_without_redoing_jobs(tmp_path, bb):
+    kw = dict(methods=["coop", "maple"], datasets=["synthetic_colour_shapes"], seeds=[1, 2],
+              data_root=str(tmp_path / "data"), out=tmp_path / "bench", overrides=OVERRIDES, backbone=bb)
+    done = []
+
+    def stop_after_two(job, result):
+        done.append(job.key)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark("base2new", on_job_done=stop_after_two, **kw)
+    finished = {p.parent for p in (tmp_path / "bench" / "base2new" / "jobs").rglob("result.json")}
+    mtimes = {p: (p / "result.json").stat().st_mtime_ns for p in finished}
+    summary = run_benchmark("base2new", **kw)
+    assert sorted(summary.skipped) == sorted(done) and len(summary.ran) == 2 and not summary.failed
+    assert all((p / "result.json").stat().st_mtime_ns == t for p, t in mtimes.items())
+    md = (tmp_path / "bench" / "base2new" / "base2new.md").read_text()
+    assert "| maple | **average** |" in md and "78.55" in md  # published MaPLe H beside ours
+    assert " ± " in md  # two seeds: mean ± std
+    rows = (tmp_path / "bench" / "base2new" / "base2new.csv").read_text().splitlines()
+    assert rows[0].startswith("method,dataset,base,new,H") and len(rows) == 1 + 2 * 2
+
+
+def test_fewshot_tables_plots_and_failures(tmp_path, bb, capsys):
+    s = run_benchmark("fewshot", methods=["coop", "zeroshot"], datasets=["synthetic_colour_shapes", "no_such_data"],
+                      seeds=[1, 2], shots=[1, 2], data_root=str(tmp_path / "data"), out=tmp_path / "bench",
+                      overrides=OVERRIDES, backbone=bb)
+    assert len(s.ran) == 8 and len(s.failed) == 8  # the missing dataset fails, the others run
+    assert all("no_such_data" in k for k in s.failed)
+    out = tmp_path / "bench" / "fewshot"
+    md = (out / "fewshot.md").read_text()
+    assert "| 1 shots | 2 shots |" in md and "job(s) failed" in md
+    for name in ("synthetic_colour_shapes", "average"):
+        assert (out / f"fewshot-{name}.png").stat().st_size > 1000
+    err = next(out.rglob("error.txt")).read_text()
+    assert "no_such_data" in err
+
+
+def test_domain_generalisation_jobs_evaluate_targets(tmp_path, bb):
+    s = run_benchmark("domain_generalisation", methods=["coop"], datasets=["synthetic_colour_shapes"], seeds=[1],
+                      targets=["synthetic_colour_shapes_sketch"], data_root=str(tmp_path / "data"),
+                      out=tmp_path / "bench", overrides=OVERRIDES, backbone=bb)
+    assert not s.failed
+    result = json.loads(next((tmp_path / "bench").rglob("result.json")).read_text())["result"]
+    assert set(result) == {"accuracy", "synthetic_colour_shapes_sketch"}
+    assert "synthetic_colour_shapes_sketch" in s.tables["domain_generalisation"]
+
+
+def test_job_matrix():
+    assert len(make_jobs("fewshot", ["a", "b"], ["d"], [1, 2, 3])) == 2 * 5 * 3
+    assert len(make_jobs("base2new", ["a"], ["d", "e"], [1, 2, 3])) == 6
+    assert make_jobs("cross_dataset", ["a"], ["imagenet"], [1])[0].targets[0] == "caltech101"
+    with pytest.raises(ValueError, match="protocol"):
+        make_jobs("zero", ["a"], ["d"], [1])
+
+
+def test_cli_benchmark(tmp_path, capsys):
+    code = main(["benchmark", "base2new", "--methods", "zeroshot", "--datasets", "synthetic_shapes", "--seeds", "1",
+                 "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "b"), *OVERRIDES])
+    assert code == 0
+    assert "| zeroshot | synthetic_shapes |" in capsys.readouterr().out
