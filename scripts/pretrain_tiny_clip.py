@@ -87,7 +87,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     meta = {k: str(v) for k, v in vars(args).items() if k != "out"}
-    meta.update(torch=torch.__version__, seconds=f"{time.time() - t0:.0f}")
+    meta.update(torch=torch.__version__)  # no timings: the file must be reproducible byte for byte
     save_file(sd, str(out), metadata={"promptalign_pretrain": json.dumps(meta)})
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) in {time.time() - t0:.0f} s")
 
