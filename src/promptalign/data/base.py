@@ -16,11 +16,11 @@ import math
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal, Sequence
 
+from ..io import atomic_write_text
 from ..registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -254,19 +254,6 @@ def few_shot_splits(splits: Splits, shots: int, seed: int) -> tuple[list[Record]
 
 def _records_to_json(recs: list[Record]) -> list[list]:
     return [[r.path, r.label, r.classname] for r in recs]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def base_new_labels(labels: set[int], subsample: Subsample) -> list[int]:

@@ -16,14 +16,14 @@ good checkpoint. Loading checks everything and names the file that is wrong.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..io import atomic_write, atomic_write_text
 
 PROMPTS = "prompts.safetensors"
 RUN_INFO = "run.json"
@@ -36,30 +36,12 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or does not fit; the message names the file."""
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_text(path: Path, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic(path, w)
+    atomic_write_text(path, text)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    _atomic(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -283,9 +283,9 @@ def _save_resume(run_dir, method, opt, scaler, names, epoch, steps) -> None:
     meta = {"epoch": epoch, "steps": steps, "optim_scalars": scalars, "scaler": scaler.state_dict()}
     from safetensors.torch import save_file
 
-    from .checkpoint import _atomic
+    from ..io import atomic_write
 
-    _atomic(run_dir / RESUME_STATE, lambda tmp: save_file(
+    atomic_write(run_dir / RESUME_STATE, lambda tmp: save_file(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
         metadata={"resume": json.dumps(meta)}))
 

@@ -21,6 +21,17 @@ def wnid_classes(root_dir: Path, image_root: Path, sub: str, dataset: str) -> tu
     return wnids, [names[w] for w in wnids]
 
 
+class WnidFolderReader(DatasetReader):
+    """Test-only ImageNet variants laid out as ``<image_dir>/<wnid>/`` (sorted folders give the
+    labels) with ImageNet's classnames.txt in the dataset folder."""
+
+    test_only = True
+
+    def read(self, root: Path) -> Splits:
+        wnids, names = wnid_classes(self.dataset_dir(root), self.image_root(root), "", self.registered_name)
+        return Splits([], [], folder_records(self.image_root(root), "", wnids, names), names)
+
+
 @DATASETS.register("imagenet")
 class ImageNet(DatasetReader):
     folder = "imagenet"
