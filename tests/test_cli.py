@@ -37,3 +37,26 @@ def test_list_datasets(capsys):
     out = capsys.readouterr().out.split()
     assert len([d for d in out if not d.startswith("synthetic_")]) == 15
     assert "imagenet_r" in out and "fgvc_aircraft" in out and "synthetic_colour_shapes" in out
+
+
+def test_shipped_model_name_means_its_own_weights():
+    """`--arch tiny-shapes` without --weights must not inherit the 'openai' default of ViT configs."""
+    from promptalign.cli import _train_config, build_parser
+
+    parse = build_parser().parse_args
+    cfg = _train_config(parse(["train", "--out", "x", "--method", "coop", "--arch", "tiny-shapes"]))
+    assert cfg.backbone.arch == "tiny-shapes" and cfg.backbone.weights is None
+    cfg = _train_config(parse(["train", "--out", "x", "--method", "coop", "--arch", "tiny-shapes",
+                               "--weights", "my.safetensors"]))
+    assert cfg.backbone.weights == "my.safetensors"
+    cfg = _train_config(parse(["train", "--out", "x", "--method", "coop", "--arch", "ViT-B-16"]))
+    assert cfg.backbone.weights == "openai"
+
+
+def test_shipped_model_with_a_foreign_tag_says_how_to_fix():
+    import pytest
+
+    import promptalign
+
+    with pytest.raises(FileNotFoundError, match="ships its own weights"):
+        promptalign.load_backbone("tiny-shapes", weights="openai")

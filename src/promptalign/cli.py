@@ -58,10 +58,20 @@ def _train_config(args: argparse.Namespace):
         "backbone.arch": args.arch, "backbone.weights": args.weights,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
+    if _ships_own_weights(args):
+        overrides["backbone.weights"] = None
     if args.no_progress:
         overrides["run.progress"] = False
     cfg = apply_overrides(cfg, overrides)
     return apply_overrides(cfg, args.overrides)
+
+
+def _ships_own_weights(args: argparse.Namespace) -> bool:
+    """``--arch tiny-shapes`` without ``--weights`` means the model's own shipped weights, not the
+    config default ('openai', which only open_clip architectures have)."""
+    from promptalign.backbone.loading import SHIPPED_PRETRAINED
+
+    return args.arch in SHIPPED_PRETRAINED and args.weights is None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -132,6 +142,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     for key, value in (("backbone.arch", args.arch), ("backbone.weights", args.weights), ("run.device", args.device)):
         if value is not None:
             overrides.insert(0, f"{key}={value}")
+    if _ships_own_weights(args):
+        overrides.insert(1, "backbone.weights=null")
     from promptalign.benchmark import default_datasets
 
     s = run_benchmark(args.protocol, methods=args.methods, datasets=args.datasets or default_datasets(args.protocol), seeds=args.seeds,

@@ -230,7 +230,8 @@ def load_backbone(
         The frozen backbone, its tokenizer and preprocessing resolved from ``arch`` + ``weights``.
     """
     oc = _open_clip()
-    if isinstance(arch, str) and arch in SHIPPED_PRETRAINED:
+    shipped_name = arch if isinstance(arch, str) and arch in SHIPPED_PRETRAINED else None
+    if shipped_name is not None:
         arch, shipped = SHIPPED_PRETRAINED[arch]
         if weights is None:
             weights = str(resources.files("promptalign.backbone") / shipped)
@@ -270,6 +271,8 @@ def load_backbone(
             raise FileNotFoundError(
                 f"weights {str(weights)!r} is neither an open_clip pretrained tag for {name!r} "
                 f"(known tags: {', '.join(tags) or 'none'}) nor an existing file"
+                + (f"; {shipped_name!r} ships its own weights: leave weights unset (None, or "
+                   f"backbone.weights=null in a config)" if shipped_name else "")
             )
     model = _build_model(cfg)
     if weights_path is not None:
