@@ -17,22 +17,21 @@ import json
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import promptalign
-from promptalign.data import build_transform, load_dataset
+from promptalign.data import ImageDataset, build_transform, load_dataset, make_loader
 
 PENALTIES = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 
 
 @torch.no_grad()
 def _features(bb, ds, records, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    tf = build_transform(bb.preprocess, train=False)
-    out = []
-    for i in range(0, len(records), batch):
-        x = torch.stack([tf(Image.open(ds.image_root / r.path).convert("RGB")) for r in records[i:i + batch]])
-        out.append(F.normalize(bb.encode_image(x).float(), dim=-1))
-    return torch.cat(out), torch.tensor([r.label for r in records])
+    images = ImageDataset(ds.name, ds.image_root, records, build_transform(bb.preprocess, train=False))
+    feats, labels = [], []
+    for b in make_loader(images, batch, train=False):
+        feats.append(F.normalize(bb.encode_image(b["image"]).float(), dim=-1))
+        labels.append(b["label"])
+    return torch.cat(feats), torch.cat(labels)
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, k: int, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+import promptalign
 from promptalign.cli import main
 
 
@@ -54,9 +57,5 @@ def test_shipped_model_name_means_its_own_weights():
 
 
 def test_shipped_model_with_a_foreign_tag_says_how_to_fix():
-    import pytest
-
-    import promptalign
-
     with pytest.raises(FileNotFoundError, match="ships its own weights"):
         promptalign.load_backbone("tiny-shapes", weights="openai")
