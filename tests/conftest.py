@@ -20,6 +20,13 @@ TINY_CUSTOM_TEXT = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _seed_every_test():
+    """Every test starts from the same global RNG state, so no result depends on test order."""
+    torch.manual_seed(0)
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny() -> promptalign.Backbone:
     torch.manual_seed(0)

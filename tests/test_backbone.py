@@ -152,8 +152,11 @@ def test_text_truncation_is_exact(backbone):
     full = backbone.forward_text(tok, ctx, deep=deep, return_tokens=True, truncate=False)
     T = short.tokens.shape[1]
     assert T == int(backbone.eot_index(tok).max()) + 1 < backbone.context_length
-    assert_rel_close(short.pooled, full.pooled)
-    assert_rel_close(short.tokens, full.tokens[:, :T])
+    # Truncation changes the attention matmul shapes, so the fp32 reduction order differs with
+    # the CPU's kernels (AVX2 vs AVX-512 gave up to 3.6e-6 relative): 1e-5 relative is fp32
+    # agreement; a wrong mask or a dropped token moves outputs by O(1e-1).
+    assert_rel_close(short.pooled, full.pooled, tol=1e-5)
+    assert_rel_close(short.tokens, full.tokens[:, :T], tol=1e-5)
 
 
 def test_prompt_after_eot_is_rejected(tiny):
