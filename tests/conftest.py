@@ -1,13 +1,22 @@
-"""Shared fixtures: tiny random-init CLIP backbones built from open_clip-style configs."""
+"""Shared fixtures and helpers: tiny random-init CLIP backbones built from open_clip-style
+configs, and the registry-driven method helpers the method and engine tests share."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import promptalign
+from promptalign.methods import create_method, list_methods
+from promptalign.registry import METHODS
+
+ALL_METHODS = list_methods()
+CLASSES = ["dog", "cat", "sea lion", "red car", "tree"]
+# depths that fit the 3-layer tiny model without clamping (faster than the published depths)
+SMALL = {"depth": 2, "text_depth": 2, "vision_depth": 2}
 
 # A second tiny config that differs from the shipped one in every width, uses QuickGELU and the
 # CustomTextCLIP layout (text tower under `.text`), so nothing can hide behind a constant.
@@ -54,3 +63,24 @@ def assert_rel_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> Non
     scale = b.abs().max().clamp_min(1e-12)
     err = (a - b).abs().max()
     assert err <= tol * scale, f"max abs diff {err.item():.3g} > {tol} * {scale.item():.3g}"
+
+
+def small_config(name: str) -> dict:
+    """Overrides that fit the 3-layer tiny model, chosen by config field (never by method name)."""
+    fields = {f.name: f for f in dataclasses.fields(METHODS.get(name).config_class)}
+    cfg = {k: v for k, v in SMALL.items() if k in fields}
+    if "base_options" in fields:
+        base = METHODS.get(fields["base"].default)
+        base_fields = {f.name for f in dataclasses.fields(base.config_class)}
+        cfg["base_options"] = {k: v for k, v in SMALL.items() if k in base_fields}
+    return cfg
+
+
+def build_method(name: str, backbone, seed: int = 0, classes=CLASSES, **extra):
+    """``name`` on ``backbone`` with :func:`small_config`, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return create_method(name, backbone, classes, **{**small_config(name), **extra})
+
+
+def labelled_batch(backbone, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return images_for(backbone, n, seed), torch.arange(n) % len(CLASSES)

@@ -18,8 +18,9 @@ from promptalign.config import ConfigError, RunConfig, apply_overrides, load_yam
 from promptalign.engine import CheckpointError, evaluate_run, lr_at, metrics_from_predictions, train
 from promptalign.presets import PROTOCOLS, list_presets, make_preset
 
+from conftest import ALL_METHODS as ALL
+from conftest import small_config
 from data_fixtures import make_json_dataset
-from test_methods import ALL, small_config
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +143,9 @@ def test_interrupted_write_leaves_previous_checkpoint(setup, tmp_path, monkeypat
 
 
 def test_config_overrides_are_typed():
-    cfg = apply_overrides(RunConfig(), ["optim.lr=0.01", "data.shots=4", "method.options.n_ctx=8",
-                                        "data.shots=none", "backbone.weights=null"])
+    cfg = apply_overrides(RunConfig(), ["optim.lr=0.01", "data.shots=4", "method.name=coop",
+                                        "method.options.n_ctx=8", "data.shots=none",
+                                        "backbone.weights=null"])
     assert cfg.optim.lr == 0.01 and cfg.data.shots is None and cfg.method.options == {"n_ctx": 8}
     with pytest.raises(ConfigError, match=r"optim.amp: 'fp8' is not allowed; choose one of \['none', 'bf16', 'fp16'\]"):
         apply_overrides(RunConfig(), ["optim.amp=fp8"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from promptalign.methods import create_method
+from promptalign.methods import MethodOutput, create_method
+from promptalign.methods.base import Batch
 from promptalign.methods.npt import NPTRegularizer, etf_gram
 from promptalign.ot import sinkhorn
 
@@ -185,12 +186,12 @@ def test_npt_regularizer_on_any_method_and_its_terms(tiny):
     torch.testing.assert_close(out["loss"], out["ce"] + out["npt_text"] + out["npt_image"])
     # the terms vanish exactly at the ETF: text features forming an ETF, images on their class
     K, D = 4, 8
-    basis = torch.linalg.qr(torch.randn(D, K))[0]  # orthonormal columns
+    basis = torch.linalg.qr(torch.randn(D, K, generator=torch.Generator().manual_seed(0)))[0]
     centered = torch.eye(K) - 1.0 / K
     etf = F.normalize((basis @ centered).t(), dim=-1)  # [K, D] simplex ETF
-    from promptalign.methods import MethodOutput
     labels = torch.tensor([0, 2])
-    terms = NPTRegularizer()(MethodOutput(torch.zeros(2, K), etf[labels], etf), labels)
+    out = MethodOutput(torch.zeros(2, K), etf[labels], etf)
+    terms = NPTRegularizer()(out, Batch(torch.zeros(2, 3, 8, 8), labels), m)
     assert terms["npt_text"] < 1e-10 and terms["npt_image"] < 1e-10
 
 
@@ -220,7 +221,7 @@ def test_npt_method_wraps_a_base_method(tiny):
 def test_presets(tiny):
     m = create_method("maple", tiny, CLASSES, preset="cross_dataset", depth=2)
     assert m.config.optim.lr == 0.0026 and m.config.optim.epochs == 2
-    with pytest.raises(ValueError, match="no preset 'nope'"):
+    with pytest.raises(ValueError, match="no preset 'nope'"):  # ConfigError is a ValueError
         create_method("maple", tiny, CLASSES, preset="nope")
     assert create_method("align", tiny, CLASSES, depth=2).optim_preset.epochs_for(1) == 30
     assert create_method("coop", tiny, CLASSES).optim_preset.epochs_for(16) == 200

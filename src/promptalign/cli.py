@@ -51,6 +51,12 @@ def _train_config(args: argparse.Namespace):
         cfg = load_preset(args.config) if args.config in list_presets() else load_yaml(args.config)
     else:
         cfg = RunConfig()
+    cfg = apply_overrides(cfg, _flag_overrides(args))
+    return apply_overrides(cfg, args.overrides)
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    """The config keys the train options set (only those given)."""
     flags = {
         "method.name": args.method, "method.preset": args.preset, "data.dataset": args.dataset,
         "data.root": args.data_root, "data.shots": args.shots, "data.subsample": args.subsample,
@@ -62,8 +68,7 @@ def _train_config(args: argparse.Namespace):
         overrides["backbone.weights"] = None
     if args.no_progress:
         overrides["run.progress"] = False
-    cfg = apply_overrides(cfg, overrides)
-    return apply_overrides(cfg, args.overrides)
+    return overrides
 
 
 def _ships_own_weights(args: argparse.Namespace) -> bool:
@@ -75,10 +80,14 @@ def _ships_own_weights(args: argparse.Namespace) -> bool:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from promptalign.config import ConfigError
     from promptalign.engine import train
 
     if args.resume:
-        res = train(None, args.out, resume=True)
+        if args.config:
+            raise ConfigError("--resume takes the run's own config.yaml; drop --config")
+        given = [f"{k}={'null' if v is None else v}" for k, v in _flag_overrides(args).items()]
+        res = train(None, args.out, resume=True, overrides=given + list(args.overrides))
     else:
         res = train(_train_config(args), args.out)
     m = res.metrics
@@ -274,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from promptalign.config import ConfigError
     from promptalign.data import DatasetError
-    from promptalign.engine import CheckpointError
+    from promptalign.engine import CheckpointError, NonFiniteError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, FileExistsError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteError, FileExistsError,
+            FileNotFoundError, KeyError) as e:
         print(f"promptalign {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,15 +1,22 @@
 """Run configuration: typed frozen dataclasses, YAML files, dotted ``key=value`` overrides.
 
 A run is described by :class:`RunConfig` (backbone / method / data / optimisation / run). Files are
-saved instances (YAML); overrides are dotted keys checked against the dataclass types, with errors
-that name the key and the allowed keys or values. Optimisation fields left as None take the
-method's published preset (shot-dependent epochs included); :func:`resolve` fills them in and every
-run writes that fully resolved config next to its outputs.
+saved instances (YAML); overrides are dotted keys. Every value is converted by the type of its
+field, wherever it comes from (YAML, a preset, ``KEY=VALUE``): ``method.options`` are checked
+against the registered method's own config class as soon as the method is known, and ranges and
+choices are checked in the classes themselves (``__post_init__``). Errors name the key and the
+allowed keys or values, in one line (:class:`ConfigError`).
+
+One optimiser-settings type, :class:`OptimConfig`, serves both the run (``optim``: None = the
+method's published value) and the method configs (``MethodConfig.optim``: the published values).
+:func:`resolve_optim` layers library defaults, the method's values and the run's values; the run
+folder stores the fully resolved config (every method field included), which re-creates the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,146 +26,118 @@ from typing import Any, Literal, Mapping
 import yaml
 
 
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Attributes:
-        arch: open_clip architecture (or shipped config / JSON path).
-        weights: open_clip pretrained tag or local weights file; None = random (tests only).
-    """
-
-    arch: str = "ViT-B-16"
-    weights: str | None = "openai"
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """Attributes:
-        name: registered method (required; see ``promptalign list methods``).
-        preset: named preset of the method's config (e.g. ALIGN's "reference").
-        options: method config overrides, e.g. {"n_ctx": 4}.
-    """
-
-    name: str = ""
-    preset: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Attributes:
-        dataset: registered dataset name, or a path to a custom ImageFolder tree / CSV.
-        root: the data root (CoOp layout).
-        split_file: split JSON for a custom dataset.
-        shots: labelled images per class (None = all).
-        subsample: "all", "base" or "new" classes.
-        workers: data-loading worker processes.
-        skip_corrupt: skip (and count) unreadable images instead of failing.
-    """
-
-    dataset: str = ""
-    root: str = "."
-    split_file: str | None = None
-    shots: int | None = 16
-    subsample: Literal["all", "base", "new"] = "all"
-    workers: int = 4
-    skip_corrupt: bool = False
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """None = the method's published value (see the method's ``OptimPreset``).
-
-    Attributes:
-        optimizer: "sgd" or "adamw"; lr, momentum, weight_decay, epochs, batch_size,
-        warmup_epochs, warmup_lr, scheduler ("cosine" | "constant"): as in the presets.
-        eval_batch_size: evaluation batch size.
-        grad_clip: max gradient norm (None = no clipping).
-        amp: autocast dtype: "none", "bf16" or "fp16" (fp32 master parameters).
-    """
-
-    optimizer: Literal["sgd", "adamw"] | None = None
-    lr: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    warmup_epochs: int | None = None
-    warmup_lr: float | None = None
-    scheduler: Literal["cosine", "constant"] | None = None
-    eval_batch_size: int = 100
-    grad_clip: float | None = None
-    amp: Literal["none", "bf16", "fp16"] = "none"
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Attributes:
-        seed: run seed (sampling, initialisation, data order).
-        device: "auto", "cpu", "cuda", "cuda:1", ...
-        eval_every: evaluate on the test split every N epochs (0 = only at the end).
-        progress: show a progress bar.
-    """
-
-    seed: int = 1
-    device: str = "auto"
-    eval_every: int = 0
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    backbone: BackboneConfig = BackboneConfig()
-    method: MethodSpec = MethodSpec()
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    run: RunSettings = RunSettings()
-
-
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what is allowed."""
 
 
+class FieldError(ConfigError):
+    """Raised by a config class's own checks; the message starts with the field name and
+    :func:`from_dict` puts the section in front (``lr: ...`` -> ``optim.lr: ...``)."""
+
+
+# --------------------------------------------------------------------------- checks in the classes
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def check_choices(obj: Any) -> None:
+    """Literal fields hold one of their values (also for instances built in Python)."""
+    hints = typing.get_type_hints(type(obj))
+    for name, value in _fields(obj).items():
+        try:
+            check_value(name, hints[name], value)
+        except ConfigError as e:
+            raise FieldError(str(e)) from None
+
+
+def _at_least(obj: Any, **bounds: tuple[float, bool]) -> None:
+    """``field=(bound, inclusive)``: the field (when set) is >= / > bound."""
+    for name, (bound, inclusive) in bounds.items():
+        v = getattr(obj, name)
+        if v is not None and (v < bound if inclusive else v <= bound):
+            raise FieldError(f"{name}: {v!r} must be {'>=' if inclusive else '>'} {bound}")
+
+
 # --------------------------------------------------------------------------- conversion
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (YAML/JSON-ready)."""
-    def conv(x):
-        if dataclasses.is_dataclass(x):
-            return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        if isinstance(x, Mapping):
-            return {k: conv(v) for k, v in x.items()}
-        if isinstance(x, tuple):
-            return [conv(v) for v in x]
-        return x
-
-    return conv(cfg)
+class Text(str):
+    """A value as typed on the command line: converted by its field's type (so "none" stays the
+    string "none" for a Literal that allows it, and "npt" becomes ("npt",) for a tuple field)."""
 
 
-def _check_value(key: str, tp: Any, value: Any) -> Any:
-    """Coerce/validate ``value`` for a field annotated ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
+def _yaml(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse {text!r} ({str(e).splitlines()[0]})") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dicts/lists (YAML/JSON-ready)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Text):
+        return str(cfg)
+    return cfg
+
+
+def check_value(key: str, tp: Any, value: Any) -> Any:
+    """Convert/validate ``value`` for a field annotated ``tp``; errors name ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is object:  # converted later by a type known then (method options)
         return value
+    if tp is Any:
+        return _yaml(key, value) if isinstance(value, Text) else value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        others = [a for a in args if a is not type(None)]
+        if value is None and len(others) < len(args):
             return None
+        if isinstance(value, Text) and value.lower() in ("none", "null", "~") and len(others) < len(args):
+            takes_text = any(a is str or (typing.get_origin(a) is Literal and str(value) in
+                                          typing.get_args(a)) for a in others)
+            if not takes_text:
+                return None
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        for a in others:
             try:
-                return _check_value(key, a, value)
+                return check_value(key, a, value)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
+        raise ConfigError(errors[0] if len(errors) == 1 else "; ".join(errors))
     if origin is Literal:
-        if value not in args:
+        if isinstance(value, Text):
+            value = str(value) if str(value) in args else _yaml(key, value)
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
         return value
-    if origin in (Mapping, dict) or tp in (dict,) or (origin is not None and origin.__name__ == "Mapping"):
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Text):
+            value = _yaml(key, value)
+        return from_dict(tp, value, prefix=key)
+    if isinstance(value, Text):
+        value = str(value) if tp is str else _yaml(key, value)
+    if origin in (Mapping, dict, typing.Mapping) or tp is dict or (
+            origin is not None and getattr(origin, "__name__", "") == "Mapping"):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+            raise ConfigError(f"{key}: expected a mapping ({{key: value}}), got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {k: check_value(f"{key}.{k}", vt, v) for k, v in value.items()}
+    if origin is tuple:
+        if isinstance(value, (str, int, float)) and not (len(args) == 2 and args[1] is Ellipsis
+                                                         and typing.get_origin(args[0]) is tuple):
+            value = [value]  # a single item: "npt" -> ("npt",)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(check_value(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+        return tuple(check_value(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -173,37 +152,263 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
-            return value
+            return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, prefix=key)
     return value
 
 
-def from_dict(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested mapping, checking every key and type."""
-    data = dict(data or {})
+def check_fields(cls: type, data: Any, prefix: str = "") -> dict[str, Any]:
+    """Convert the given fields of dataclass ``cls`` (a partial mapping); unknown keys are errors
+    that list the allowed ones."""
+    where = f"{prefix}." if prefix else ""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping of {where}* keys "
+                          f"(e.g. {{{dataclasses.fields(cls)[0].name}: ...}}), got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(str(k) for k in set(data) - set(names))
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key(s) {[where + u for u in unknown]}; allowed: {[where + n for n in names]}")
-    kwargs = {k: _check_value(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"unknown key(s) {[where + u for u in unknown]}; allowed: "
+                          f"{[where + n for n in names]}")
+    return {k: check_value(where + k, hints[k], v) for k, v in data.items()}
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, checking every key, type and range."""
+    kwargs = check_fields(cls, {} if data is None else data, prefix)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        if not prefix:
+            raise
+        raise FieldError(f"{prefix}.{e}") from None
+
+
+# --------------------------------------------------------------------------- optimisation
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation settings. In a run config, None = the method's published value; in a method
+    config, the published values (None = the library default, :data:`DEFAULT_OPTIM`).
+
+    Attributes:
+        optimizer: "sgd" or "adamw".
+        lr, momentum, weight_decay: optimiser settings (lr > 0).
+        epochs: training epochs (0 = evaluate only); ``epochs_by_shots`` gives few-shot epochs as
+            ((max_shots, epochs), ...) checked in order, e.g. ((1, 50), (4, 100), (16, 200)), used
+            when the run does not set ``epochs``.
+        batch_size: training batch size (>= 1).
+        warmup_epochs, warmup_lr: constant-lr warm-up before the schedule.
+        scheduler: "cosine" (stepped once per epoch) or "constant".
+        eval_batch_size: evaluation batch size (>= 1).
+        grad_clip: max gradient norm (None = no clipping).
+        amp: autocast dtype: "none", "bf16" or "fp16" (fp32 master parameters).
+    """
+
+    optimizer: Literal["sgd", "adamw"] | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    epochs: int | None = None
+    epochs_by_shots: tuple[tuple[int, int], ...] | None = None
+    batch_size: int | None = None
+    warmup_epochs: int | None = None
+    warmup_lr: float | None = None
+    scheduler: Literal["cosine", "constant"] | None = None
+    eval_batch_size: int | None = None
+    grad_clip: float | None = None
+    amp: Literal["none", "bf16", "fp16"] | None = None
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        _at_least(self, lr=(0.0, False), warmup_lr=(0.0, False), grad_clip=(0.0, False))
+        _at_least(self, momentum=(0.0, True), weight_decay=(0.0, True), epochs=(0, True),
+                  warmup_epochs=(0, True), batch_size=(1, True), eval_batch_size=(1, True))
+        for max_shots, epochs in self.epochs_by_shots or ():
+            if max_shots < 1 or epochs < 0:
+                raise FieldError(f"epochs_by_shots: ({max_shots}, {epochs}) needs max_shots >= 1 "
+                                  "and epochs >= 0")
+
+    def merged(self, over: OptimConfig) -> OptimConfig:
+        """These settings with every field that ``over`` sets (not None) taken from ``over``."""
+        return dataclasses.replace(self, **{k: v for k, v in _fields(over).items() if v is not None})
+
+    def epochs_for(self, shots: int | None) -> int | None:
+        """Epochs for a run with ``shots`` labelled images per class (None: ``epochs``)."""
+        if shots is not None:
+            for max_shots, epochs in self.epochs_by_shots or ():
+                if shots <= max_shots:
+                    return epochs
+        return self.epochs
+
+
+DEFAULT_OPTIM = OptimConfig(
+    optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=5e-4, epochs=50, epochs_by_shots=(),
+    batch_size=32, warmup_epochs=1, warmup_lr=1e-5, scheduler="cosine", eval_batch_size=100,
+    grad_clip=None, amp="none",
+)
+
+
+def resolve_optim(run: OptimConfig, method: OptimConfig, shots: int | None) -> OptimConfig:
+    """Library defaults < the method's published values < the run's values; epochs by shots
+    when the run does not set them."""
+    published = DEFAULT_OPTIM.merged(method)
+    epochs = run.epochs if run.epochs is not None else published.epochs_for(shots)
+    return dataclasses.replace(published.merged(run), epochs=epochs)
+
+
+# --------------------------------------------------------------------------- run sections
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Attributes:
+        arch: open_clip architecture (or shipped model / config / JSON path).
+        weights: open_clip pretrained tag or local weights file; None = random for open_clip
+            architectures (tests only) and the shipped weights for a shipped model; "auto" (the
+            default) = the shipped weights for a shipped model (e.g. "tiny-shapes"), else "openai".
+    """
+
+    arch: str = "ViT-B-16"
+    weights: str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if self.weights == "auto":
+            object.__setattr__(self, "weights", default_weights(self.arch))
+
+
+def default_weights(arch: str) -> str | None:
+    """The weights "auto" stands for: a shipped model's own (None), else open_clip's "openai"."""
+    from .backbone.loading import SHIPPED_PRETRAINED
+
+    return None if arch in SHIPPED_PRETRAINED else "openai"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Attributes:
+        name: registered method (required; see ``promptalign list methods``).
+        preset: named preset of the method's config (e.g. ALIGN's "reference").
+        options: the method's config fields to change, e.g. {"n_ctx": 4}; converted and checked
+            by the method's config class (unknown keys and bad values are errors).
+    """
+
+    name: str = ""
+    preset: str | None = None
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:  # converted once the method is known
+            plain = {k: _yaml(k, v) if isinstance(v, Text) else v for k, v in self.options.items()}
+            object.__setattr__(self, "options", plain)
+            return
+        cls = method_config_class(self.name)
+        if self.preset is not None and self.preset not in cls.PRESETS:
+            raise FieldError(f"preset: {self.name} has no preset {self.preset!r}; presets: "
+                             f"{sorted(cls.PRESETS) or 'none'}")
+        opts = check_fields(cls, self.options, "method.options")
+        try:
+            cls.from_preset(self.preset, **opts)  # the class's own checks (ranges, names)
+        except FieldError as e:
+            raise ConfigError(f"method.options.{e}") from None
+        object.__setattr__(self, "options", opts)
+
+    def build(self) -> Any:
+        """The method's config instance (published defaults < preset < options)."""
+        if not self.name:
+            raise ConfigError("method.name: no method given (--method); one of "
+                              f"{', '.join(_method_names())}")
+        return method_config_class(self.name).from_preset(self.preset, **self.options)
+
+
+def method_config_class(name: str) -> type:
+    from .registry import METHODS
+
+    try:
+        return METHODS.get(name).config_class
+    except KeyError as e:
+        raise FieldError(f"name: {e.args[0]}") from None
+
+
+def _method_names() -> list[str]:
+    from .registry import METHODS
+
+    return METHODS.names()
+
+
+def default_workers() -> int:
+    """Data-loading workers for this machine: 0 on <= 2 cores (workers only compete with the
+    training threads there), else min(4, cores - 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores - 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Attributes:
+        dataset: registered dataset name, or a path to a custom ImageFolder tree / CSV.
+        root: the data root (CoOp layout).
+        split_file: split JSON for a custom dataset.
+        shots: labelled images per class (None = all; >= 1).
+        subsample: "all", "base" or "new" classes.
+        workers: data-loading worker processes (None = :func:`default_workers`; >= 0).
+        skip_corrupt: skip (and count) unreadable images instead of failing.
+    """
+
+    dataset: str = ""
+    root: str = "."
+    split_file: str | None = None
+    shots: int | None = 16
+    subsample: Literal["all", "base", "new"] = "all"
+    workers: int | None = None
+    skip_corrupt: bool = False
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        _at_least(self, shots=(1, True), workers=(0, True))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Attributes:
+        seed: run seed (sampling, initialisation, data order).
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        eval_every: evaluate on the test split every N epochs (0 = only at the end).
+        progress: show a progress bar (only when stderr is a terminal; never changes results).
+    """
+
+    seed: int = 1
+    device: str = "auto"
+    eval_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _at_least(self, eval_every=(0, True))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    backbone: BackboneConfig = BackboneConfig()
+    method: MethodSpec = MethodSpec()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunSettings = RunSettings()
 
 
 def parse_scalar(text: str) -> Any:
-    """Parse an override value with YAML rules ("4" -> 4, "none"/"null" -> None, "[1,2]" -> list)."""
-    if text.lower() == "none":
-        return None
-    return yaml.safe_load(text)
+    """An override value as typed: converted later by the type of the field it sets."""
+    return Text(text)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] | Mapping[str, Any]) -> RunConfig:
-    """Apply dotted overrides like ``optim.lr=0.01`` or ``method.options.n_ctx=8``."""
+    """Apply dotted overrides like ``optim.lr=0.01`` or ``method.options.n_ctx=8``.
+
+    ``KEY=VALUE`` strings are converted by the type of the field they set (method options by the
+    method's config class); a mapping gives values as they are.
+    """
     data = to_dict(cfg)
-    items = overrides.items() if isinstance(overrides, Mapping) else [_split(o) for o in overrides]
+    text = not isinstance(overrides, Mapping)
+    items = [_split(o) for o in overrides] if text else list(overrides.items())
     for key, value in items:
         parts = key.split(".")
         node, cls = data, RunConfig
@@ -211,18 +416,26 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | Mapping[str, Any]) ->
             if cls is not None:
                 hints = typing.get_type_hints(cls)
                 if part not in hints:
-                    raise ConfigError(f"unknown key {'.'.join(parts[:i + 1])!r}; allowed: {sorted(hints)}")
+                    raise ConfigError(f"unknown key {'.'.join(parts[:i + 1])!r}; allowed: "
+                                      f"{_keys(parts[:i], hints)}")
                 nxt = hints[part]
                 cls = nxt if dataclasses.is_dataclass(nxt) else None
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            if not isinstance(node.get(part, {}), dict):
                 raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section")
+            node = node.setdefault(part, {})
         if cls is not None:
             hints = typing.get_type_hints(cls)
             if parts[-1] not in hints:
-                raise ConfigError(f"unknown key {key!r}; allowed: {sorted('.'.join(parts[:-1] + [h]) if parts[:-1] else h for h in hints)}")
-        node[parts[-1]] = parse_scalar(value) if isinstance(value, str) and not isinstance(overrides, Mapping) else value
+                raise ConfigError(f"unknown key {key!r}; allowed: {_keys(parts[:-1], hints)}")
+        if key == "backbone.arch" and data["backbone"].get("weights") == default_weights(
+                str(data["backbone"].get("arch"))):
+            data["backbone"]["weights"] = "auto"  # the old arch's default follows the new arch
+        node[parts[-1]] = Text(value) if text else value
     return from_dict(RunConfig, data)
+
+
+def _keys(parents: list[str], hints: Mapping[str, Any]) -> list[str]:
+    return sorted(".".join([*parents, h]) for h in hints)
 
 
 def _split(item: str) -> tuple[str, str]:
@@ -239,8 +452,8 @@ def load_yaml(path: str | Path) -> RunConfig:
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
@@ -251,15 +464,3 @@ def load_yaml(path: str | Path) -> RunConfig:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def resolve(cfg: RunConfig, preset_optim: Any) -> RunConfig:
-    """Fill None optimisation fields from the method's published ``OptimPreset``."""
-    o = cfg.optim
-    epochs = o.epochs if o.epochs is not None else preset_optim.epochs_for(cfg.data.shots)
-    filled = {
-        name: getattr(o, name) if getattr(o, name) is not None else getattr(preset_optim, name)
-        for name in ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "warmup_epochs",
-                     "warmup_lr", "scheduler")
-    }
-    return dataclasses.replace(cfg, optim=dataclasses.replace(o, epochs=epochs, **filled))

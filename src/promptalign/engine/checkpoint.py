@@ -1,47 +1,54 @@
-"""Checkpoints: the trainable state (safetensors) + resolved config + class names + sampling info.
+"""Every read and write of a run folder: config, checkpoints, resume state, metrics log.
 
 Layout of a run folder::
 
-    config.yaml           the fully resolved RunConfig
+    config.yaml           the fully resolved RunConfig (re-creates the run on its own)
     prompts.safetensors   the method's own state (never CLIP weights)
     run.json              method, class names, data sampling info, epoch, metrics
-    resume.safetensors    optimiser state (momentum buffers) for --resume
-    resume.json           epoch reached, optimiser scalars, scaler state
-    metrics.jsonl         one line per logged step / epoch / evaluation
+    resume.safetensors    prompts + optimiser state at the end of the last epoch, with the
+                          epoch, step count, optimiser scalars and AMP scaler state in its
+                          metadata (one file, so a resume never mixes two epochs)
+    metrics.jsonl         one line per optimiser step / evaluation
 
-Every file is written to a temporary name and renamed, so an interrupted write never replaces a
-good checkpoint. Loading checks everything and names the file that is wrong.
+Every file except the log is written to a temporary name and renamed (``promptalign.io``), so an
+interrupted write never replaces a good checkpoint; temporaries a killed write left behind are
+removed when the run folder is opened again. Loading checks everything and names the file.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config import RunConfig, dump_yaml, load_yaml
 from ..io import atomic_write, atomic_write_text
 
 PROMPTS = "prompts.safetensors"
 RUN_INFO = "run.json"
 CONFIG = "config.yaml"
 RESUME_STATE = "resume.safetensors"
-RESUME_INFO = "resume.json"
+METRICS = "metrics.jsonl"
+RUN_FILES = (CONFIG, PROMPTS, RUN_INFO, RESUME_STATE, METRICS)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or does not fit; the message names the file."""
 
 
+# --------------------------------------------------------------------------- files
 def write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -65,12 +72,91 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+# --------------------------------------------------------------------------- the run folder
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` has a checkpoint (a folder with only a config is a failed start)."""
+    return any((run_dir / f).exists() for f in (PROMPTS, RUN_INFO, RESUME_STATE))
+
+
+def clean_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporaries of run files that a killed write left behind."""
+    removed = []
+    if run_dir.is_dir():
+        for name in RUN_FILES:
+            for tmp in run_dir.glob(f".{name}.*"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def open_run_dir(run_dir: Path, *, resume: bool) -> bool:
+    """Check ``run_dir`` for a new run (or a resumed one) and clean it; True if it was created."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out {run_dir} is a file; choose a folder for the run")
+    if resume:
+        if not (run_dir / RESUME_STATE).is_file() and not (run_dir / CONFIG).is_file():
+            raise FileNotFoundError(f"{run_dir} holds no run to resume; train without --resume")
+    elif holds_run(run_dir):
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass resume=True (--resume) to continue it or choose "
+            "another --out"
+        )
+    clean_temporaries(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_failed_start(run_dir: Path, created: bool) -> None:
+    """After a run failed before its first checkpoint: remove what it wrote (and the folder if
+    it made it), so a retry with the same --out starts cleanly."""
+    if holds_run(run_dir):
+        return
+    for name in (CONFIG, METRICS):
+        (run_dir / name).unlink(missing_ok=True)
+    clean_temporaries(run_dir)
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    write_text(run_dir / CONFIG, dump_yaml(cfg))
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    return load_yaml(run_dir / CONFIG)
+
+
 def save_checkpoint(run_dir: Path, method, info: dict[str, Any]) -> None:
     """Write prompts then run info (the info names what the prompts belong to)."""
     write_tensors(run_dir / PROMPTS, method.prompt_state_dict())
     write_text(run_dir / RUN_INFO, json.dumps(info, indent=2))
 
 
+# --------------------------------------------------------------------------- metrics log
+def log_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(run_dir: Path, epoch: int, steps: int) -> None:
+    """Keep only the log lines of the first ``epoch`` epochs (``steps`` steps), so a resumed run
+    does not repeat the steps an interrupted epoch had logged."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if "step" in rec and rec["step"] <= steps or "step" not in rec and rec.get("epoch", epoch) < epoch:
+            kept.append(line)
+    write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+# --------------------------------------------------------------------------- resume state
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimiser state into tensors (keyed by parameter name) and JSON scalars."""
     tensors, scalars = {}, {}
@@ -84,7 +170,8 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> tupl
     return tensors, scalars
 
 
-def load_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict, scalars: dict, device) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict, scalars: dict,
+                   device) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             state = {}
@@ -97,3 +184,36 @@ def load_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], tensors: d
                     state[k[len(prefix):]] = v
             if state:
                 opt.state[p] = state
+
+
+def save_resume(run_dir: Path, method, opt, scaler, names: dict[int, str], epoch: int, steps: int) -> None:
+    """One atomic file holding everything a resume needs (prompts + optimiser)."""
+    tensors = {f"prompt/{k}": v for k, v in method.prompt_state_dict().items()}
+    scalars: dict = {}
+    if opt is not None:
+        ot, scalars = optimizer_tensors(opt, names)
+        tensors.update({f"optim/{k}": v for k, v in ot.items()})
+    meta = {"epoch": epoch, "steps": steps, "optim_scalars": scalars, "scaler": scaler.state_dict()}
+    write_tensors(run_dir / RESUME_STATE, tensors, metadata={"resume": json.dumps(meta)})
+
+
+def load_resume(run_dir: Path, method, opt, scaler, names: dict[int, str], device) -> tuple[int, int]:
+    """Restore :func:`save_resume`'s state; returns (epochs done, steps done)."""
+    path = run_dir / RESUME_STATE
+    tensors = read_tensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["resume"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} lacks its resume metadata ({e}); it was not written by promptalign") from e
+    prompts = {k[len("prompt/"):]: v for k, v in tensors.items() if k.startswith("prompt/")}
+    try:
+        method.load_prompt_state_dict(prompts)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    if opt is not None:
+        load_optimizer(opt, names, {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")},
+                       meta.get("optim_scalars", {}), device)
+    if meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    return int(meta["epoch"]), int(meta["steps"])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -62,3 +63,16 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[bool]:
+    """Join the torchrun process group for the duration of a call (True when distributed); the
+    group is destroyed on exit if this call created it."""
+    created = not is_distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = init_from_env(device)
+    try:
+        yield distributed
+    finally:
+        if created:
+            cleanup()

@@ -14,6 +14,11 @@ from ..data import ImageDataset, make_loader
 from . import distributed as dist_utils
 
 
+class NonFiniteError(RuntimeError):
+    """Training or evaluation produced NaN / inf (diverged or corrupt prompts); the message says
+    where (epoch, step or evaluation batch) and what to try."""
+
+
 def metrics_from_predictions(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
     """accuracy (%), macro-F1 (%), per-class accuracy (%) from flat predictions and labels."""
     n = labels.numel()
@@ -41,20 +46,29 @@ def harmonic_mean(base: float, new: float) -> float:
 
 @torch.no_grad()
 def evaluate(method, data: ImageDataset, *, batch_size: int = 100, device: torch.device | str = "cpu",
-             amp: str = "none", workers: int = 0) -> dict:
-    """Score ``data`` with ``method`` (its current class names) and return the metrics."""
+             amp: str = "none", workers: int = 0, where: str = "evaluation") -> dict:
+    """Score ``data`` with ``method`` (its current class names) and return the metrics.
+
+    Raises :class:`NonFiniteError` (naming ``where`` and the batch) when a logit is NaN or inf,
+    instead of scoring every image as class 0."""
     device = torch.device(device)
     method.eval()
     rank, world = dist_utils.rank(), dist_utils.world_size()
     shard = torch.utils.data.Subset(data, list(range(rank, len(data), world))) if world > 1 else data
     loader = make_loader(shard, batch_size, train=False, workers=workers, device=device)
     preds, labels, skipped = [], [], 0
-    for batch in loader:
+    for i, batch in enumerate(loader):
         skipped += batch["skipped"]
         if batch["image"] is None:
             continue
         with autocast(device, amp):
             logits = method.logits(batch["image"].to(device, non_blocking=True))
+        if not torch.isfinite(logits).all():
+            raise NonFiniteError(
+                f"{where}: the method's logits are NaN/inf on test batch {i} (images "
+                f"{i * batch_size}-{i * batch_size + len(logits) - 1}): its prompts diverged or "
+                "are corrupt; retrain with a lower optim.lr (or optim.amp=none)"
+            )
         preds.append(logits.argmax(-1).cpu())
         labels.append(batch["label"])
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)

@@ -1,11 +1,6 @@
 """Imports every method module so that each registers itself. New method files are found
-automatically: this module lists none of them."""
+automatically: this module lists none of them (the registries do the same on first use)."""
 
-import importlib
-import pkgutil
+from ..registry import import_package
 
-from . import __name__ as _pkg, __path__ as _path
-
-for _info in pkgutil.iter_modules(_path):
-    if not _info.name.startswith("_") and _info.name not in ("base", "prompts"):
-        importlib.import_module(f"{_pkg}.{_info.name}")
+import_package(__package__)

@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone.clip import VisionPromptPosition
-from ..ot import hierarchical_ot
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
-from .maple import CoupledPrompts
-from .prompts import build_class_prompts
+from .heads import HierarchicalOTHead
+from .prompts import CoupledPrompts, build_class_prompts
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,10 @@ class ALIGN(PromptMethod):
         if cfg.form not in ("paper", "released") or cfg.token_window not in ("own", "prompt0"):
             raise ValueError(f"form {cfg.form!r} / token_window {cfg.token_window!r} unknown")
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
+        self.head = HierarchicalOTHead(
+            beta=cfg.beta, eps=cfg.eps, eps_token=cfg.eps_token, max_iter=cfg.max_iter, tol=cfg.tol,
+            form=cfg.form, domain=cfg.domain, memory_budget=cfg.memory_budget,
+        )
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:
@@ -123,18 +126,9 @@ class ALIGN(PromptMethod):
         cfg = self.config
         vis, vdeep = self.prompts.visual()  # [M, b, Wv]
         out = self.backbone.forward_image(images, vis, deep=vdeep, position=cfg.position, return_tokens=True)
-        res = hierarchical_ot(
-            out.pooled, out.tokens, classes["global"], classes["tokens"], classes["mask"],
-            beta=cfg.beta, eps=cfg.eps, eps_token=cfg.eps_token, max_iter=cfg.max_iter, tol=cfg.tol,
-            form=cfg.form, domain=cfg.domain, memory_budget=cfg.memory_budget,
-        )
-        extras = {
-            "ot_token_converged": res.token_stats.converged.detach(),
-            "ot_prompt_converged": res.prompt_stats.converged.detach(),
-            "ot_token_iters": res.token_stats.mean_iter.detach(),
-        }
+        logits, extras = self.head(out.pooled, out.tokens, classes, self.backbone.logit_scale)
         return MethodOutput(
-            self.backbone.logit_scale * res.score,
+            logits,
             normalize_mean(out.pooled, 1),
             normalize_mean(classes["global"], 1),
             extras,

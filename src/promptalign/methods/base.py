@@ -20,96 +20,80 @@ import abc
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone
+from ..config import (
+    DEFAULT_OPTIM,
+    ConfigError,
+    FieldError,
+    OptimConfig,
+    check_choices,
+    check_fields,
+    to_dict,
+)
 from ..registry import METHODS, REGULARIZERS
+from .heads import cosine_logits, normalize_mean  # noqa: F401  (re-exported for method files)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class OptimPreset:
-    """Published optimisation settings of a method (read by the trainer).
-
-    Attributes:
-        optimizer: "sgd" or "adamw".
-        lr, momentum, weight_decay: optimiser settings.
-        epochs: default epoch count; ``epochs_by_shots`` overrides it for few-shot runs as
-            ((max_shots, epochs), ...) checked in order, e.g. ((1, 50), (4, 100), (16, 200)).
-        batch_size: training batch size.
-        warmup_epochs, warmup_lr: constant-lr warm-up before the cosine schedule.
-        scheduler: "cosine" (stepped once per epoch) or "constant".
-    """
-
-    optimizer: str = "sgd"
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    epochs: int = 50
-    epochs_by_shots: tuple[tuple[int, int], ...] = ()
-    batch_size: int = 32
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    scheduler: str = "cosine"
-
-    def epochs_for(self, shots: int | None) -> int:
-        """Epochs for a run with ``shots`` labelled images per class (None: the default)."""
-        if shots is not None:
-            for max_shots, epochs in self.epochs_by_shots:
-                if shots <= max_shots:
-                    return epochs
-        return self.epochs
+OptimPreset = OptimConfig  # the former name of the one optimiser-settings type
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Fields every method has. Subclasses add their own, with published defaults.
+    """Fields every method has. Subclasses add their own, with published defaults; values are
+    checked here (Literal fields, registered regulariser names) and converted by field type in
+    :meth:`replace`, so a YAML file, a preset and ``KEY=VALUE`` all give the same typed config.
 
     Attributes:
         regularizers: names of registered regularisers added to the objective (e.g. NPT's).
         regularizer_options: per-regulariser keyword options, ``{name: {key: value}}``.
-        optim: the published optimisation preset.
+        optim: the published optimisation settings (None fields: the library defaults,
+            :data:`promptalign.config.DEFAULT_OPTIM`).
     """
 
     regularizers: tuple[str, ...] = ()
     regularizer_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    optim: OptimPreset = OptimPreset()
+    optim: OptimConfig = OptimConfig()
 
     # named presets: {preset name: {field: value}} (e.g. ALIGN's released-code reference)
     PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
-    def replace(self, **changes: Any) -> "MethodConfig":
-        """A copy with ``changes``; unknown keys raise an error that lists the allowed ones."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
+    def __post_init__(self) -> None:
+        check_choices(self)
+        unknown = [r for r in self.regularizers if r not in REGULARIZERS]
         if unknown:
-            raise ValueError(
-                f"{type(self).__name__} has no field(s) {unknown}; allowed: {sorted(names)}"
-            )
-        if "optim" in changes and isinstance(changes["optim"], Mapping):
-            changes["optim"] = dataclasses.replace(self.optim, **changes["optim"])
-        if "regularizers" in changes:
-            changes["regularizers"] = tuple(changes["regularizers"])
-        return dataclasses.replace(self, **changes)
+            raise FieldError(f"regularizers: unknown regularizer(s) {unknown}; registered: "
+                               f"{REGULARIZERS.names()}")
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        """A copy with ``changes``, converted by field type (``optim`` changes merge into the
+        current settings); unknown keys and bad values raise :class:`ConfigError` naming them."""
+        typed = check_fields(type(self), changes)
+        if "optim" in typed:
+            typed["optim"] = self.optim.merged(typed["optim"])
+        return dataclasses.replace(self, **typed)
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **changes: Any) -> "MethodConfig":
         base = cls()
         if preset is not None:
             if preset not in cls.PRESETS:
-                raise ValueError(
+                raise ConfigError(
                     f"{cls.__name__} has no preset {preset!r}; presets: {sorted(cls.PRESETS) or 'none'}"
                 )
             base = base.replace(**dict(cls.PRESETS[preset]))
         return base.replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field as plain data (what a run folder's config.yaml records)."""
+        return to_dict(self)
 
 
 @dataclass
@@ -130,31 +114,24 @@ class MethodOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class Batch(NamedTuple):
+    """One training batch as the objective sees it: images ``[B, 3, H, W]``, labels ``[B]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
 class Regularizer(nn.Module, abc.ABC):
     """A loss term added to any method's objective; returns already weighted named terms."""
 
     @abc.abstractmethod
-    def forward(self, out: MethodOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weighted loss terms for one batch."""
+    def forward(self, out: MethodOutput, batch: Batch, method: "PromptMethod") -> dict[str, torch.Tensor]:
+        """Weighted loss terms for one batch (``method``: the method being trained)."""
 
 
 def _is_backbone_key(key: str) -> bool:
     """True for state keys inside a backbone (also one held by a wrapped inner method)."""
     return "backbone" in key.split(".")
-
-
-def normalize_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Mean of L2-normalised vectors over ``dim``, renormalised (prompt-set / template ensemble)."""
-    return F.normalize(F.normalize(x, dim=-1).mean(dim), dim=-1)
-
-
-def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale * cos``: image ``[B, D]`` with text ``[K, D]`` or per-image ``[B, K, D]`` -> ``[B, K]``."""
-    image = F.normalize(image, dim=-1)
-    text = F.normalize(text, dim=-1)
-    if text.dim() == 3:
-        return scale * torch.einsum("bd,bkd->bk", image, text)
-    return scale * image @ text.t()
 
 
 class PromptMethod(nn.Module, abc.ABC):
@@ -249,21 +226,31 @@ class PromptMethod(nn.Module, abc.ABC):
         """``[B, K]`` logits for the current classes."""
         return self(images).logits
 
-    def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Cross-entropy plus regularisers. ``batch`` is (images, labels) or a dict with
-        "image"/"label". Returns {"loss", "ce", "acc", <regulariser terms>, <extras>}."""
-        if isinstance(batch, Mapping):
-            images, labels = batch["image"], batch["label"]
-        else:
-            images, labels = batch[0], batch[1]
-        out = self(images)
-        ce = F.cross_entropy(out.logits, labels)
-        terms: dict[str, torch.Tensor] = {"ce": ce}
+    def loss_terms(self, out: MethodOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """The objective's named, already weighted terms; the loss is their sum.
+
+        The seam for a method's own loss: override, call ``super().loss_terms(out, batch)`` and
+        add entries (e.g. KgCoOp's knowledge-guided term). Default: cross-entropy plus the
+        configured regularisers (each sees the output, the batch and the method).
+        """
+        terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(out.logits, batch.labels)}
         for reg in self.regularizer_modules:
-            terms.update(reg(out, labels))
+            terms.update(reg(out, batch, self))
+        return terms
+
+    def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        """One step's objective. ``batch`` is (images, labels) or a dict with "image"/"label".
+        Returns {"loss", <loss terms>, "acc", <extras>}. Methods do not override this: they
+        override :meth:`loss_terms` (and the roles), so one trainer owns optimisation."""
+        if isinstance(batch, Mapping):
+            batch = Batch(batch["image"], batch["label"])
+        else:
+            batch = Batch(batch[0], batch[1])
+        out = self(batch.images)
+        terms = self.loss_terms(out, batch)
         loss = sum(terms.values())
         with torch.no_grad():
-            acc = (out.logits.argmax(-1) == labels).float().mean()
+            acc = (out.logits.argmax(-1) == batch.labels).float().mean()
         return {"loss": loss, **terms, "acc": acc, **out.extras}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -271,9 +258,9 @@ class PromptMethod(nn.Module, abc.ABC):
         return [p for n, p in self.named_parameters() if p.requires_grad and not _is_backbone_key(n)]
 
     @property
-    def optim_preset(self) -> OptimPreset:
-        """The published optimisation settings the trainer uses for this method."""
-        return self.config.optim
+    def optim_preset(self) -> OptimConfig:
+        """The published optimisation settings (every field set) the trainer starts from."""
+        return DEFAULT_OPTIM.merged(self.config.optim)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
@@ -302,9 +289,7 @@ class PromptMethod(nn.Module, abc.ABC):
 
 
 def list_methods() -> list[str]:
-    """Names of all registered methods."""
-    from . import _load_all  # noqa: F401  (imports every method file, which registers it)
-
+    """Names of all registered methods (the registry imports every method file on first use)."""
     return METHODS.names()
 
 
@@ -327,8 +312,6 @@ def create_method(
         config: a ready config instance (overrides are applied on top).
         **overrides: config fields to change.
     """
-    from . import _load_all  # noqa: F401
-
     cls = METHODS.get(name)
     if config is None:
         config = cls.config_class.from_preset(preset, **overrides)

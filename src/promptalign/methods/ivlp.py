@@ -19,8 +19,7 @@ from torch import nn
 from ..backbone.clip import VisionPromptPosition
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
-from .prompts import build_class_prompts, normal_init, phrase_init, remaining_words
-from .vpt import check_depth
+from .prompts import build_class_prompts, check_depth, normal_init, phrase_init, remaining_words
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class IVLP(PromptMethod):
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
         cfg = self.config
-        check_depth(cfg.text_depth, backbone.text_layers, "text prompt")
+        text_depth = check_depth(cfg.text_depth, backbone.text_layers, "text prompt")
         Wt, Wv = backbone.text_width, backbone.vision_width
         if cfg.ctx_init:
             ctx = phrase_init(backbone, cfg.ctx_init, cfg.n_ctx_text)
@@ -56,11 +55,11 @@ class IVLP(PromptMethod):
         else:
             ctx, self.suffix = normal_init(cfg.n_ctx_text, Wt), ""
         self.ctx = nn.Parameter(ctx)  # [n_t, Wt]
-        self.deep_ctx = nn.Parameter(normal_init(cfg.text_depth - 1, cfg.n_ctx_text, Wt))
+        self.deep_ctx = nn.Parameter(normal_init(text_depth - 1, cfg.n_ctx_text, Wt))
         if cfg.vision_depth > 0:
-            check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
+            vision_depth = check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
             self.visual = nn.Parameter(normal_init(cfg.n_ctx_vision, Wv))  # [n_v, Wv]
-            self.deep_visual = nn.Parameter(normal_init(cfg.vision_depth - 1, cfg.n_ctx_vision, Wv))
+            self.deep_visual = nn.Parameter(normal_init(vision_depth - 1, cfg.n_ctx_vision, Wv))
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:

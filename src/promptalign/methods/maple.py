@@ -15,13 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..backbone.clip import VisionPromptPosition
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
-from .prompts import build_class_prompts, normal_init, phrase_init, remaining_words
-from .vpt import check_depth
+from .prompts import CoupledPrompts, build_class_prompts
 
 
 @dataclass(frozen=True)
@@ -42,33 +40,6 @@ class MaPLeConfig(MethodConfig):
         # cross-dataset / domain-generalisation setting of the paper
         "cross_dataset": {"depth": 3, "optim": {"lr": 0.0026, "epochs": 2}},
     }
-
-
-class CoupledPrompts(nn.Module):
-    """Text prompts per layer and the Linear maps that turn them into visual prompts (MaPLe
-    coupling). Shared by MaPLe and ALIGN; ``sets`` > 1 gives one prompt set per mode."""
-
-    def __init__(self, backbone, n_ctx: int, depth: int, ctx_init: str, sets: int = 1, init_sets: int = 1):
-        super().__init__()
-        check_depth(depth, backbone.text_layers, "text prompt")
-        check_depth(depth, backbone.vision_layers, "visual prompt")
-        Wt, Wv = backbone.text_width, backbone.vision_width
-        ctx = normal_init(sets, n_ctx, Wt)
-        self.suffix = ""
-        if ctx_init:
-            ctx[:init_sets] = phrase_init(backbone, ctx_init, n_ctx)
-            self.suffix = remaining_words(backbone, ctx_init, n_ctx)
-        self.ctx = nn.Parameter(ctx)  # [S, n, Wt]
-        self.deep_ctx = nn.Parameter(normal_init(depth - 1, sets, n_ctx, Wt))  # [depth-1, S, n, Wt]
-        self.proj = nn.Linear(Wt, Wv)  # layer 0
-        self.deep_proj = nn.ModuleList(nn.Linear(Wt, Wv) for _ in range(depth - 1))
-
-    def text(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.ctx, list(self.deep_ctx.unbind(0))
-
-    def visual(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Visual prompts ``[S, n, Wv]`` and deep ones, each Linear_l of the text prompt."""
-        return self.proj(self.ctx), [p(d) for p, d in zip(self.deep_proj, self.deep_ctx.unbind(0))]
 
 
 @METHODS.register("maple")

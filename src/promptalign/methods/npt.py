@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import METHODS, REGULARIZERS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, Regularizer, create_method
-from .maple import MaPLe
+from ..config import OptimConfig
+from .base import Batch, MethodConfig, MethodOutput, PromptMethod, Regularizer, create_method
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class NPTRegularizer(Regularizer):
         self.image_weight = float(image_weight)
         self.too_many_classes = too_many_classes
 
-    def forward(self, out: MethodOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, out: MethodOutput, batch: Batch, method: PromptMethod | None = None
+                ) -> dict[str, torch.Tensor]:
+        labels = batch.labels
         text = F.normalize(out.text_features, dim=-1)
         if text.dim() == 3:  # image-conditioned class features: average over the batch
             text = F.normalize(text.mean(0), dim=-1)
@@ -98,17 +100,20 @@ class NPTRegularizer(Regularizer):
 @dataclass(frozen=True)
 class NPTConfig(MethodConfig):
     """Attributes:
-        base: registered method NPT is applied to.
+        base: registered method NPT is applied to (the paper's is MaPLe; a name, resolved by
+            the registry: this file imports no other method).
         base_options: config overrides of the base method.
         text_weight, image_weight, too_many_classes: the regulariser's options.
+        optim: changes to the base method's published optimisation settings (None fields: the
+            base method's values).
     """
 
-    base: str = MaPLe.registered_name
+    base: str = "maple"
     base_options: Mapping[str, Any] = field(default_factory=dict)
     text_weight: float = 1.0
     image_weight: float = 1.0
     too_many_classes: Literal["hinge", "error"] = "hinge"
-    optim: OptimPreset = OptimPreset()  # unused: the base method's preset applies
+    optim: OptimConfig = OptimConfig()
 
 
 @METHODS.register("npt")
@@ -129,8 +134,9 @@ class NPT(PromptMethod):
         )
 
     @property
-    def optim_preset(self) -> OptimPreset:
-        return self.inner.optim_preset
+    def optim_preset(self) -> OptimConfig:
+        """The base method's published settings with NPT's own ``optim`` fields on top."""
+        return self.inner.optim_preset.merged(self.config.optim)
 
     def on_classnames_changed(self) -> None:
         self.inner.set_classnames(self.classnames)

@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone.clip import VisionPromptPosition
-from ..ot import sinkhorn
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
-from .prompts import build_class_prompts, normal_init
-from .vpt import check_depth
+from .heads import PromptSetOTHead
+from .prompts import build_class_prompts, check_depth, normal_init
 
 
 @dataclass(frozen=True)
@@ -58,14 +57,15 @@ class PLOT(PromptMethod):
         cfg = self.config
         if cfg.stage not in ("joint", "visual"):
             raise ValueError(f"stage {cfg.stage!r} unknown; use 'joint' or 'visual'")
-        check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
+        vision_depth = check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
         Wt, Wv = backbone.text_width, backbone.vision_width
         self.ctx = nn.Parameter(normal_init(cfg.n_text_sets, cfg.n_ctx, Wt))  # [N, n, Wt]
         self.visual = nn.Parameter(normal_init(cfg.n_visual_sets, cfg.n_ctx_vision, Wv))  # [M, n_v, Wv]
         self.deep_visual = nn.Parameter(
-            normal_init(cfg.vision_depth - 1, cfg.n_visual_sets, cfg.n_ctx_vision, Wv)
+            normal_init(vision_depth - 1, cfg.n_visual_sets, cfg.n_ctx_vision, Wv)
         )
         self.ctx.requires_grad_(cfg.stage == "joint")
+        self.head = PromptSetOTHead(eps=cfg.eps, max_iter=cfg.max_iter, tol=cfg.tol)
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:
@@ -82,9 +82,5 @@ class PLOT(PromptMethod):
             images, self.visual, deep=list(self.deep_visual.unbind(0)), position=cfg.position
         )
         img = F.normalize(out.pooled, dim=-1)  # [B, M, D]
-        sim = torch.einsum("bmd,nkd->bkmn", img, classes)  # [B, K, M, N]
-        ot = sinkhorn(1.0 - sim, eps=cfg.eps, max_iter=cfg.max_iter, tol=cfg.tol)
-        logits = self.backbone.logit_scale * (ot.plan * sim).sum((-2, -1))  # plan constant
-        extras = {"ot_converged": ot.converged.float().mean().detach(),
-                  "ot_iters": ot.n_iter.float().mean()}
+        logits, extras = self.head(img, classes, self.backbone.logit_scale)  # OT over the sets
         return MethodOutput(logits, normalize_mean(img, 1), normalize_mean(classes, 0), extras)

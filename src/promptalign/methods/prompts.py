@@ -1,4 +1,5 @@
-"""Class-prompt helpers shared by the methods: placeholder tokenisation and context init.
+"""Prompt pieces shared by the methods: placeholder tokenisation, context init, depth checks and
+MaPLe's coupled prompts.
 
 Learnable context goes where placeholder tokens ("X") sit in a tokenised prompt; the backbone's
 prompted text forward replaces their embeddings at the recorded positions.
@@ -6,12 +7,16 @@ prompted text forward replaces their embeddings at the recorded positions.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
+from torch import nn
 
 from ..backbone import Backbone
+
+log = logging.getLogger(__name__)
 
 ClassPosition = Literal["end", "middle", "front"]
 PLACEHOLDER = "X"
@@ -89,3 +94,49 @@ def remaining_words(backbone: Backbone, phrase: str, n: int) -> str:
 
 def normal_init(*shape: int, std: float = 0.02, generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) * std
+
+
+def check_depth(depth: int, layers: int, what: str) -> int:
+    """The prompt depth to use in a tower of ``layers`` layers.
+
+    A depth beyond the tower (e.g. the published depth 9 on a 3-layer tiny model) is clamped to
+    ``layers`` with a logged note, so every method's defaults run on every backbone; a depth
+    below 1 is an error.
+    """
+    if depth < 1:
+        raise ValueError(f"{what} depth {depth} must be at least 1")
+    if depth > layers:
+        log.warning("%s depth %d is deeper than the tower's %d layers: using depth %d",
+                    what, depth, layers, layers)
+        return layers
+    return depth
+
+
+class CoupledPrompts(nn.Module):
+    """Text prompts per layer and the Linear maps that turn them into visual prompts (MaPLe's
+    coupling, Khattak et al., CVPR 2023). Used by MaPLe and ALIGN; ``sets`` > 1 gives one prompt
+    set per mode, the first ``init_sets`` initialised from ``ctx_init``. ``depth`` is clamped to
+    the shallower tower (:func:`check_depth`); :attr:`depth` is the depth used."""
+
+    def __init__(self, backbone: Backbone, n_ctx: int, depth: int, ctx_init: str, sets: int = 1,
+                 init_sets: int = 1):
+        super().__init__()
+        depth = check_depth(depth, backbone.text_layers, "text prompt")
+        self.depth = check_depth(depth, backbone.vision_layers, "visual prompt")
+        Wt, Wv = backbone.text_width, backbone.vision_width
+        ctx = normal_init(sets, n_ctx, Wt)
+        self.suffix = ""
+        if ctx_init:
+            ctx[:init_sets] = phrase_init(backbone, ctx_init, n_ctx)
+            self.suffix = remaining_words(backbone, ctx_init, n_ctx)
+        self.ctx = nn.Parameter(ctx)  # [S, n, Wt]
+        self.deep_ctx = nn.Parameter(normal_init(self.depth - 1, sets, n_ctx, Wt))  # [depth-1, S, n, Wt]
+        self.proj = nn.Linear(Wt, Wv)  # layer 0
+        self.deep_proj = nn.ModuleList(nn.Linear(Wt, Wv) for _ in range(self.depth - 1))
+
+    def text(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.ctx, list(self.deep_ctx.unbind(0))
+
+    def visual(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Visual prompts ``[S, n, Wv]`` and deep ones, each Linear_l of the text prompt."""
+        return self.proj(self.ctx), [p(d) for p, d in zip(self.deep_proj, self.deep_ctx.unbind(0))]

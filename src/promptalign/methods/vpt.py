@@ -18,7 +18,7 @@ from torch import nn
 from ..backbone.clip import VisionPromptPosition
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
-from .prompts import normal_init
+from .prompts import check_depth, normal_init
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,6 @@ class VPTConfig(MethodConfig):
     optim: OptimPreset = OptimPreset(lr=0.0025, batch_size=4, epochs=5)
 
 
-def check_depth(depth: int, layers: int, what: str) -> None:
-    if not 1 <= depth <= layers:
-        raise ValueError(f"{what} depth {depth} must be between 1 and the tower's {layers} layers")
-
-
 @METHODS.register("vpt")
 class VPT(PromptMethod):
     config_class = VPTConfig
@@ -50,10 +45,10 @@ class VPT(PromptMethod):
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
         cfg = self.config
-        check_depth(cfg.depth, backbone.vision_layers, "visual prompt")
+        depth = check_depth(cfg.depth, backbone.vision_layers, "visual prompt")
         W = backbone.vision_width
         self.prompts = nn.Parameter(normal_init(cfg.n_tokens, W))  # [n, Wv]
-        self.deep_prompts = nn.Parameter(normal_init(cfg.depth - 1, cfg.n_tokens, W))  # [depth-1, n, Wv]
+        self.deep_prompts = nn.Parameter(normal_init(depth - 1, cfg.n_tokens, W))  # [depth-1, n, Wv]
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:

@@ -1,0 +1,182 @@
+"""Building a run from its config: data, backbone, method, optimiser, and the fully resolved config.
+
+:func:`resolve_config` turns a user's config into the one a run folder stores: every method field
+(published defaults < preset < options, the dataset's template for a method with a hand-written
+``template`` field), every optimiser field (:func:`promptalign.config.resolve_optim`), the
+backbone weights and the worker count. Building from a resolved config again gives the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..backbone import load_backbone
+from ..config import (
+    ConfigError,
+    MethodSpec,
+    RunConfig,
+    apply_overrides,
+    default_workers,
+    resolve_optim,
+    to_dict,
+)
+from ..data import Dataset, ImageDataset, build_transform, list_datasets, load_custom_dataset, load_dataset
+from ..data.base import DatasetError
+from ..methods import PromptMethod, create_method
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: RunConfig, seed: int, subsample: str | None = None) -> Dataset:
+    """The dataset of ``cfg.data`` (registered name or a custom tree / CSV path)."""
+    d = cfg.data
+    sub = subsample or d.subsample
+    if not d.dataset:
+        raise DatasetError("no dataset given: set data.dataset (a registered name or a folder / CSV path)")
+    if d.dataset in list_datasets():
+        return load_dataset(d.dataset, d.root, shots=d.shots, seed=seed, subsample=sub)
+    if Path(d.dataset).expanduser().exists():
+        return load_custom_dataset(d.dataset, split_file=d.split_file, shots=d.shots, seed=seed, subsample=sub)
+    raise DatasetError(
+        f"dataset {d.dataset!r} is neither a registered dataset ({', '.join(list_datasets())}) "
+        "nor an existing ImageFolder / CSV path"
+    )
+
+
+def resolve_method(spec: MethodSpec, template: str | None = None) -> MethodSpec:
+    """``spec`` with every field of the method's config in ``options``; a method with a
+    ``template`` field gets the dataset's ``template`` unless the run sets one."""
+    options = dict(spec.options)
+    config = spec.build()
+    if template is not None and "template" in config.to_dict() and "template" not in options:
+        config = config.replace(template=template)
+    return dataclasses.replace(spec, options=config.to_dict())
+
+
+def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunConfig:
+    """The fully resolved config of a run (what its folder stores)."""
+    o = resolve_optim(cfg.optim, method.optim_preset, cfg.data.shots)
+    workers = default_workers() if cfg.data.workers is None else cfg.data.workers
+    return dataclasses.replace(
+        cfg,
+        method=resolve_method(cfg.method, data.template),
+        optim=o,
+        data=dataclasses.replace(cfg.data, workers=workers),
+    )
+
+
+def build_method(cfg: RunConfig, classnames: Sequence[str], device: torch.device,
+                 backbone=None, template: str | None = None) -> PromptMethod:
+    """The method of ``cfg`` on its backbone (or ``backbone``), prompts initialised from the seed."""
+    spec = resolve_method(cfg.method, template)
+    bb = backbone if backbone is not None else load_backbone(cfg.backbone.arch, cfg.backbone.weights,
+                                                             device=device)
+    torch.manual_seed(cfg.run.seed)  # prompt initialisation
+    return create_method(spec.name, bb, classnames, config=spec.build()).to(device)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer | None:
+    o = cfg.optim
+    if not params:
+        return None
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def image_sets(cfg: RunConfig, data: Dataset, method: PromptMethod) -> tuple[ImageDataset, ImageDataset]:
+    """(train, test) image datasets with the backbone's preprocessing."""
+    pre = method.backbone.preprocess
+    train = ImageDataset(data.name, data.image_root, data.train, build_transform(pre, train=True),
+                         cfg.data.skip_corrupt)
+    test = ImageDataset(data.name, data.image_root, data.test, build_transform(pre, train=False),
+                        cfg.data.skip_corrupt)
+    return train, test
+
+
+@dataclass
+class Run:
+    """Everything a training loop needs, built from a config."""
+
+    cfg: RunConfig  # fully resolved
+    data: Dataset
+    method: PromptMethod
+    optimizer: torch.optim.Optimizer | None
+    scaler: torch.amp.GradScaler
+    train_set: ImageDataset
+    test_set: ImageDataset
+    param_names: dict[int, str]
+
+
+def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
+    """Data, backbone, method and optimiser of ``cfg``, and the resolved config."""
+    if not cfg.method.name:
+        raise ConfigError(f"no method given: set method.name (--method), one of {', '.join(_methods())}")
+    seed_everything(cfg.run.seed)
+    data = load_data(cfg, cfg.run.seed)
+    method = build_method(cfg, data.classnames, device, backbone, data.template)
+    cfg = resolve_config(cfg, data, method)
+    params = method.trainable_parameters()
+    names = {id(p): n for n, p in method.named_parameters() if p.requires_grad}
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.optim.amp == "fp16")
+    train_set, test_set = image_sets(cfg, data, method)
+    return Run(cfg, data, method, build_optimizer(params, cfg), scaler, train_set, test_set, names)
+
+
+def run_info(cfg: RunConfig, method: PromptMethod, data: Dataset, epoch: int,
+             metrics: dict | None) -> dict[str, Any]:
+    return {
+        "method": cfg.method.name,
+        "classnames": list(method.classnames),
+        "sampling": data.sampling_info(),
+        "epoch": epoch,
+        "metrics": metrics or {},
+        "promptalign_config": to_dict(cfg),
+    }
+
+
+# settings a resumed run may change: they do not change what is computed
+RESUMABLE = ("run.device", "run.progress", "data.workers", "data.root")
+
+
+def resume_config(stored: RunConfig, overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
+    """The config of a resumed run: ``stored`` with ``overrides`` that do not change results
+    (:data:`RESUMABLE`); an override that changes anything else is an error naming the keys."""
+    changed = apply_overrides(stored, overrides)
+    flat_a, flat_b = _flatten(to_dict(stored)), _flatten(to_dict(changed))
+    diff = sorted(k for k in flat_a.keys() | flat_b.keys()
+                  if flat_a.get(k) != flat_b.get(k) and k not in RESUMABLE)
+    if diff:
+        raise ConfigError(
+            f"--resume continues the run as its config.yaml says and cannot change {diff} "
+            f"(only {list(RESUMABLE)}); start a new run with another --out to change them"
+        )
+    return changed
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _methods() -> list[str]:
+    from ..methods import list_methods
+
+    return list_methods()

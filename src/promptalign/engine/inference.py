@@ -1,0 +1,110 @@
+"""Using a finished run: rebuild it from its folder, evaluate it, predict labels for images."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import ConfigError
+from ..data import build_transform
+from ..data.base import DatasetError
+from . import checkpoint as ck
+from . import distributed as du
+from .build import build_method, image_sets, load_data
+from .evaluate import evaluate
+
+
+def load_run(run_dir: str | os.PathLike, *, device: str = "auto", backbone=None):
+    """Rebuild a trained method from its run folder alone: ``(method, config, run info)``."""
+    run_dir = Path(run_dir).expanduser()
+    cfg = ck.read_config(run_dir)
+    info = ck.read_json(run_dir / ck.RUN_INFO)
+    if "classnames" not in info or not isinstance(info["classnames"], list):
+        raise ck.CheckpointError(f"{run_dir / ck.RUN_INFO} lacks the class names")
+    method = build_method(cfg, info["classnames"], du.local_device(device), backbone)
+    state = ck.read_tensors(run_dir / ck.PROMPTS)
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ck.CheckpointError(f"{run_dir / ck.PROMPTS}: tensors {bad} hold NaN/inf (the training "
+                                 "diverged); retrain with a lower optim.lr")
+    try:
+        method.load_prompt_state_dict(state)
+    except ValueError as e:
+        raise ck.CheckpointError(f"{run_dir / ck.PROMPTS}: {e}") from e
+    return method.eval(), cfg, info
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    subsample: str | None = None,
+    dataset: str | None = None,
+    root: str | None = None,
+    device: str = "auto",
+    backbone=None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a saved run on its dataset's test split, other classes (``subsample``) or another
+    dataset (cross-dataset / domain generalisation).
+
+    "new" classes of the run's own dataset are refused for a run trained on all classes: they
+    would be trained classes."""
+    method, cfg, info = load_run(run_dir, device=device, backbone=backbone)
+    if subsample == "new" and dataset is None and cfg.data.subsample == "all":
+        raise ConfigError(
+            f"{run_dir} was trained on all classes of {cfg.data.dataset}, so its 'new' classes were "
+            "trained on; base-to-new needs a run trained with --subsample base (evaluate this one "
+            "with --subsample all, or on another --dataset)"
+        )
+    data_cfg = cfg.data
+    if dataset is not None:
+        data_cfg = dataclasses.replace(data_cfg, dataset=dataset, root=root or data_cfg.root, split_file=None)
+    elif root is not None:
+        data_cfg = dataclasses.replace(data_cfg, root=root)
+    cfg = dataclasses.replace(cfg, data=data_cfg)
+    data = load_data(cfg, cfg.run.seed, subsample)
+    method.set_classnames(data.classnames)
+    _, test = image_sets(cfg, data, method)
+    dev = method.backbone.device
+    with du.process_group(dev):
+        m = evaluate(method, test, batch_size=batch_size or cfg.optim.eval_batch_size, device=dev,
+                     amp=cfg.optim.amp, where=f"evaluation of {run_dir}")
+    m.update(dataset=data.name, subsample=data.subsample, num_classes=data.num_classes)
+    return m
+
+
+def predict(
+    run_dir: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    *,
+    classnames: Sequence[str] | None = None,
+    topk: int = 5,
+    device: str = "auto",
+    backbone=None,
+) -> list[dict[str, Any]]:
+    """Top-k labels for image files with a saved run (its classes, or ``classnames``)."""
+    from PIL import Image
+
+    method, _, _ = load_run(run_dir, device=device, backbone=backbone)
+    if classnames:
+        method.set_classnames(classnames)
+    tf = build_transform(method.backbone.preprocess, train=False)
+    out = []
+    for path in images:
+        try:
+            with Image.open(path) as im:
+                x = tf(im.convert("RGB")).unsqueeze(0).to(method.backbone.device)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"cannot read image {path}: {e}") from e
+        with torch.no_grad():
+            probs = method.logits(x).softmax(-1)[0]
+        k = min(topk, probs.numel())
+        p, idx = probs.topk(k)
+        out.append({"image": str(path),
+                    "top": [{"label": method.classnames[i], "prob": float(q)}
+                            for q, i in zip(p.tolist(), idx.tolist())]})
+    return out

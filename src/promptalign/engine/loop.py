@@ -1,0 +1,199 @@
+"""The one training loop every method uses: schedule, AMP, clipping, evaluation, logging.
+
+Methods only compute losses (``training_step``); building the run is :mod:`.build`, the run
+folder is :mod:`.checkpoint`. Determinism: the data order of epoch e comes from a generator seeded
+with (seed, e) (and ``sampler.set_epoch(e)`` when the loader's sampler has one), the global torch
+RNG (augmentation, dropout) is re-seeded at the start of every epoch, and the progress bar wraps an
+iterator that already exists, so it never draws from the data-order generator. Resuming from the
+end of an epoch therefore replays exactly what an uninterrupted run does (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..config import RunConfig
+from ..data import make_loader
+from . import checkpoint as ck
+from . import distributed as du
+from .build import Run, build_run, resume_config, run_info
+from .evaluate import NonFiniteError, autocast, evaluate
+from .schedule import lr_at
+
+log = logging.getLogger(__name__)
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    epochs: int
+    steps: int
+
+
+class _Step(torch.nn.Module):
+    """What DistributedDataParallel wraps: one training step of a method."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, images, labels):
+        return self.method.training_step((images, labels))
+
+
+def train_epoch(r: Run, step_module: torch.nn.Module, epoch: int, steps: int, run_dir: Path,
+                device: torch.device, callbacks: Sequence[StepCallback] = ()) -> tuple[int, int]:
+    """One epoch of ``r``; returns (steps done in total, images skipped as unreadable)."""
+    o, seed, opt = r.cfg.optim, r.cfg.run.seed, r.optimizer
+    lr = lr_at(epoch, lr=o.lr, epochs=o.epochs, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
+               scheduler=o.scheduler)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    torch.manual_seed(seed * 100_003 + epoch)  # augmentation / dropout stream of this epoch
+    sampler = None
+    if du.is_distributed():
+        sampler = torch.utils.data.distributed.DistributedSampler(r.train_set, shuffle=True, seed=seed)
+    loader = make_loader(r.train_set, o.batch_size, train=True, workers=r.cfg.data.workers,
+                         device=device, seed=seed * 1000 + epoch, sampler=sampler)
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    r.method.train()
+    batches = _progress(iter(loader), len(loader), r.cfg, f"epoch {epoch + 1}/{o.epochs}")
+    t0, seen, skipped = time.perf_counter(), 0, 0
+    for batch in batches:
+        skipped += batch["skipped"]
+        if batch["image"] is None:
+            continue
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast(device, o.amp):
+            out = step_module(images, labels)
+        scalars = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        if not torch.isfinite(out["loss"].detach()):
+            raise NonFiniteError(
+                f"training diverged at epoch {epoch + 1}, step {steps + 1}: loss {scalars['loss']} "
+                f"({', '.join(f'{k}={v:.4g}' for k, v in scalars.items())}); lower optim.lr, set "
+                "optim.grad_clip or use optim.amp=none"
+            )
+        opt.zero_grad(set_to_none=True)
+        r.scaler.scale(out["loss"]).backward()
+        if o.grad_clip is not None:
+            r.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(r.method.trainable_parameters(), o.grad_clip)
+        r.scaler.step(opt)
+        r.scaler.update()
+        steps += 1
+        seen += len(labels)
+        record = {"epoch": epoch, "step": steps, "lr": lr, **scalars,
+                  "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+        if hasattr(batches, "set_postfix"):
+            batches.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        if du.is_main():
+            ck.log_metrics(run_dir, record)
+        for cb in callbacks:
+            cb(record)
+    return steps, skipped
+
+
+def train(
+    cfg: RunConfig | None,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    backbone=None,
+    callbacks: Sequence[StepCallback] = (),
+) -> TrainResult:
+    """Train ``cfg``'s method and write the run folder ``out``.
+
+    Args:
+        cfg: the run config (optimisation None fields come from the method's preset); None with
+            ``resume`` (the run folder's config is used).
+        out: run folder; must not hold a previous run unless ``resume``.
+        resume: continue the run in ``out`` from its last epoch checkpoint (config from ``out``).
+        overrides: with ``resume``: settings to change that do not change results (device,
+            progress, workers, data root); any other change is a :class:`ConfigError`.
+        backbone: an already built backbone to reuse (tests, benchmarks).
+        callbacks: called after every optimiser step with the step record.
+    """
+    run_dir = Path(out).expanduser()
+    if resume:
+        cfg = resume_config(ck.read_config(run_dir), overrides)
+    device = du.local_device(cfg.run.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with du.process_group(device) as distributed:
+        r = build_run(cfg, device, backbone)
+        created = ck.open_run_dir(run_dir, resume=resume) if du.is_main() else False
+        try:
+            return _train(r, run_dir, resume, distributed, device, callbacks)
+        except BaseException:
+            if du.is_main() and not resume:
+                ck.remove_failed_start(run_dir, created)
+            raise
+
+
+def _train(r: Run, run_dir: Path, resume: bool, distributed: bool, device: torch.device,
+           callbacks: Sequence[StepCallback]) -> TrainResult:
+    cfg, o = r.cfg, r.cfg.optim
+    if du.is_main():
+        ck.write_config(run_dir, cfg)
+    start_epoch, steps = 0, 0
+    if resume and (run_dir / ck.RESUME_STATE).exists():
+        start_epoch, steps = ck.load_resume(run_dir, r.method, r.optimizer, r.scaler, r.param_names, device)
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    if du.is_main():
+        ck.truncate_metrics(run_dir, start_epoch, steps)
+    epochs = o.epochs if r.optimizer is not None else 0
+    step_module: torch.nn.Module = _Step(r.method)
+    if distributed and r.optimizer is not None:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=True,
+        )
+    skipped = 0
+    for epoch in range(start_epoch, epochs):
+        steps, lost = train_epoch(r, step_module, epoch, steps, run_dir, device, callbacks)
+        skipped += lost
+        if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 and epoch + 1 < epochs:
+            ev = evaluate(r.method, r.test_set, batch_size=o.eval_batch_size, device=device, amp=o.amp,
+                          where=f"evaluation after epoch {epoch + 1}")
+            if du.is_main():
+                ck.log_metrics(run_dir, {"epoch": epoch, "eval": _short(ev)})
+        if du.is_main():
+            ck.save_checkpoint(run_dir, r.method, run_info(cfg, r.method, r.data, epoch + 1, None))
+            ck.save_resume(run_dir, r.method, r.optimizer, r.scaler, r.param_names, epoch + 1, steps)
+        du.barrier()
+    metrics = evaluate(r.method, r.test_set, batch_size=o.eval_batch_size, device=device, amp=o.amp,
+                       where=f"final evaluation after epoch {epochs}")
+    metrics["skipped_train_images"] = skipped
+    if skipped or metrics["skipped"]:
+        log.warning("skipped %d unreadable training and %d test images", skipped, metrics["skipped"])
+    if du.is_main():
+        ck.save_checkpoint(run_dir, r.method, run_info(cfg, r.method, r.data, epochs, _short(metrics)))
+        ck.log_metrics(run_dir, {"final": _short(metrics)})
+    return TrainResult(run_dir, metrics, epochs, steps)
+
+
+def _short(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "per_class_accuracy"}
+
+
+def _progress(batches, total: int, cfg: RunConfig, desc: str):
+    """A progress bar over an existing iterator (so it cannot re-iterate the loader), only on
+    the main process and only when stderr is a terminal."""
+    if not cfg.run.progress or not du.is_main() or not sys.stderr.isatty():
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True)
