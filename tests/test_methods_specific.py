@@ -225,3 +225,26 @@ def test_presets(tiny):
         create_method("maple", tiny, CLASSES, preset="nope")
     assert create_method("align", tiny, CLASSES, depth=2).optim_preset.epochs_for(1) == 30
     assert create_method("coop", tiny, CLASSES).optim_preset.epochs_for(16) == 200
+
+
+def test_kgcoop_knowledge_guided_term(tiny):
+    """kg = weight * (1 - mean cos(learned, frozen hand-crafted)), 0 while the context still is
+    "a photo of a" and the template is "a photo of a {}."; it pulls the context back."""
+    torch.manual_seed(0)
+    m = create_method("kgcoop", tiny, CLASSES).train()
+    assert m.config.weight == 8.0 and m.n_ctx == 4
+    out = m.training_step(_batch(tiny))
+    assert abs(float(out["kg"])) < 1e-5
+    with torch.no_grad():
+        m.ctx.add_(torch.randn(m.ctx.shape, generator=torch.Generator().manual_seed(1)))
+    out = m.training_step(_batch(tiny))
+    learned = m.encode_classes()
+    frozen = F.normalize(tiny.encode_text(tiny.tokenize([f"a photo of a {c}." for c in CLASSES])), dim=-1)
+    expected = 8.0 * (1 - (learned * frozen).sum(-1).mean())
+    torch.testing.assert_close(out["kg"], expected)
+    # half the paper's mean squared L2 distance of the normalised features
+    torch.testing.assert_close(out["kg"], 4.0 * (learned - frozen).pow(2).sum(-1).mean())
+    torch.testing.assert_close(out["loss"], out["ce"] + out["kg"])
+    m.zero_grad()
+    out["kg"].backward()
+    assert m.ctx.grad.abs().sum() > 0

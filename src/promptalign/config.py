@@ -308,6 +308,8 @@ class MethodSpec:
             cls.from_preset(self.preset, **opts)  # the class's own checks (ranges, names)
         except FieldError as e:
             raise ConfigError(f"method.options.{e}") from None
+        except ValueError as e:
+            raise ConfigError(f"method.options: {e}") from None
         object.__setattr__(self, "options", opts)
 
     def build(self) -> Any:
