@@ -135,25 +135,98 @@ def test_test_only_dataset_base_new(root):
     assert {r.label for r in new.test} == {0, 1}
 
 
-def test_cache_is_portable_json_and_survives_moving_the_root(tmp_path):
+def test_cache_is_portable_json_outside_the_data_and_survives_moving_the_root(tmp_path, monkeypatch):
+    from promptalign.data.base import default_cache_dir
+
+    cache_root = tmp_path / "cache"
+    monkeypatch.setenv("PROMPTALIGN_CACHE_DIR", str(cache_root))
+    assert default_cache_dir() == cache_root
     src = tmp_path / "a"
     from data_fixtures import make_json_dataset
 
     make_json_dataset(src, "food101")
     first = load_dataset("food101", src, shots=2, seed=3)
-    cache = src / "food-101" / "split_fewshot" / "shot_2-seed_3.json"
+    assert not list(src.rglob("shot_*"))  # nothing written into the user's data folder
+    (cache,) = (cache_root / "fewshot" / "food101").glob("shot_2-seed_3-*.json")
     data = json.loads(cache.read_text())
     assert all(not Path(p).is_absolute() for p, _, _ in data["train"])
+    assert data["key"]["shots"] == 2 and data["key"]["seed"] == 3
+    # prove the cache is read when nothing changed: a marked entry comes back
+    marked = json.loads(cache.read_text())
+    marked["train"] = marked["train"][:1]
+    cache.write_text(json.dumps(marked))
+    assert len(load_dataset("food101", src, shots=2, seed=3).train) == 1
+    cache.write_text(json.dumps(data))
     moved = tmp_path / "b"
     shutil.move(str(src), str(moved))
-    # prove the cache is read: corrupt the source split so resampling would differ
-    split = moved / "food-101" / "split_zhou_Food101.json"
-    js = json.loads(split.read_text())
-    js["train"] = list(reversed(js["train"]))
-    split.write_text(json.dumps(js))
     second = load_dataset("food101", moved, shots=2, seed=3)
     assert second.train == first.train and second.image_root == moved / "food-101" / "images"
     assert all((second.image_root / r.path).is_file() for r in second.train)
+
+
+def test_xdg_cache_home_is_the_default_cache(monkeypatch, tmp_path):
+    from promptalign.data.base import default_cache_dir
+
+    monkeypatch.delenv("PROMPTALIGN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "promptalign"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "promptalign"
+
+
+def _imagefolder(root: Path, classes: list[str], n: int = 4) -> None:
+    for label, c in enumerate(classes):
+        for i in range(n):
+            image(root / "train" / c / f"{i}.png", label * 10 + i)
+        image(root / "test" / c / "0.png", label)
+
+
+def test_added_class_folder_samples_afresh_with_correct_labels(tmp_path):
+    """Issue 12 item 1: a stale few-shot cache was reused after a class folder was added."""
+    _imagefolder(tmp_path / "shapes", ["blue", "green", "red", "yellow"])
+    first = load_custom_dataset(tmp_path / "shapes", shots=2, seed=1)
+    assert len(first.train) == 8
+    _imagefolder(tmp_path / "shapes", ["blue", "green", "purple", "red", "yellow"])
+    second = load_custom_dataset(tmp_path / "shapes", shots=2, seed=1)
+    assert second.classnames == ["blue", "green", "purple", "red", "yellow"] and len(second.train) == 10
+    for r in second.train:  # every label matches the folder the image is in
+        assert r.path.split("/")[1] == second.classnames[r.label]
+
+
+def test_changed_split_file_samples_afresh(tmp_path):
+    rows, split = ["path,label,classname"], {"train": [], "val": [], "test": []}
+    for label, c in enumerate(["red", "blue"]):
+        for i in range(4):
+            rel = f"img/{c}{i}.jpg"
+            image(tmp_path / rel, i)
+            rows.append(f"{rel},{label},{c}")
+            split["train" if i < 3 else "test"].append([rel, label, c])
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    a = load_custom_dataset(tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=2, seed=1)
+    assert {r.path for r in a.train} <= {p for p, _, _ in split["train"]}
+    # a corrected split file: other images in train; the sample must come from the new file
+    split["train"], split["test"] = split["test"] + split["train"][:1], split["train"][1:]
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    b = load_custom_dataset(tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=2, seed=1)
+    assert {r.path for r in b.train} <= {p for p, _, _ in split["train"]}
+    assert {r.path for r in b.train} != {r.path for r in a.train}
+
+
+def test_corrupt_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, caplog):
+    """Issue 14 item 5: a corrupt cache JSON raised a raw JSONDecodeError. It is only a cache:
+    it is ignored with a warning naming the file, and rewritten."""
+    from data_fixtures import make_json_dataset
+
+    make_json_dataset(tmp_path / "d", "dtd")
+    first = load_dataset("dtd", tmp_path / "d", shots=2, seed=1, cache_dir=tmp_path / "c")
+    (cache,) = (tmp_path / "c").rglob("*.json")
+    cache.write_text('{"train": [["x.jpg", 0')
+    with caplog.at_level(logging.WARNING, logger="promptalign.data.base"):
+        again = load_dataset("dtd", tmp_path / "d", shots=2, seed=1, cache_dir=tmp_path / "c")
+    assert again.train == first.train
+    assert any(str(cache) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert json.loads(cache.read_text())["key"]["seed"] == 1  # rebuilt
 
 
 def test_summary_table_is_logged(root, caplog):
