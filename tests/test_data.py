@@ -382,3 +382,96 @@ def test_loader_batches_and_seeded_shuffle(root):
     batch = next(iter(make_loader(data, 4, train=False)))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].dtype == torch.long
     assert collate([None])["skipped"] == 1
+
+
+def _textured(folder: Path, n: int = 10) -> ImageDataset:
+    """Noise images (solid colours would hide the augmentation) as a training dataset."""
+    from PIL import Image
+
+    from promptalign.data import Record
+
+    g = torch.Generator().manual_seed(5)
+    recs = []
+    for i in range(n):
+        px = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(px).save(folder / f"{i}.png")
+        recs.append(Record(f"{i}.png", i % 3, f"c{i % 3}"))
+    return ImageDataset("noise", folder, recs, build_transform(_pre(), train=True))
+
+
+def _two_epochs(data, workers: int, extra_iter: bool) -> list[tuple[list[int], torch.Tensor]]:
+    loader = make_loader(data, 4, train=True, seed=7, workers=workers)
+    out = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        if extra_iter:  # what tqdm.auto does: one more iter() that is never consumed
+            iter(loader)
+        for b in loader:
+            out.append((b["index"].tolist(), b["image"]))
+    return out
+
+
+def test_training_order_and_augmentation_independent_of_workers_and_extra_iter(tmp_path):
+    """Issue 12 item 2: the progress bar's extra iter() and the worker count changed the order
+    and the augmented pixels. Both are now a function of (seed, epoch, index) only."""
+    data = _textured(tmp_path)
+    ref = _two_epochs(data, workers=0, extra_iter=False)
+    assert sorted(sum((i for i, _ in ref[: len(ref) // 2]), [])) == list(range(len(data)))
+    assert [i for i, _ in ref[: len(ref) // 2]] != [i for i, _ in ref[len(ref) // 2:]]  # epochs differ
+    g0 = torch.get_rng_state()
+    for workers, extra in ((0, True), (2, False), (2, True)):
+        got = _two_epochs(data, workers=workers, extra_iter=extra)
+        assert [i for i, _ in got] == [i for i, _ in ref], (workers, extra)
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref)), (workers, extra)
+    assert torch.equal(torch.get_rng_state(), g0)  # the loaders never touched the global RNG
+
+
+def test_same_sample_is_augmented_differently_across_epochs(tmp_path):
+    data = _textured(tmp_path)
+    x0 = data[(0, 11)]["image"]
+    assert torch.equal(x0, data[(0, 11)]["image"]) and not torch.equal(x0, data[(0, 12)]["image"])
+
+
+def test_sampler_shards_for_data_parallel():
+    from promptalign.data.loader import EpochSampler
+
+    shards = [EpochSampler(10, seed=3, epoch=2, num_replicas=3, rank=r).order() for r in range(3)]
+    assert all(len(s) == 4 for s in shards) and set(sum(shards, [])) == set(range(10))
+    assert EpochSampler(10, seed=3, epoch=2).order() == EpochSampler(10, seed=3, epoch=2).order()
+
+
+def test_training_without_a_train_split_says_how_to_fix(tmp_path):
+    """Issue 12 item 8: a CSV without split file failed with 'num_samples should be a positive
+    integer value'."""
+    image(tmp_path / "a.png", 1)
+    (tmp_path / "list.csv").write_text("a.png,0,cat\n")
+    ds = load_custom_dataset(tmp_path / "list.csv", shots=1)
+    data = ImageDataset(ds.name, ds.image_root, ds.train, build_transform(_pre(), train=True))
+    with pytest.raises(DatasetError, match=r"list: no training images.*--split-file / data.split_file"):
+        make_loader(data, 4, train=True, seed=1)
+
+
+def test_skipped_paths_travel_with_the_batches_from_workers(tmp_path):
+    from data_fixtures import make_json_dataset
+
+    make_json_dataset(tmp_path, "dtd")
+    ds = load_dataset("dtd", tmp_path)
+    victim = ds.image_root / ds.test[2].path
+    victim.write_bytes(b"not an image")
+    lenient = ImageDataset(ds.name, ds.image_root, ds.test, build_transform(_pre(), train=False),
+                           skip_corrupt=True)
+    batches = list(make_loader(lenient, batch_size=4, train=False, workers=2))
+    assert sum((b["skipped_paths"] for b in batches), []) == [str(victim)]
+    assert lenient.skipped == []  # read in worker processes: the batches carry the paths
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a.png,0,x\nb.png,1,y\na.png,1,y\n", r"list.csv: 'a.png' is listed with conflicting labels 0 and 1 \(rows 1 and 3\)"),
+    ("a.png,0,x\na.png,0,x\n", r"'a.png' is listed twice \(rows 1 and 2\)"),
+    ("path,label\na.png,0\nb.png,5\n", r"list.csv:3: label 5 is out of range"),
+    ("a.png,0,x\nb.png,0,y\n", r"list.csv:2: label 0 is named 'y' here and 'x' in row 1"),
+])
+def test_bad_csv_rows_are_named(tmp_path, text, match):
+    (tmp_path / "list.csv").write_text(text)
+    with pytest.raises(DatasetError, match=match):
+        load_custom_dataset(tmp_path / "list.csv")
