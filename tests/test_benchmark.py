@@ -20,8 +20,8 @@ def bb():
 
 
 def test_base2new_interrupted_and_resumed_without_redoing_jobs(tmp_path, bb):
-    kw = dict(methods=["coop", "maple"], datasets=["synthetic_colour_shapes"], seeds=[1, 2],
-              data_root=str(tmp_path / "data"), out=tmp_path / "bench", overrides=OVERRIDES, backbone=bb)
+    kw = {"methods": ["coop", "maple"], "datasets": ["synthetic_colour_shapes"], "seeds": [1, 2],
+              "data_root": str(tmp_path / "data"), "out": tmp_path / "bench", "overrides": OVERRIDES, "backbone": bb}
     done = []
 
     def stop_after_two(job, result):
@@ -86,8 +86,8 @@ def test_cli_benchmark(tmp_path, capsys):
 
 def test_rerun_with_other_settings_does_not_reuse_old_results(tmp_path, bb):
     """Issue 12 item 3: a re-run with optim.epochs=3 after epochs=2 reported the old job."""
-    kw = dict(methods=["coop"], datasets=["synthetic_shapes"], seeds=[1], data_root=str(tmp_path / "data"),
-              out=tmp_path / "bench", backbone=bb)
+    kw = {"methods": ["coop"], "datasets": ["synthetic_shapes"], "seeds": [1], "data_root": str(tmp_path / "data"),
+              "out": tmp_path / "bench", "backbone": bb}
     base = [o for o in OVERRIDES if not o.startswith("optim.epochs")]
     first = run_benchmark("base2new", overrides=[*base, "optim.epochs=1"], **kw)
     assert len(first.ran) == 1
@@ -102,17 +102,17 @@ def test_rerun_with_other_settings_does_not_reuse_old_results(tmp_path, bb):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(overrides=["optim.lrr=0.1"]), "optim.lrr"),
-    (dict(methods=["cop"]), "unknown method 'cop'"),
-    (dict(datasets=["synthetic_shapez"]), "unknown dataset 'synthetic_shapez'"),
-    (dict(overrides=["mapel:optim.lr=0.1"]), "'mapel', which does not exist"),
-    (dict(overrides=["method.options.n_ctxx=3"]), "n_ctxx"),
+    ({"overrides": ["optim.lrr=0.1"]}, "optim.lrr"),
+    ({"methods": ["cop"]}, "unknown method 'cop'"),
+    ({"datasets": ["synthetic_shapez"]}, "unknown dataset 'synthetic_shapez'"),
+    ({"overrides": ["mapel:optim.lr=0.1"]}, "'mapel', which does not exist"),
+    ({"overrides": ["method.options.n_ctxx=3"]}, "n_ctxx"),
 ])
 def test_typos_fail_once_before_any_job_runs(tmp_path, kw, match):
     from promptalign.config import ConfigError
 
-    args = dict(methods=["coop", "zeroshot"], datasets=["synthetic_shapes"], seeds=[1, 2],
-                data_root=str(tmp_path / "data"), out=tmp_path / "bench", overrides=OVERRIDES)
+    args = {"methods": ["coop", "zeroshot"], "datasets": ["synthetic_shapes"], "seeds": [1, 2],
+                "data_root": str(tmp_path / "data"), "out": tmp_path / "bench", "overrides": OVERRIDES}
     args.update(kw)
     if "overrides" in kw:
         args["overrides"] = OVERRIDES + kw["overrides"]
