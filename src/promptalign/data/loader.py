@@ -12,8 +12,8 @@ Determinism. The training order and every random augmentation are pure functions
 private generator seeded with ``(seed, e)`` (iterating twice gives the same order, so a progress
 bar that calls ``iter(loader)`` an extra time changes nothing) and hands each index to the dataset
 together with a per-sample seed; :class:`ImageDataset` runs the transform of that sample under that
-seed in a forked RNG, so the crop and flip of sample ``i`` do not depend on which worker process
-reads it or on how many there are. The loaders never draw from the global torch RNG. A trainer
+seed (restoring the RNG afterwards), so the crop and flip of sample ``i`` do not depend on which
+worker process reads it or on how many there are. The loaders never draw from the global torch RNG. A trainer
 calls ``loader.sampler.set_epoch(epoch)`` before each epoch (or builds a loader per epoch with
 ``epoch=``) to get the next epoch's order and augmentations.
 """
@@ -124,10 +124,14 @@ class ImageDataset(torch.utils.data.Dataset):
             x = im
         elif sample_seed is None:
             x = self.transform(im)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
+        else:  # the transform draws from the CPU default generator: seed it, then restore it
+            gen = torch.default_generator  # (torch.manual_seed would also seed every accelerator: ms)
+            state = gen.get_state()
+            gen.manual_seed(sample_seed)
+            try:
                 x = self.transform(im)
+            finally:
+                gen.set_state(state)
         return {"image": x, "label": self.records[index].label, "index": index}
 
 
