@@ -36,6 +36,13 @@ def _seed_every_test():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """Few-shot caches go to a fresh folder per test, never the user's ~/.cache."""
+    monkeypatch.setenv("PROMPTALIGN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny() -> promptalign.Backbone:
     torch.manual_seed(0)

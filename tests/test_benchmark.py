@@ -20,8 +20,8 @@ def bb():
 
 
 def test_base2new_interrupted_and_resumed_without_redoing_jobs(tmp_path, bb):
-    kw = dict(methods=["coop", "maple"], datasets=["synthetic_colour_shapes"], seeds=[1, 2],
-              data_root=str(tmp_path / "data"), out=tmp_path / "bench", overrides=OVERRIDES, backbone=bb)
+    kw = {"methods": ["coop", "maple"], "datasets": ["synthetic_colour_shapes"], "seeds": [1, 2],
+              "data_root": str(tmp_path / "data"), "out": tmp_path / "bench", "overrides": OVERRIDES, "backbone": bb}
     done = []
 
     def stop_after_two(job, result):
@@ -44,18 +44,19 @@ def test_base2new_interrupted_and_resumed_without_redoing_jobs(tmp_path, bb):
 
 
 def test_fewshot_tables_plots_and_failures(tmp_path, bb, capsys):
-    s = run_benchmark("fewshot", methods=["coop", "zeroshot"], datasets=["synthetic_colour_shapes", "no_such_data"],
+    s = run_benchmark("fewshot", methods=["coop", "zeroshot"], datasets=["synthetic_colour_shapes", "dtd"],
                       seeds=[1, 2], shots=[1, 2], data_root=str(tmp_path / "data"), out=tmp_path / "bench",
                       overrides=OVERRIDES, backbone=bb)
-    assert len(s.ran) == 8 and len(s.failed) == 8  # the missing dataset fails, the others run
-    assert all("no_such_data" in k for k in s.failed)
+    assert len(s.ran) == 8 and len(s.failed) == 8  # dtd is not under the root: its jobs fail, the others run
+    assert all("dtd" in k for k in s.failed)
+    assert all("\n" not in e and "dtd" in e for e in s.failed.values())
     out = tmp_path / "bench" / "fewshot"
     md = (out / "fewshot.md").read_text()
     assert "| 1 shots | 2 shots |" in md and "job(s) failed" in md
     for name in ("synthetic_colour_shapes", "average"):
         assert (out / f"fewshot-{name}.png").stat().st_size > 1000
     err = next(out.rglob("error.txt")).read_text()
-    assert "no_such_data" in err
+    assert "dtd" in err
 
 
 def test_domain_generalisation_jobs_evaluate_targets(tmp_path, bb):
@@ -81,3 +82,51 @@ def test_cli_benchmark(tmp_path, capsys):
                  "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "b"), *OVERRIDES])
     assert code == 0
     assert "| zeroshot | synthetic_shapes |" in capsys.readouterr().out
+
+
+def test_rerun_with_other_settings_does_not_reuse_old_results(tmp_path, bb):
+    """Issue 12 item 3: a re-run with optim.epochs=3 after epochs=2 reported the old job."""
+    kw = {"methods": ["coop"], "datasets": ["synthetic_shapes"], "seeds": [1], "data_root": str(tmp_path / "data"),
+              "out": tmp_path / "bench", "backbone": bb}
+    base = [o for o in OVERRIDES if not o.startswith("optim.epochs")]
+    first = run_benchmark("base2new", overrides=[*base, "optim.epochs=1"], **kw)
+    assert len(first.ran) == 1
+    same = run_benchmark("base2new", overrides=[*base, "optim.epochs=1", "data.workers=2"], **kw)
+    assert same.skipped == first.ran and not same.ran  # workers do not change results
+    other = run_benchmark("base2new", overrides=[*base, "optim.epochs=2"], **kw)
+    assert other.ran == first.ran and not other.skipped
+    results = sorted((tmp_path / "bench").rglob("result.json"))
+    assert len(results) == 2
+    epochs = sorted(json.loads(p.read_text())["config"]["optim"]["epochs"] for p in results)
+    assert epochs == [1, 2]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"overrides": ["optim.lrr=0.1"]}, "optim.lrr"),
+    ({"methods": ["cop"]}, "unknown method 'cop'"),
+    ({"datasets": ["synthetic_shapez"]}, "unknown dataset 'synthetic_shapez'"),
+    ({"overrides": ["mapel:optim.lr=0.1"]}, "'mapel', which does not exist"),
+    ({"overrides": ["method.options.n_ctxx=3"]}, "n_ctxx"),
+])
+def test_typos_fail_once_before_any_job_runs(tmp_path, kw, match):
+    from promptalign.config import ConfigError
+
+    args = {"methods": ["coop", "zeroshot"], "datasets": ["synthetic_shapes"], "seeds": [1, 2],
+                "data_root": str(tmp_path / "data"), "out": tmp_path / "bench", "overrides": OVERRIDES}
+    args.update(kw)
+    if "overrides" in kw:
+        args["overrides"] = OVERRIDES + kw["overrides"]
+    with pytest.raises(ConfigError, match=match):
+        run_benchmark("base2new", **args)
+    assert not (tmp_path / "bench").exists()
+
+
+def test_cli_benchmark_typo_is_one_line_and_zero_shots_is_clear(tmp_path, capsys):
+    common = ["--datasets", "synthetic_shapes", "--seeds", "1", "2", "--data-root", str(tmp_path / "data"),
+              "--out", str(tmp_path / "b"), *OVERRIDES]
+    assert main(["benchmark", "base2new", "--methods", "coop", "zeroshot", *common, "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "optim.lrr" in err
+    assert main(["benchmark", "fewshot", "--methods", "coop", "--shots", "0", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["promptalign benchmark: error: --shots 0: shots per class must be >= 1"]

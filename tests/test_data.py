@@ -135,25 +135,98 @@ def test_test_only_dataset_base_new(root):
     assert {r.label for r in new.test} == {0, 1}
 
 
-def test_cache_is_portable_json_and_survives_moving_the_root(tmp_path):
+def test_cache_is_portable_json_outside_the_data_and_survives_moving_the_root(tmp_path, monkeypatch):
+    from promptalign.data.base import default_cache_dir
+
+    cache_root = tmp_path / "cache"
+    monkeypatch.setenv("PROMPTALIGN_CACHE_DIR", str(cache_root))
+    assert default_cache_dir() == cache_root
     src = tmp_path / "a"
     from data_fixtures import make_json_dataset
 
     make_json_dataset(src, "food101")
     first = load_dataset("food101", src, shots=2, seed=3)
-    cache = src / "food-101" / "split_fewshot" / "shot_2-seed_3.json"
+    assert not list(src.rglob("shot_*"))  # nothing written into the user's data folder
+    (cache,) = (cache_root / "fewshot" / "food101").glob("shot_2-seed_3-*.json")
     data = json.loads(cache.read_text())
     assert all(not Path(p).is_absolute() for p, _, _ in data["train"])
+    assert data["key"]["shots"] == 2 and data["key"]["seed"] == 3
+    # prove the cache is read when nothing changed: a marked entry comes back
+    marked = json.loads(cache.read_text())
+    marked["train"] = marked["train"][:1]
+    cache.write_text(json.dumps(marked))
+    assert len(load_dataset("food101", src, shots=2, seed=3).train) == 1
+    cache.write_text(json.dumps(data))
     moved = tmp_path / "b"
     shutil.move(str(src), str(moved))
-    # prove the cache is read: corrupt the source split so resampling would differ
-    split = moved / "food-101" / "split_zhou_Food101.json"
-    js = json.loads(split.read_text())
-    js["train"] = list(reversed(js["train"]))
-    split.write_text(json.dumps(js))
     second = load_dataset("food101", moved, shots=2, seed=3)
     assert second.train == first.train and second.image_root == moved / "food-101" / "images"
     assert all((second.image_root / r.path).is_file() for r in second.train)
+
+
+def test_xdg_cache_home_is_the_default_cache(monkeypatch, tmp_path):
+    from promptalign.data.base import default_cache_dir
+
+    monkeypatch.delenv("PROMPTALIGN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "promptalign"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "promptalign"
+
+
+def _imagefolder(root: Path, classes: list[str], n: int = 4) -> None:
+    for label, c in enumerate(classes):
+        for i in range(n):
+            image(root / "train" / c / f"{i}.png", label * 10 + i)
+        image(root / "test" / c / "0.png", label)
+
+
+def test_added_class_folder_samples_afresh_with_correct_labels(tmp_path):
+    """Issue 12 item 1: a stale few-shot cache was reused after a class folder was added."""
+    _imagefolder(tmp_path / "shapes", ["blue", "green", "red", "yellow"])
+    first = load_custom_dataset(tmp_path / "shapes", shots=2, seed=1)
+    assert len(first.train) == 8
+    _imagefolder(tmp_path / "shapes", ["blue", "green", "purple", "red", "yellow"])
+    second = load_custom_dataset(tmp_path / "shapes", shots=2, seed=1)
+    assert second.classnames == ["blue", "green", "purple", "red", "yellow"] and len(second.train) == 10
+    for r in second.train:  # every label matches the folder the image is in
+        assert r.path.split("/")[1] == second.classnames[r.label]
+
+
+def test_changed_split_file_samples_afresh(tmp_path):
+    rows, split = ["path,label,classname"], {"train": [], "val": [], "test": []}
+    for label, c in enumerate(["red", "blue"]):
+        for i in range(4):
+            rel = f"img/{c}{i}.jpg"
+            image(tmp_path / rel, i)
+            rows.append(f"{rel},{label},{c}")
+            split["train" if i < 3 else "test"].append([rel, label, c])
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    a = load_custom_dataset(tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=2, seed=1)
+    assert {r.path for r in a.train} <= {p for p, _, _ in split["train"]}
+    # a corrected split file: other images in train; the sample must come from the new file
+    split["train"], split["test"] = split["test"] + split["train"][:1], split["train"][1:]
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    b = load_custom_dataset(tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=2, seed=1)
+    assert {r.path for r in b.train} <= {p for p, _, _ in split["train"]}
+    assert {r.path for r in b.train} != {r.path for r in a.train}
+
+
+def test_corrupt_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, caplog):
+    """Issue 14 item 5: a corrupt cache JSON raised a raw JSONDecodeError. It is only a cache:
+    it is ignored with a warning naming the file, and rewritten."""
+    from data_fixtures import make_json_dataset
+
+    make_json_dataset(tmp_path / "d", "dtd")
+    first = load_dataset("dtd", tmp_path / "d", shots=2, seed=1, cache_dir=tmp_path / "c")
+    (cache,) = (tmp_path / "c").rglob("*.json")
+    cache.write_text('{"train": [["x.jpg", 0')
+    with caplog.at_level(logging.WARNING, logger="promptalign.data.base"):
+        again = load_dataset("dtd", tmp_path / "d", shots=2, seed=1, cache_dir=tmp_path / "c")
+    assert again.train == first.train
+    assert any(str(cache) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert json.loads(cache.read_text())["key"]["seed"] == 1  # rebuilt
 
 
 def test_summary_table_is_logged(root, caplog):
@@ -309,3 +382,96 @@ def test_loader_batches_and_seeded_shuffle(root):
     batch = next(iter(make_loader(data, 4, train=False)))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].dtype == torch.long
     assert collate([None])["skipped"] == 1
+
+
+def _textured(folder: Path, n: int = 10) -> ImageDataset:
+    """Noise images (solid colours would hide the augmentation) as a training dataset."""
+    from PIL import Image
+
+    from promptalign.data import Record
+
+    g = torch.Generator().manual_seed(5)
+    recs = []
+    for i in range(n):
+        px = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(px).save(folder / f"{i}.png")
+        recs.append(Record(f"{i}.png", i % 3, f"c{i % 3}"))
+    return ImageDataset("noise", folder, recs, build_transform(_pre(), train=True))
+
+
+def _two_epochs(data, workers: int, extra_iter: bool) -> list[tuple[list[int], torch.Tensor]]:
+    loader = make_loader(data, 4, train=True, seed=7, workers=workers)
+    out = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        if extra_iter:  # what tqdm.auto does: one more iter() that is never consumed
+            iter(loader)
+        for b in loader:
+            out.append((b["index"].tolist(), b["image"]))
+    return out
+
+
+def test_training_order_and_augmentation_independent_of_workers_and_extra_iter(tmp_path):
+    """Issue 12 item 2: the progress bar's extra iter() and the worker count changed the order
+    and the augmented pixels. Both are now a function of (seed, epoch, index) only."""
+    data = _textured(tmp_path)
+    ref = _two_epochs(data, workers=0, extra_iter=False)
+    assert sorted(sum((i for i, _ in ref[: len(ref) // 2]), [])) == list(range(len(data)))
+    assert [i for i, _ in ref[: len(ref) // 2]] != [i for i, _ in ref[len(ref) // 2:]]  # epochs differ
+    g0 = torch.get_rng_state()
+    for workers, extra in ((0, True), (2, False), (2, True)):
+        got = _two_epochs(data, workers=workers, extra_iter=extra)
+        assert [i for i, _ in got] == [i for i, _ in ref], (workers, extra)
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref)), (workers, extra)
+    assert torch.equal(torch.get_rng_state(), g0)  # the loaders never touched the global RNG
+
+
+def test_same_sample_is_augmented_differently_across_epochs(tmp_path):
+    data = _textured(tmp_path)
+    x0 = data[(0, 11)]["image"]
+    assert torch.equal(x0, data[(0, 11)]["image"]) and not torch.equal(x0, data[(0, 12)]["image"])
+
+
+def test_sampler_shards_for_data_parallel():
+    from promptalign.data.loader import EpochSampler
+
+    shards = [EpochSampler(10, seed=3, epoch=2, num_replicas=3, rank=r).order() for r in range(3)]
+    assert all(len(s) == 4 for s in shards) and set(sum(shards, [])) == set(range(10))
+    assert EpochSampler(10, seed=3, epoch=2).order() == EpochSampler(10, seed=3, epoch=2).order()
+
+
+def test_training_without_a_train_split_says_how_to_fix(tmp_path):
+    """Issue 12 item 8: a CSV without split file failed with 'num_samples should be a positive
+    integer value'."""
+    image(tmp_path / "a.png", 1)
+    (tmp_path / "list.csv").write_text("a.png,0,cat\n")
+    ds = load_custom_dataset(tmp_path / "list.csv", shots=1)
+    data = ImageDataset(ds.name, ds.image_root, ds.train, build_transform(_pre(), train=True))
+    with pytest.raises(DatasetError, match=r"list: no training images.*--split-file / data.split_file"):
+        make_loader(data, 4, train=True, seed=1)
+
+
+def test_skipped_paths_travel_with_the_batches_from_workers(tmp_path):
+    from data_fixtures import make_json_dataset
+
+    make_json_dataset(tmp_path, "dtd")
+    ds = load_dataset("dtd", tmp_path)
+    victim = ds.image_root / ds.test[2].path
+    victim.write_bytes(b"not an image")
+    lenient = ImageDataset(ds.name, ds.image_root, ds.test, build_transform(_pre(), train=False),
+                           skip_corrupt=True)
+    batches = list(make_loader(lenient, batch_size=4, train=False, workers=2))
+    assert sum((b["skipped_paths"] for b in batches), []) == [str(victim)]
+    assert lenient.skipped == []  # read in worker processes: the batches carry the paths
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a.png,0,x\nb.png,1,y\na.png,1,y\n", r"list.csv: 'a.png' is listed with conflicting labels 0 and 1 \(rows 1 and 3\)"),
+    ("a.png,0,x\na.png,0,x\n", r"'a.png' is listed twice \(rows 1 and 2\)"),
+    ("path,label\na.png,0\nb.png,5\n", r"list.csv:3: label 5 is out of range"),
+    ("a.png,0,x\nb.png,0,y\n", r"list.csv:2: label 0 is named 'y' here and 'x' in row 1"),
+])
+def test_bad_csv_rows_are_named(tmp_path, text, match):
+    (tmp_path / "list.csv").write_text(text)
+    with pytest.raises(DatasetError, match=match):
+        load_custom_dataset(tmp_path / "list.csv")

@@ -1,8 +1,14 @@
 """Benchmark protocols in one call: base-to-new, few-shot, cross-dataset, domain generalisation.
 
 Every (dataset, method, shots, seed) training is an independent job with its own run folder under
-``<out>/<protocol>/jobs/``; a finished job leaves ``result.json`` (written atomically). Re-running
-skips finished jobs, resumes an interrupted one from its last epoch, and a failing job is recorded
+``<out>/<protocol>/jobs/<dataset>/<method>/shots<K>-seed<S>-<fingerprint>/``, where the fingerprint
+is a hash of the job's resolved run config (method preset filled in; loader workers and the
+progress bar left out, since they do not change results). A finished job leaves ``result.json``
+(written atomically, with its config). Re-running with the same settings skips finished jobs and
+resumes an interrupted one from its last epoch; re-running with other settings (e.g.
+``optim.epochs=3`` after 2) gives new fingerprints, so old results are never reported as new ones.
+Every job's config is built and checked before any job runs, so a typo in an override, a method or
+a dataset name fails once, with one message; a job that fails while running is recorded
 (``error.txt``) and reported in the summary without stopping the others. Tables are written as
 Markdown and CSV (mean ± std over seeds, the published numbers beside ours where they exist) and
 few-shot curves as PNG.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -28,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .config import RunConfig, apply_overrides
+from .config import ConfigError, RunConfig, apply_overrides, resolve, to_dict
 from .engine import evaluate_run, harmonic_mean, train
 from .engine.checkpoint import RESUME_STATE, write_text
 from .presets import make_preset
@@ -104,6 +111,79 @@ def job_config(job: Job, base_overrides: Sequence[str], data_root: str) -> RunCo
     return apply_overrides(cfg, generic + specific)
 
 
+def resolved_job_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the method's published optimisation preset filled in (what training uses),
+    without building the model; a bad method name, preset or option is a ConfigError."""
+    from .methods import list_methods
+    from .registry import METHODS
+
+    if cfg.method.name not in list_methods():
+        raise ConfigError(f"unknown method {cfg.method.name!r}; choose from {', '.join(list_methods())}")
+    try:
+        mcfg = METHODS.get(cfg.method.name).config_class.from_preset(cfg.method.preset, **dict(cfg.method.options))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method {cfg.method.name!r}: {e}") from e
+    return resolve(cfg, mcfg.optim)
+
+
+# settings that never change a job's result (the data order and augmentation do not depend on them)
+_NOT_IN_FINGERPRINT = {("data", "workers"), ("run", "progress")}
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """A short hash of the resolved config that identifies a job's result."""
+    d = to_dict(resolved_job_config(cfg))
+    for section, key in _NOT_IN_FINGERPRINT:
+        d[section].pop(key, None)
+    d["data"]["root"] = str(Path(d["data"]["root"]).expanduser().resolve())
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def job_dir(out_dir: Path, job: Job, fingerprint: str) -> Path:
+    return out_dir / "jobs" / f"{job.key}-{fingerprint}"
+
+
+def _check_names(protocol: str, methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int],
+                 seeds: Sequence[int], targets: Sequence[str] | None, overrides: Sequence[str]) -> None:
+    from .data import list_datasets
+    from .methods import list_methods
+
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol {protocol!r} unknown; use one of {', '.join(PROTOCOLS)}")
+    known_methods, known_data = list_methods(), list_datasets()
+    for m in methods:
+        if m not in known_methods:
+            raise ConfigError(f"unknown method {m!r} (--methods); choose from {', '.join(known_methods)}")
+    for d in [*datasets, *(targets or ())]:
+        if d not in known_data and not Path(d).expanduser().exists():
+            raise ConfigError(f"unknown dataset {d!r}: neither a registered dataset "
+                              "(promptalign list datasets) nor an existing folder / CSV path")
+    if protocol == "fewshot":
+        bad = [k for k in shots if k < 1]
+        if bad or not shots:
+            raise ConfigError(f"--shots {bad[0] if bad else '(none)'}: shots per class must be >= 1")
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    for o in overrides:
+        head = o.split("=", 1)[0]
+        if ":" in head and head.split(":", 1)[0] not in known_methods:
+            raise ConfigError(f"override {o!r} is for method {head.split(':', 1)[0]!r}, which does not "
+                              f"exist; methods: {', '.join(known_methods)}")
+
+
+def plan_jobs(protocol: str, *, methods: Sequence[str], datasets: Sequence[str], seeds: Sequence[int],
+              data_root: str, out_dir: Path, shots: Sequence[int] = (1, 2, 4, 8, 16),
+              targets: Sequence[str] | None = None, overrides: Sequence[str] = ()
+              ) -> list[tuple[Job, RunConfig, Path]]:
+    """Every job with its config and folder, all checked before anything runs (ConfigError)."""
+    _check_names(protocol, methods, datasets, shots, seeds, targets, overrides)
+    plan = []
+    for job in make_jobs(protocol, methods, datasets, seeds, shots, targets):
+        cfg = job_config(job, overrides, data_root)
+        plan.append((job, cfg, job_dir(out_dir, job, config_fingerprint(cfg))))
+    return plan
+
+
 def run_job(job: Job, cfg: RunConfig, job_dir: Path, backbone=None) -> dict[str, Any]:
     """Train (or resume) one job and evaluate it as its protocol requires."""
     run_dir = job_dir / "run"
@@ -144,29 +224,32 @@ def run_benchmark(
     """Run every job of ``protocol`` (skipping finished ones) and write tables and plots."""
     out_dir = Path(out).expanduser() / protocol
     summary = BenchmarkSummary(out_dir)
-    jobs = make_jobs(protocol, methods, datasets, seeds, shots, targets)
-    for job in jobs:
-        job_dir = out_dir / "jobs" / job.key
-        result_path = job_dir / "result.json"
+    plan = plan_jobs(protocol, methods=methods, datasets=datasets, seeds=seeds, data_root=data_root,
+                     out_dir=out_dir, shots=shots, targets=targets, overrides=overrides)
+    for job, cfg, jdir in plan:
+        result_path = jdir / "result.json"
         if result_path.is_file():
             summary.skipped.append(job.key)
             continue
         try:
-            cfg = job_config(job, overrides, data_root)
-            result = run_job(job, cfg, job_dir, backbone)
+            result = run_job(job, cfg, jdir, backbone)
         except KeyboardInterrupt:
             raise
-        except Exception as e:  # a failed job is reported, the others go on
-            log.error("job %s failed: %s", job.key, e)
-            write_text(job_dir / "error.txt", traceback.format_exc())
-            summary.failed[job.key] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # a failed job is reported (once, by the caller), the others go on
+            first = str(e).splitlines()[0] if str(e) else ""
+            log.info("job %s failed (details in %s): %s", job.key, jdir / "error.txt", first)
+            write_text(jdir / "error.txt", traceback.format_exc())
+            summary.failed[job.key] = f"{type(e).__name__}: {first}"
             continue
-        (job_dir / "error.txt").unlink(missing_ok=True)
-        write_text(result_path, json.dumps({"job": dataclasses.asdict(job), "result": result}, indent=2))
+        (jdir / "error.txt").unlink(missing_ok=True)
+        write_text(result_path, json.dumps({"job": dataclasses.asdict(job), "result": result,
+                                            "config": to_dict(cfg)}, indent=2))
         summary.ran.append(job.key)
         if on_job_done:
             on_job_done(job, result)
-    summary.tables = write_tables(protocol, jobs, out_dir, summary.failed)
+    jobs = [job for job, _, _ in plan]
+    summary.tables = write_tables(protocol, jobs, out_dir, summary.failed,
+                                  job_dirs={job: jdir for job, _, jdir in plan})
     return summary
 
 
@@ -179,10 +262,10 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _load_results(jobs: Sequence[Job], out_dir: Path) -> dict[Job, dict]:
+def _load_results(jobs: Sequence[Job], job_dirs: dict[Job, Path]) -> dict[Job, dict]:
     found = {}
     for job in jobs:
-        p = out_dir / "jobs" / job.key / "result.json"
+        p = job_dirs[job] / "result.json"
         if p.is_file():
             found[job] = json.loads(p.read_text())["result"]
     return found
@@ -200,8 +283,11 @@ def _write_table(out_dir: Path, name: str, header: list[str], rows: list[list[st
     return md
 
 
-def write_tables(protocol: str, jobs: Sequence[Job], out_dir: Path, failed: dict[str, str]) -> dict[str, str]:
-    results = _load_results(jobs, out_dir)
+def write_tables(protocol: str, jobs: Sequence[Job], out_dir: Path, failed: dict[str, str],
+                 job_dirs: dict[Job, Path]) -> dict[str, str]:
+    """Tables (and few-shot plots) from the results in ``job_dirs`` (the folders of these jobs'
+    current configs, see :func:`plan_jobs`)."""
+    results = _load_results(jobs, job_dirs)
     pub = published()
     methods = list(dict.fromkeys(j.method for j in jobs))
     datasets = list(dict.fromkeys(j.dataset for j in jobs))

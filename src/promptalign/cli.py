@@ -3,10 +3,135 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class UsageError(Exception):
+    """A bad command-line input found before any work starts: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``promptalign CMD: error: MESSAGE (see ... --help)``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- input checks
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: {what}")
+        return value
+
+    return parse
+
+
+_positive = _int_at_least(1, "must be >= 1")
+_workers = _int_at_least(0, "must be >= 0 (0 loads images in the main process)")
+
+
+def _check_device(device: str | None, flag: str = "--device") -> None:
+    """``cuda`` without a usable GPU is a usage error, not a traceback from deep inside torch."""
+    if not device or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"{flag} {device}: no CUDA GPU is available to PyTorch on this machine; "
+                         "use --device cpu (or auto)")
+    index = device.partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {device}: only {torch.cuda.device_count()} GPU(s) visible; "
+                         f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+def _dataset_dir(cfg) -> tuple[Path, bool] | None:
+    """The folder a run's dataset lives in (custom path or registered layout), if known, and
+    whether run folders inside it are refused too (image trees: a run folder there would look like
+    data); a CSV's folder only may not be the run folder itself."""
+    from promptalign.data import list_datasets
+    from promptalign.data.base import get_reader
+
+    d = cfg.data.dataset
+    if not d:
+        return None
+    if d in list_datasets():
+        return get_reader(d).dataset_dir(Path(cfg.data.root).expanduser()), True
+    p = Path(d).expanduser()
+    return (p.parent, False) if p.suffix.lower() == ".csv" else (p, True)
+
+
+def _check_out(out: str, data_dir: tuple[Path, bool] | None = None) -> None:
+    """``--out`` must be a writable folder path outside the dataset."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder; choose a new folder path")
+    target = path.resolve()
+    if data_dir is not None:
+        data, nested = data_dir[0].resolve(), data_dir[1]
+        if target == data or (nested and data in target.parents):
+            where = "is" if target == data else "is inside"
+            raise UsageError(f"--out {out}: {where} the dataset folder {data_dir[0]}; run files must "
+                             "not be written into the data, choose a folder elsewhere")
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write into {existing} (permission denied); "
+                         "choose a writable folder")
+
+
+def _check_method_preset(cfg) -> None:
+    """An unknown method or preset name is a one-line error before any model is built."""
+    from promptalign.methods import list_methods
+    from promptalign.registry import METHODS
+
+    name, preset = cfg.method.name, cfg.method.preset
+    if not name:
+        return
+    if name not in list_methods():
+        raise UsageError(f"--method {name}: unknown method; choose from {', '.join(list_methods())}")
+    presets = sorted(METHODS.get(name).config_class.PRESETS)
+    if preset is not None and preset not in presets:
+        raise UsageError(f"--preset {preset}: method {name!r} has no such preset; "
+                         f"presets: {', '.join(presets) or 'none'}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# PyTorch's advice to load untrusted files unsafely must never be repeated to users
+_UNSAFE_ADVICE = re.compile(
+    r"This file can still be loaded.*?(checkpoint\.|$)|[^.;()]*weights_only\s*=\s*False[^.;()]*[.;]?",
+    re.IGNORECASE)
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line, without terminal escapes or unsafe-loading advice."""
+    text = _UNSAFE_ADVICE.sub("", _ANSI.sub("", message))
+    text = re.sub(r"\s*\n\s*", " ", text)
+    text = re.sub(r"\(\s*([^()]*?)\s*\)", lambda m: f"({m.group(1)})", text)
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def _os_error_line(e: OSError) -> str:
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    hint = {errno.ENOSPC: "free some space or choose another --out",
+            errno.EACCES: "choose a writable folder", errno.EPERM: "choose a writable folder",
+            errno.EROFS: "the file system is read-only; choose another --out",
+            errno.EEXIST: "choose another path", errno.ENOTDIR: "a parent of the path is a file"}
+    reason = e.strerror or str(e)
+    extra = hint.get(e.errno or -1)
+    return f"{where}{reason}" + (f"; {extra}" if extra else "")
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -60,7 +185,8 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
     flags = {
         "method.name": args.method, "method.preset": args.preset, "data.dataset": args.dataset,
         "data.root": args.data_root, "data.shots": args.shots, "data.subsample": args.subsample,
-        "data.workers": args.workers, "run.seed": args.seed, "run.device": args.device,
+        "data.workers": args.workers, "data.split_file": args.split_file,
+        "run.seed": args.seed, "run.device": args.device,
         "backbone.arch": args.arch, "backbone.weights": args.weights,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
@@ -86,10 +212,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; drop --config")
+        _check_out(args.out)
         given = [f"{k}={'null' if v is None else v}" for k, v in _flag_overrides(args).items()]
         res = train(None, args.out, resume=True, overrides=given + list(args.overrides))
     else:
-        res = train(_train_config(args), args.out)
+        cfg = _train_config(args)
+        _check_method_preset(cfg)
+        _check_device(cfg.run.device, "--device" if args.device else "run.device")
+        _check_out(args.out, _dataset_dir(cfg))
+        res = train(cfg, args.out)
     m = res.metrics
     print(f"run {res.run_dir}: {res.epochs} epochs, {res.steps} steps; test accuracy {m['accuracy']:.2f}% "
           f"macro-F1 {m['macro_f1']:.2f}% on {m['n']} images")
@@ -99,6 +230,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from promptalign.engine import evaluate_run, harmonic_mean
 
+    _check_device(args.device)
     kw = dict(dataset=args.dataset, root=args.data_root, device=args.device)
     if args.base_new:
         base = evaluate_run(args.run, subsample="base", **kw)
@@ -119,34 +251,69 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_paths(items: list[str]) -> list[str]:
+    """Image files from files, folders (recursively) and .txt lists; an empty result is an error."""
+    paths: list[str] = []
+    for p in items:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UsageError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        elif path.suffix.lower() == ".txt" and path.is_file():
+            listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not listed:
+                raise UsageError(f"{p}: list file names no images")
+            paths += listed
+        else:
+            paths.append(p)
+    return paths
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be read as an image (None if it can)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except (OSError, ValueError) as e:
+        return _one_line(str(e)) or type(e).__name__
+    return None
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from promptalign.engine import predict
 
-    paths: list[str] = []
-    for p in args.images:
-        path = Path(p)
-        if path.is_dir():
-            paths += sorted(str(f) for f in path.rglob("*")
-                            if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"})
-        elif path.suffix.lower() == ".txt":
-            paths += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        else:
-            paths.append(p)
+    _check_device(args.device)
+    paths = _image_paths(args.images)
+    errors = {p: why for p in paths if (why := _unreadable(p)) is not None}
+    good = [p for p in paths if p not in errors]
     classes = None
     if args.classes:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    res = predict(args.run, paths, classnames=classes, topk=args.topk, device=args.device)
+    res = predict(args.run, good, classnames=classes, topk=args.topk, device=args.device) if good else []
+    by_path = {r["image"]: r for r in res}
+    rows = [by_path.get(str(p)) or {"image": str(p), "error": f"unreadable image: {errors[p]}"} for p in paths]
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps(rows))
     else:
-        _print_table([[r["image"], ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in r["top"])] for r in res],
-                     ["image", f"top-{args.topk}"])
-    return 0
+        k = max((len(r["top"]) for r in res), default=args.topk)
+        _print_table([[r["image"], ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in r["top"])
+                       if "top" in r else r["error"]] for r in rows], ["image", f"top-{k}"])
+    if errors:
+        note = "error: no image could be read" if not good else "warning"
+        print(f"promptalign predict: {note}: {len(errors)} of {len(paths)} image(s) unreadable, "
+              f"reported in their rows (first: {next(iter(errors))})", file=sys.stderr)
+    return 0 if good else 2
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from promptalign.benchmark import run_benchmark
 
+    _check_device(args.device)
+    _check_out(args.out)
     overrides = list(args.overrides)
     for key, value in (("backbone.arch", args.arch), ("backbone.weights", args.weights), ("run.device", args.device)):
         if value is not None:
@@ -162,7 +329,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         print(md)
     print(f"{len(s.ran)} job(s) run, {len(s.skipped)} already finished, {len(s.failed)} failed; tables in {s.out_dir}")
     for key, err in s.failed.items():
-        print(f"  FAILED {key}: {err}")
+        print(f"  FAILED {key}: {err} (details in its error.txt)")
     return 1 if s.failed else 0
 
 
@@ -171,8 +338,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from promptalign.demo import run_demo
 
+    _check_out(args.out)
     t = time.perf_counter()
-    res = run_demo(args.out, seed=args.seed, progress=not args.no_progress)
+    res = run_demo(args.out, seed=args.seed, progress=not args.no_progress, workers=args.workers)
     print(res.table())
     print(f"\nwrote {res.out_dir}/results.md, results.json, results.png and one run folder per method "
           f"({time.perf_counter() - t:.0f} s)")
@@ -182,7 +350,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from promptalign import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="promptalign",
         description="Prompt learning for frozen CLIP-style models (ALIGN, CoOp, MaPLe, ...).",
     )
@@ -204,13 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", help="a YAML run config, or a shipped preset name (promptalign list presets)")
     pt.add_argument("--dataset", help="dataset name (promptalign list datasets) or a folder / CSV path")
     pt.add_argument("--data-root", help="folder holding the datasets (CoOp layout)")
-    pt.add_argument("--shots", type=int, help="labelled images per class")
+    pt.add_argument("--shots", type=_positive, help="labelled images per class (>= 1)")
     pt.add_argument("--subsample", choices=["all", "base", "new"])
     pt.add_argument("--seed", type=int)
     pt.add_argument("--arch", help="backbone architecture (default ViT-B-16)")
     pt.add_argument("--weights", help="open_clip pretrained tag or local weights file")
     pt.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    pt.add_argument("--workers", type=int, help="data-loading workers")
+    pt.add_argument("--workers", type=_workers, help="data-loading workers (>= 0; results do not depend on it)")
+    pt.add_argument("--split-file", help="split JSON (train/val/test lists) for a custom ImageFolder / CSV "
+                                         "dataset (= data.split_file)")
     pt.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -230,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("run", help="run folder")
     pp.add_argument("images", nargs="+", help="image files, folders, or .txt lists of paths")
     pp.add_argument("--classes", help="comma-separated class names (default: the run's classes)")
-    pp.add_argument("--topk", type=int, default=5)
+    pp.add_argument("--topk", type=_positive, default=5, help="labels per image (>= 1, default 5)")
     pp.add_argument("--device", default="auto")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=_cmd_predict)
@@ -256,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("demo", help="zero-shot vs prompt learning on the built-in synthetic world (offline, ~2 min CPU)")
     pd.add_argument("--out", default="promptalign-demo", help="output folder (default: promptalign-demo)")
     pd.add_argument("--seed", type=int, default=None)
-    pd.add_argument("--no-progress", action="store_true")
+    pd.add_argument("--no-progress", action="store_true", help="no progress bar (results do not depend on it)")
+    pd.add_argument("--workers", type=_workers, default=0,
+                    help="data-loading workers (default 0; results do not depend on it)")
     pd.set_defaults(func=_cmd_demo)
 
     ps = sub.add_parser("selfcheck", help="offline check of the installation on a tiny random model")
@@ -281,16 +453,40 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from promptalign.backbone import WeightsError
     from promptalign.config import ConfigError
     from promptalign.data import DatasetError
     from promptalign.engine import CheckpointError, NonFiniteError
 
-    try:
-        return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteError, FileExistsError,
-            FileNotFoundError, KeyError) as e:
-        print(f"promptalign {args.command}: error: {e}", file=sys.stderr)
+    def fail(message: str) -> int:
+        print(f"promptalign {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
+
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `promptalign list backbones | head`: the reader left; stop quietly
+        _silence_stdout()
+        return 0
+    except (UsageError, ConfigError, DatasetError, CheckpointError, NonFiniteError,
+            WeightsError) as e:
+        return fail(str(e))
+    except (FileExistsError, FileNotFoundError) as e:
+        return fail(str(e) if not e.strerror else _os_error_line(e))
+    except KeyError as e:
+        return fail(str(e.args[0]) if e.args else repr(e))
+    except OSError as e:  # read-only folder, disk full, ...
+        return fail(_os_error_line(e))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

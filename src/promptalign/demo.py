@@ -45,9 +45,12 @@ def demo_spec() -> dict[str, Any]:
 
 
 def run_demo(out_dir: str | Path = "promptalign-demo", *, seed: int | None = None, progress: bool = True,
-             data_root: str | Path | None = None, spec: dict[str, Any] | None = None) -> DemoResult:
+             data_root: str | Path | None = None, spec: dict[str, Any] | None = None,
+             workers: int = 0) -> DemoResult:
     """Run the demo and write its outputs under ``out_dir`` (existing method runs are replaced).
-    ``spec`` replaces keys of the shipped demo.yaml (e.g. fewer methods or epochs)."""
+    ``spec`` replaces keys of the shipped demo.yaml (e.g. fewer methods or epochs). The numbers do
+    not depend on ``progress`` or ``workers`` (data order and augmentation are a function of the
+    seed, the epoch and the sample; see :mod:`promptalign.data.loader`)."""
     spec = {**demo_spec(), **(spec or {})}
     seed = spec["seed"] if seed is None else seed
     out = Path(out_dir).expanduser()
@@ -66,7 +69,8 @@ def run_demo(out_dir: str | Path = "promptalign-demo", *, seed: int | None = Non
         cfg = RunConfig(
             backbone=BackboneConfig(spec["backbone"], None),
             method=MethodSpec(name, entry.get("preset"), entry.get("options", {})),
-            data=DataConfig(dataset=spec["dataset"], root=str(root), shots=spec["shots"], subsample="base", workers=0),
+            data=DataConfig(dataset=spec["dataset"], root=str(root), shots=spec["shots"], subsample="base",
+                            workers=workers),
             optim=OptimConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], eval_batch_size=256),
             run=RunSettings(seed=seed, device="cpu", progress=progress),
         )

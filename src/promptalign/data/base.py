@@ -5,11 +5,17 @@ A reader (one file per dataset under ``readers/``) only turns its annotation for
 ``@DATASETS.register(name)``. Few-shot sampling with CoOp's semantics (so a seed selects the same
 images as CoOp), the portable cache of sampled splits, base/new subsampling and the load-time
 summary live here, once.
+
+The few-shot cache is keyed on everything that determines the sample (the train/val listings with
+labels, the class list, the split files' paths and content hashes, shots and seed), so an added
+class folder or an edited split file never reuses an old sample; it lives under the user's cache
+folder (:func:`default_cache_dir`), not in the data folder, unless ``cache_dir`` says otherwise.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 import logging
 import math
@@ -116,6 +122,10 @@ class DatasetReader(abc.ABC):
     def read(self, root: Path) -> Splits:
         """Parse the layout under ``root`` (the data root) into splits."""
 
+    def split_files(self, root: Path) -> list[Path]:
+        """Annotation files the splits are read from (part of the few-shot cache key)."""
+        return []
+
     def check_root(self, root: Path) -> Path:
         d = self.dataset_dir(root)
         if not d.is_dir():
@@ -131,6 +141,9 @@ class SplitJsonReader(DatasetReader):
 
     split_file: ClassVar[str] = ""
     rename: ClassVar[dict[str, str]] = {}
+
+    def split_files(self, root: Path) -> list[Path]:
+        return [self.dataset_dir(root) / self.split_file]
 
     def read(self, root: Path) -> Splits:
         return read_split_json(
@@ -298,8 +311,10 @@ def load_dataset(
         shots: labelled images per class for training (None = all).
         seed: sampling seed (CoOp seeds 1, 2, 3 select the same images as CoOp).
         subsample: "all", "base" (first ceil(n/2) classes) or "new" (the rest), relabelled from 0.
-        cache_dir: where sampled splits are cached (JSON, relative paths); default
-            ``<dataset folder>/split_fewshot``.
+        cache_dir: where sampled splits are cached (JSON, relative paths, one file per key of
+            :func:`few_shot_key`); default :func:`default_cache_dir` (``$PROMPTALIGN_CACHE_DIR``,
+            ``$XDG_CACHE_HOME/promptalign`` or ``~/.cache/promptalign``), never the data folder
+            unless given.
         reader: a reader instance to use instead of the registered one (custom datasets).
     """
     if subsample not in ("all", "base", "new"):
@@ -310,13 +325,15 @@ def load_dataset(
     reader = reader or get_reader(name)
     if not root.is_dir() and not reader.generates:
         raise DatasetError(f"{name}: data root {root} does not exist")
-    ddir = reader.check_root(root)
+    reader.check_root(root)
     image_root = reader.image_root(root)
     splits = reader.read(root)
     _check_labels(splits, name)
     train, val = splits.train, splits.val
     if shots is not None and not reader.test_only:
-        train, val = _cached_few_shot(name, splits, shots, seed, Path(cache_dir) if cache_dir else ddir / "split_fewshot", image_root)
+        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fewshot"
+        train, val = _cached_few_shot(name, splits, shots, seed, cache, image_root,
+                                      reader.split_files(root))
     label_pool = {r.label for r in (splits.train if not reader.test_only else splits.test)}
     keep = base_new_labels(label_pool, subsample)
     mapping = {old: new for new, old in enumerate(keep)}
@@ -345,23 +362,75 @@ def _check_labels(splits: Splits, name: str) -> None:
                 raise DatasetError(f"{name}: {split} entry {r.path!r} has label {r.label} outside 0..{n - 1}")
 
 
-def _cached_few_shot(name, splits, shots, seed, cache_dir: Path, image_root: Path):
-    path = cache_dir / f"shot_{shots}-seed_{seed}.json"
+def default_cache_dir() -> Path:
+    """Where few-shot samples are cached unless ``cache_dir`` is given: ``$PROMPTALIGN_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/promptalign``, else ``~/.cache/promptalign`` (never the data folder)."""
+    env = os.environ.get("PROMPTALIGN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "promptalign"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def few_shot_key(name: str, splits: Splits, shots: int, seed: int,
+                 split_files: Sequence[Path] = ()) -> dict:
+    """Everything that determines a few-shot sample: the dataset's train and val listings (paths
+    and labels), its class list, the split files (path and content hash), shots and seed."""
+    def listing(recs: list[Record]) -> str:
+        return hashlib.sha256(json.dumps(_records_to_json(recs)).encode()).hexdigest()
+
+    return {
+        "version": 2,
+        "dataset": name,
+        "shots": shots,
+        "seed": seed,
+        "classnames": list(splits.classnames),
+        "train_listing": listing(splits.train),
+        "val_listing": listing(splits.val),
+        "split_files": [{"path": str(Path(p).resolve()), "sha256": _file_sha256(Path(p))}
+                        for p in split_files if Path(p).is_file()],
+    }
+
+
+def _cached_few_shot(name, splits, shots, seed, cache_dir: Path, image_root: Path,
+                     split_files: Sequence[Path] = ()):
+    """The few-shot sample from the cache when its key matches exactly, else sampled afresh and
+    cached. A cache entry is named by the hash of its key, so a changed dataset, class list or
+    split file never finds a stale entry; an unreadable entry is only a cache: it is rebuilt with a
+    warning naming the file."""
+    key = few_shot_key(name, splits, shots, seed, split_files)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "dataset"
+    path = cache_dir / safe / f"shot_{shots}-seed_{seed}-{digest}.json"
     if path.is_file():
+        cached = None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            cached = read_split_json(path, name, image_root) if "test" in data else None
-        except DatasetError:
-            cached = None
-            log.warning("%s: ignoring unreadable few-shot cache %s; resampling", name, path)
+            if isinstance(data, dict) and data.get("key") == key:
+                cached = read_split_json(path, name, image_root)
+            else:
+                log.warning("%s: few-shot cache %s does not match this dataset; resampling", name, path)
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, DatasetError) as e:
+            log.warning("%s: ignoring unreadable few-shot cache %s (%s); resampling",
+                        name, path, str(e).splitlines()[0] if str(e) else type(e).__name__)
         if cached is not None:
             log.info("%s: few-shot split from cache %s", name, path)
             return cached.train, cached.val
     train, val = few_shot_splits(splits, shots, seed)
     payload = {"train": _records_to_json(train), "val": _records_to_json(val), "test": [],
-               "shots": shots, "seed": seed}
+               "shots": shots, "seed": seed, "key": key}
     try:
         atomic_write_text(path, json.dumps(payload))
-    except OSError as e:  # a read-only data folder must not stop the run
+    except OSError as e:  # an unwritable cache folder must not stop the run
         log.warning("%s: could not cache the few-shot split at %s (%s)", name, path, e)
+    else:
+        log.info("%s: few-shot split cached at %s", name, path)
     return train, val

@@ -46,6 +46,9 @@ class CustomReader(DatasetReader):
     def dataset_dir(self, root: Path) -> Path:
         return self.source.parent if self.is_csv else self.source
 
+    def split_files(self, root: Path) -> list[Path]:
+        return [self.split_file] if self.split_file is not None else []
+
     def image_root(self, root: Path) -> Path:
         return self.dataset_dir(root)
 
@@ -88,6 +91,9 @@ class CustomReader(DatasetReader):
 
     def _read_csv(self) -> list[Record]:
         recs: list[Record] = []
+        where = f"{self.registered_name}: {self.source}"
+        first_row: dict[str, tuple[int, int]] = {}  # path -> (row, label)
+        rows: list[int] = []
         with open(self.source, newline="", encoding="utf-8") as f:
             for i, row in enumerate(csv.reader(f), 1):
                 if not row or not "".join(row).strip():
@@ -95,26 +101,47 @@ class CustomReader(DatasetReader):
                 if i == 1 and len(row) >= 2 and not row[1].strip().lstrip("-").isdigit():
                     continue  # header
                 if len(row) not in (2, 3) or not row[1].strip().lstrip("-").isdigit():
-                    raise DatasetError(f"{self.registered_name}: {self.source}:{i}: expected 'path,label[,classname]', got {row}")
+                    raise DatasetError(f"{where}:{i}: expected 'path,label[,classname]', got {row}")
                 path, label = row[0].strip(), int(row[1])
                 if label < 0:
-                    raise DatasetError(f"{self.registered_name}: {self.source}:{i}: negative label {label}")
+                    raise DatasetError(f"{where}:{i}: negative label {label}; labels are 0-based")
                 check_inside(self.image_root(self.source), path, self.registered_name, f"{self.source}:{i}")
+                if path in first_row:
+                    j, other = first_row[path]
+                    what = (f"with conflicting labels {other} and {label}" if other != label
+                            else "twice")
+                    raise DatasetError(f"{where}: {path!r} is listed {what} (rows {j} and {i}); "
+                                       "list every image once")
+                first_row[path] = (i, label)
+                rows.append(i)
                 recs.append(Record(path, label, row[2].strip() if len(row) == 3 else str(label)))
         if not recs:
-            raise DatasetError(f"{self.registered_name}: {self.source} lists no images")
+            raise DatasetError(f"{where} lists no images")
+        _names(recs, where, rows)
         return recs
 
 
-def _names(recs: list[Record], where: str) -> list[str]:
+def _names(recs: list[Record], where: str, rows: list[int] | None = None) -> list[str]:
+    """Class names indexed by label; labels must be 0..n-1 with every label used. ``rows`` (the
+    CSV row of each record) lets errors name the offending row."""
+    rows = rows or [0] * len(recs)
     names: dict[int, str] = {}
-    for r in recs:
+    first: dict[int, int] = {}
+    for r, row in zip(recs, rows):
         if names.setdefault(r.label, r.classname) != r.classname:
-            raise DatasetError(f"{where}: label {r.label} is named both {names[r.label]!r} and {r.classname!r}")
+            at = f":{row}" if row else ""
+            raise DatasetError(f"{where}{at}: label {r.label} is named {r.classname!r} here and "
+                               f"{names[r.label]!r} in row {first[r.label]}")
+        first.setdefault(r.label, row)
     n = max(names) + 1
     missing = sorted(set(range(n)) - set(names))
     if missing:
-        raise DatasetError(f"{where}: labels {missing[:10]} never occur; labels must be 0..{n - 1}")
+        top = max(names)
+        at = f":{first[top]}" if first[top] else ""
+        raise DatasetError(
+            f"{where}{at}: label {top} is out of range: only {len(names)} distinct labels are used "
+            f"and labels {missing[:10]} never occur; labels must be 0..{len(names) - 1} (one per class)"
+        )
     return [names[i] for i in range(n)]
 
 
