@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .config import ConfigError, RunConfig, apply_overrides, resolve, to_dict
+from .config import ConfigError, RunConfig, apply_overrides, resolve_optim, to_dict
 from .engine import evaluate_run, harmonic_mean, train
 from .engine.checkpoint import RESUME_STATE, write_text
 from .presets import make_preset
@@ -112,18 +112,14 @@ def job_config(job: Job, base_overrides: Sequence[str], data_root: str) -> RunCo
 
 
 def resolved_job_config(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with the method's published optimisation preset filled in (what training uses),
-    without building the model; a bad method name, preset or option is a ConfigError."""
-    from .methods import list_methods
-    from .registry import METHODS
+    """``cfg`` with every method field and the method's published optimisation preset filled in
+    (what training uses), without building the model; a bad method name, preset or option is a
+    ConfigError."""
+    from .engine.build import resolve_method
 
-    if cfg.method.name not in list_methods():
-        raise ConfigError(f"unknown method {cfg.method.name!r}; choose from {', '.join(list_methods())}")
-    try:
-        mcfg = METHODS.get(cfg.method.name).config_class.from_preset(cfg.method.preset, **dict(cfg.method.options))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"method {cfg.method.name!r}: {e}") from e
-    return resolve(cfg, mcfg.optim)
+    spec = resolve_method(cfg.method)  # unknown method / preset / option: ConfigError
+    optim = resolve_optim(cfg.optim, spec.build().optim, cfg.data.shots)
+    return dataclasses.replace(cfg, method=spec, optim=optim)
 
 
 # settings that never change a job's result (the data order and augmentation do not depend on them)
