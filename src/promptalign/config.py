@@ -96,8 +96,8 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
         if value is None and len(others) < len(args):
             return None
         if isinstance(value, Text) and value.lower() in ("none", "null", "~") and len(others) < len(args):
-            takes_text = any(a is str or (typing.get_origin(a) is Literal and str(value) in
-                                          typing.get_args(a)) for a in others)
+            takes_text = any(typing.get_origin(a) is Literal and str(value) in typing.get_args(a)
+                             for a in others)  # e.g. optim.amp=none is the choice "none"
             if not takes_text:
                 return None
         errors = []

@@ -15,6 +15,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -31,3 +32,9 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
 
     atomic_write(path, write)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
