@@ -39,23 +39,41 @@ def test_tuple_option_from_one_word_is_one_item(tmp_path):
     assert load_yaml(path).method.options == {"regularizers": ("npt",), "n_ctx": 8}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method.options.n_ctxx=3", r"unknown key\(s\) \['method.options.n_ctxx'\]; allowed: \[.*'method.options.n_ctx'"),
-    ("method.options.n_ctx=many", "method.options.n_ctx: expected an integer, got 'many'"),
-    ("method.options.regularizers=n", r"method.options.regularizers: unknown regularizer\(s\) \['n'\]"),
-    ("method.options.class_token_position=mid",
-     r"method.options.class_token_position: 'mid' is not allowed; choose one of \['end', 'middle', 'front'\]"),
-    ("method.options.optim={optimizer: adam}",
-     r"method.options.optim.optimizer: 'adam' is not allowed; choose one of \['sgd', 'adamw'\]"),
-    ("method.preset=nope", "method.preset: coop has no preset 'nope'"),
-    ("optim.epochs=-5", "optim.epochs: -5 must be >= 0"),
-    ("optim.lr=-1", "optim.lr: -1.0 must be > 0"),
-    ("optim.batch_size=0", "optim.batch_size: 0 must be >= 1"),
-    ("optim=3", r"optim: expected a mapping of optim.\* keys"),
-    ("optim.amp=fp8", r"optim.amp: 'fp8' is not allowed; choose one of \['none', 'bf16', 'fp16'\]"),
-    ("data.workers=-1", "data.workers: -1 must be >= 0"),
-    ("data.shots=0", "data.shots: 0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "method.options.n_ctxx=3",
+            r"unknown key\(s\) \['method.options.n_ctxx'\]; allowed: \[.*'method.options.n_ctx'",
+        ),
+        ("method.options.n_ctx=many", "method.options.n_ctx: expected an integer, got 'many'"),
+        (
+            "method.options.regularizers=n",
+            r"method.options.regularizers: unknown regularizer\(s\) \['n'\]",
+        ),
+        (
+            "method.options.class_token_position=mid",
+            r"method.options.class_token_position: 'mid' is not allowed; "
+            r"choose one of \['end', 'middle', 'front'\]",
+        ),
+        (
+            "method.options.optim={optimizer: adam}",
+            r"method.options.optim.optimizer: 'adam' is not allowed; "
+            r"choose one of \['sgd', 'adamw'\]",
+        ),
+        ("method.preset=nope", "method.preset: coop has no preset 'nope'"),
+        ("optim.epochs=-5", "optim.epochs: -5 must be >= 0"),
+        ("optim.lr=-1", "optim.lr: -1.0 must be > 0"),
+        ("optim.batch_size=0", "optim.batch_size: 0 must be >= 1"),
+        ("optim=3", r"optim: expected a mapping of optim.\* keys"),
+        (
+            "optim.amp=fp8",
+            r"optim.amp: 'fp8' is not allowed; choose one of \['none', 'bf16', 'fp16'\]",
+        ),
+        ("data.workers=-1", "data.workers: -1 must be >= 0"),
+        ("data.shots=0", "data.shots: 0 must be >= 1"),
+    ],
+)
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
         coop(override)
@@ -109,20 +127,25 @@ def test_default_workers_fit_the_machine(monkeypatch):
 
 
 def test_method_registry_loads_on_first_use():
-    code = ("from promptalign.registry import METHODS; "
-            "print(METHODS.get('coop').__name__, 'coop' in METHODS)")
+    code = (
+        "from promptalign.registry import METHODS; "
+        "print(METHODS.get('coop').__name__, 'coop' in METHODS)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["CoOp", "True"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["method.options.n_ctxx=3"], "n_ctxx"),
-    (["method.options.regularizers=n"], "unknown regularizer"),
-    (["optim.epochs=-5"], "optim.epochs"),
-    (["optim=3"], "optim: expected a mapping"),
-    (["--workers", "-1"], "data.workers"),
-    (["--preset", "nope"], "method.preset"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["method.options.n_ctxx=3"], "n_ctxx"),
+        (["method.options.regularizers=n"], "unknown regularizer"),
+        (["optim.epochs=-5"], "optim.epochs"),
+        (["optim=3"], "optim: expected a mapping"),
+        (["--workers", "-1"], "data.workers"),
+        (["--preset", "nope"], "method.preset"),
+    ],
+)
 def test_cli_config_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--method", "coop", *args]) == 2
