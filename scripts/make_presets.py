@@ -9,8 +9,10 @@ def main() -> None:
     for method in list_methods():
         for protocol in PROTOCOLS:
             path = preset_dir() / f"{method}-{protocol}.yaml"
-            path.write_text(f"# {method}, {protocol} protocol: published settings (optim nulls = the "
-                            f"method's preset, epochs by shots)\n" + dump_yaml(make_preset(method, protocol)))
+            path.write_text(
+                f"# {method}, {protocol} protocol: published settings (optim nulls = the "
+                f"method's preset, epochs by shots)\n" + dump_yaml(make_preset(method, protocol))
+            )
             print(path)
 
 

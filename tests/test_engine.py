@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,10 +38,35 @@ def setup(tmp_path_factory):
 def _args(setup, out, method="coop", extra=()):
     root, weights = setup
     opts = [f"method.options.{k}={json.dumps(v)}" for k, v in small_config(method).items()]
-    return ["train", "--method", method, "--dataset", "oxford_pets", "--data-root", str(root / "data"),
-            "--shots", "2", "--seed", "1", "--out", str(out), "--arch", "pa-tiny-vit", "--weights",
-            str(weights), "--device", "cpu", "--workers", "0", "--no-progress",
-            "optim.epochs=1", "optim.batch_size=4", "optim.eval_batch_size=8", *opts, *extra]
+    return [
+        "train",
+        "--method",
+        method,
+        "--dataset",
+        "oxford_pets",
+        "--data-root",
+        str(root / "data"),
+        "--shots",
+        "2",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--arch",
+        "pa-tiny-vit",
+        "--weights",
+        str(weights),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        "optim.epochs=1",
+        "optim.batch_size=4",
+        "optim.eval_batch_size=8",
+        *opts,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -51,7 +77,13 @@ def test_every_method_trains_and_evaluates_through_the_cli(setup, tmp_path, meth
     for f in ("config.yaml", "prompts.safetensors", "run.json", "metrics.jsonl"):
         assert (out / f).is_file()
     info = json.loads((out / "run.json").read_text())
-    assert info["sampling"] == {"dataset": "oxford_pets", "shots": 2, "seed": 1, "subsample": "base", "num_classes": 3}
+    assert info["sampling"] == {
+        "dataset": "oxford_pets",
+        "shots": 2,
+        "seed": 1,
+        "subsample": "base",
+        "num_classes": 3,
+    }
     assert load_yaml(out / "config.yaml").optim.lr is not None  # resolved from the method preset
     assert main(["eval", str(out), "--subsample", "new", "--device", "cpu", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
@@ -64,20 +96,47 @@ def test_base_new_eval_and_predict(setup, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--base-new", "--device", "cpu", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["H"] == pytest.approx(2 * r["base"] * r["new"] / (r["base"] + r["new"]) if r["base"] + r["new"] else 0)
+    assert r["H"] == pytest.approx(
+        2 * r["base"] * r["new"] / (r["base"] + r["new"]) if r["base"] + r["new"] else 0
+    )
     images = setup[0] / "data" / "oxford_pets" / "images"
-    assert main(["predict", str(out), str(images / "beagle"), "--topk", "2", "--json", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(out),
+                str(images / "beagle"),
+                "--topk",
+                "2",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     preds = json.loads(capsys.readouterr().out)
     assert len(preds) == 11 and len(preds[0]["top"]) == 2
-    assert {t["label"] for p in preds for t in p["top"]} <= {"abyssinian", "american bulldog", "beagle"}
-    assert main(["predict", str(out), str(images / "beagle"), "--classes", "dog,cat", "--device", "cpu"]) == 0
+    assert {t["label"] for p in preds for t in p["top"]} <= {
+        "abyssinian",
+        "american bulldog",
+        "beagle",
+    }
+    assert (
+        main(
+            ["predict", str(out), str(images / "beagle"), "--classes", "dog,cat", "--device", "cpu"]
+        )
+        == 0
+    )
 
 
 def test_resume_after_interrupt_is_bit_identical(setup, tmp_path):
     def cfg(out):
-        from promptalign.cli import build_parser, _train_config
+        from promptalign.cli import _train_config, build_parser
 
-        return _train_config(build_parser().parse_args(_args(setup, out, "coop", ["optim.epochs=3"])))
+        return _train_config(
+            build_parser().parse_args(_args(setup, out, "coop", ["optim.epochs=3"]))
+        )
 
     full = train(cfg(tmp_path / "full"), tmp_path / "full")
 
@@ -91,12 +150,26 @@ def test_resume_after_interrupt_is_bit_identical(setup, tmp_path):
     with pytest.raises(Stop):
         train(cfg(tmp_path / "cut"), tmp_path / "cut", callbacks=[interrupt])
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["epoch"] == 1
+    (tmp_path / "cut" / ".prompts.safetensors.x1y2").write_bytes(b"half")  # a killed write
     resumed = train(None, tmp_path / "cut", resume=True)
     a = load_file(str(tmp_path / "full" / "prompts.safetensors"))
     b = load_file(str(tmp_path / "cut" / "prompts.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.steps == full.steps == 9
     assert resumed.metrics["accuracy"] == full.metrics["accuracy"]
+    assert not [p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith(".")]
+    # the steps the interrupted epoch had logged are not repeated
+    steps = [
+        json.loads(ln)["step"]
+        for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+        if "step" in json.loads(ln)
+    ]
+    assert steps == list(range(1, 10))
+    # every run file has the mode the user's umask gives
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "cut").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
 
 
 def test_existing_run_is_not_overwritten(setup, tmp_path, capsys):
@@ -143,11 +216,22 @@ def test_interrupted_write_leaves_previous_checkpoint(setup, tmp_path, monkeypat
 
 
 def test_config_overrides_are_typed():
-    cfg = apply_overrides(RunConfig(), ["optim.lr=0.01", "data.shots=4", "method.name=coop",
-                                        "method.options.n_ctx=8", "data.shots=none",
-                                        "backbone.weights=null"])
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            "optim.lr=0.01",
+            "data.shots=4",
+            "method.name=coop",
+            "method.options.n_ctx=8",
+            "data.shots=none",
+            "backbone.weights=null",
+        ],
+    )
     assert cfg.optim.lr == 0.01 and cfg.data.shots is None and cfg.method.options == {"n_ctx": 8}
-    with pytest.raises(ConfigError, match=r"optim.amp: 'fp8' is not allowed; choose one of \['none', 'bf16', 'fp16'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"optim.amp: 'fp8' is not allowed; choose one of \['none', 'bf16', 'fp16'\]",
+    ):
         apply_overrides(RunConfig(), ["optim.amp=fp8"])
     with pytest.raises(ConfigError, match="optim.lr: expected a number"):
         apply_overrides(RunConfig(), ["optim.lr=fast"])
@@ -163,7 +247,10 @@ def test_shipped_presets_match_the_method_configs():
         for protocol in PROTOCOLS:
             from promptalign.presets import load_preset
 
-            assert load_preset(f"{method}-{protocol}") == make_preset(method, protocol), (method, protocol)
+            assert load_preset(f"{method}-{protocol}") == make_preset(method, protocol), (
+                method,
+                protocol,
+            )
     assert load_preset("maple-cross_dataset").optim.epochs == 2
     assert load_preset("coop-fewshot").optim.epochs is None  # shot-dependent
 
@@ -182,14 +269,23 @@ def test_metrics():
     m = metrics_from_predictions(pred, lab, 4)
     assert m["accuracy"] == pytest.approx(400 / 6)
     assert m["per_class_accuracy"][:3] == [50.0, 50.0, 100.0] and m["per_class_accuracy"][3] is None
-    f1 = [2 * .5 * .5 / 1, 2 * 1 * .5 / 1.5, 2 * (2 / 3) * 1 / (5 / 3)]
+    f1 = [2 * 0.5 * 0.5 / 1, 2 * 1 * 0.5 / 1.5, 2 * (2 / 3) * 1 / (5 / 3)]
     assert m["macro_f1"] == pytest.approx(100 * sum(f1) / 3)
 
 
 def _torchrun(args, env_extra=None, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "promptalign.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "promptalign.cli",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -201,9 +297,13 @@ def test_two_process_gloo_training_and_sharded_eval(setup, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     acc1 = json.loads((one / "run.json").read_text())["metrics"]["accuracy"]
     acc2 = json.loads((two / "run.json").read_text())["metrics"]["accuracy"]
-    assert abs(acc1 - acc2) <= 20.0  # same recipe, 2 x 2 images per step vs 4: different sample order
+    assert (
+        abs(acc1 - acc2) <= 20.0
+    )  # same recipe, 2 x 2 images per step vs 4: different sample order
     lines = [ln for ln in (two / "metrics.jsonl").read_text().splitlines()]
-    assert all(json.loads(ln).get("step", 0) <= 6 for ln in lines)  # rank 0 logs only its own steps once
+    assert all(
+        json.loads(ln).get("step", 0) <= 6 for ln in lines
+    )  # rank 0 logs only its own steps once
     # sharded evaluation is exact: two processes score the same checkpoint identically to one
     res = _torchrun(["eval", str(one), "--json", "--device", "cpu"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -211,3 +311,112 @@ def test_two_process_gloo_training_and_sharded_eval(setup, tmp_path):
     single = evaluate_run(one, device="cpu")
     assert sharded["accuracy"] == single["accuracy"] and sharded["n"] == single["n"] == 10
     assert sharded["per_class_accuracy"] == single["per_class_accuracy"]
+
+
+def _cfg(setup, out, method="coop", extra=()):
+    from promptalign.cli import _train_config, build_parser
+
+    return _train_config(build_parser().parse_args(_args(setup, out, method, list(extra))))
+
+
+def test_resolved_config_alone_recreates_the_run_bit_identically(setup, tmp_path):
+    first = train(_cfg(setup, tmp_path / "a", "maple", ["optim.epochs=2"]), tmp_path / "a")
+    stored = load_yaml(tmp_path / "a" / "config.yaml")
+    opts = stored.method.options
+    assert {"n_ctx", "depth", "ctx_init", "position", "optim", "regularizers"} <= set(opts)
+    assert all(
+        getattr(stored.optim, f) is not None
+        for f in ("optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size")
+    )
+    assert stored.data.workers == 0 and stored.backbone.weights is not None
+    again = train(stored, tmp_path / "b")
+    a = load_file(str(tmp_path / "a" / "prompts.safetensors"))
+    b = load_file(str(tmp_path / "b" / "prompts.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.metrics["accuracy"] == first.metrics["accuracy"]
+    assert load_yaml(tmp_path / "b" / "config.yaml") == stored
+
+
+def test_progress_bar_never_changes_results(setup, tmp_path, monkeypatch):
+    quiet = train(_cfg(setup, tmp_path / "quiet"), tmp_path / "quiet")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = train(
+        dataclasses.replace(
+            _cfg(setup, tmp_path / "bar"),
+            run=dataclasses.replace(_cfg(setup, tmp_path / "bar").run, progress=True),
+        ),
+        tmp_path / "bar",
+    )
+    a = load_file(str(tmp_path / "quiet" / "prompts.safetensors"))
+    b = load_file(str(tmp_path / "bar" / "prompts.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and quiet.metrics == bar.metrics
+
+
+def test_progress_bar_is_off_when_stderr_is_not_a_terminal(monkeypatch):
+    from promptalign.engine.loop import _progress
+
+    batches = iter([1, 2])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert _progress(batches, 2, RunConfig(), "epoch 1/1") is batches
+
+
+def test_nan_in_training_and_evaluation_is_an_error_naming_where(setup, tmp_path, capsys):
+    from promptalign.engine import NonFiniteError, build_run, evaluate
+    from promptalign.engine.loop import _Step, train_epoch
+
+    cfg = _cfg(setup, tmp_path / "x")
+    r = build_run(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        r.method.ctx.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="training diverged at epoch 1, step 1"):
+        train_epoch(r, _Step(r.method), 0, 0, tmp_path, torch.device("cpu"))
+    with pytest.raises(
+        NonFiniteError, match="after epoch 3: the method's logits are NaN/inf on test batch 0"
+    ):
+        evaluate(r.method, r.test_set, batch_size=4, where="evaluation after epoch 3")
+    out = tmp_path / "run"
+    assert main(_args(setup, out)) == 0
+    state = load_file(str(out / "prompts.safetensors"))
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in state.items()},
+        str(out / "prompts.safetensors"),
+    )
+    capsys.readouterr()
+    assert main(["eval", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "hold NaN/inf" in err and len(err.strip().splitlines()) == 1
+
+
+def test_base_new_on_a_run_trained_on_all_classes_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "all"
+    assert main(_args(setup, out, extra=["--subsample", "all"])) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--base-new", "--device", "cpu"]) == 2
+    assert "trained on all classes" in capsys.readouterr().err
+    assert main(["eval", str(out), "--subsample", "base", "--device", "cpu"]) == 0
+
+
+def test_resume_refuses_option_changes_and_names_them(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out, extra=["optim.epochs=1"])) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--seed", "5", "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change ['optim.lr', 'run.seed']" in err
+    assert main(["train", "--out", str(out), "--resume", "--device", "cpu", "--no-progress"]) == 0
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_a_retry(setup, tmp_path):
+    out = tmp_path / "run"
+
+    def fail(record):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        train(_cfg(setup, out), out, callbacks=[fail])
+    assert not out.exists()
+    out.mkdir()
+    (out / "config.yaml").write_text("a run killed before its first checkpoint")
+    (out / "metrics.jsonl").write_text('{"epoch": 0, "step": 1}\n')
+    res = train(_cfg(setup, out), out)
+    assert res.steps == 3 and len((out / "metrics.jsonl").read_text().splitlines()) == 4

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import promptalign
 from promptalign.config import ConfigError
@@ -27,8 +26,11 @@ def test_every_method_file_registers_one_method():
     registered = set()
     for path in src.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register" \
-                    and getattr(node.func.value, "id", "") == "METHODS":
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", "") == "register"
+                and getattr(node.func.value, "id", "") == "METHODS"
+            ):
                 registered.add(node.args[0].value)
     assert registered and set(ALL) == registered
 
@@ -55,7 +57,9 @@ def test_gradients_reach_exactly_the_trainable_parameters(name, tiny):
         out["loss"].backward()
         got = {id(p) for p in m.parameters() if p.grad is not None}
         assert got == {id(p) for p in trainable}, f"{name}: gradients on the wrong parameters"
-        assert all(p.grad.abs().sum() > 0 for p in trainable), f"{name}: a trainable tensor got zero gradient"
+        assert all(p.grad.abs().sum() > 0 for p in trainable), (
+            f"{name}: a trainable tensor got zero gradient"
+        )
     else:
         assert not out["loss"].requires_grad
     assert all(p.grad is None for p in tiny.parameters())
@@ -162,12 +166,21 @@ def test_method_names_appear_only_in_their_own_file_and_the_registry():
         tree = ast.parse(path.read_text())
         # a config field's default naming another method is a reference resolved by the
         # registry (NPT's base), not a branch on the name
-        references = {id(n.value) for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
-                      for n in c.body if isinstance(n, ast.AnnAssign) and n.value is not None}
+        references = {
+            id(n.value)
+            for c in ast.walk(tree)
+            if isinstance(c, ast.ClassDef)
+            for n in c.body
+            if isinstance(n, ast.AnnAssign) and n.value is not None
+        }
         for node in ast.walk(tree):
             if id(node) in references:
                 continue
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value in names
+            ):
                 if owner[node.value] != path:
                     offenders.append(f"{path.relative_to(src)}:{node.lineno} {node.value!r}")
     assert not offenders, offenders
@@ -192,7 +205,9 @@ def shipped():
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_method_trains_with_its_published_defaults_on_the_shipped_model(name, shipped, caplog):
+def test_every_method_trains_with_its_published_defaults_on_the_shipped_model(
+    name, shipped, caplog
+):
     """Published depths (9, 12) are clamped to the shipped model's shallow towers with a note."""
     torch.manual_seed(0)
     m = create_method(name, shipped, CLASSES).train()

@@ -55,7 +55,13 @@ def test_align_reference_preset_is_the_released_semantics(tiny):
     m = create_method("align", tiny, CLASSES, preset="reference", n_sets=3, depth=2).eval()
     cfg = m.config
     assert (cfg.form, cfg.token_window, cfg.beta, cfg.eps, cfg.max_iter, cfg.tol) == (
-        "released", "prompt0", 1.0, 0.1, 100, 1e-2)
+        "released",
+        "prompt0",
+        1.0,
+        0.1,
+        100,
+        1e-2,
+    )
     x, _ = _batch(tiny)
     with torch.no_grad():
         cls = m.encode_classes()
@@ -72,11 +78,24 @@ def test_align_reference_preset_is_the_released_semantics(tiny):
         r, z = F.normalize(img.tokens, dim=-1), F.normalize(img.pooled, dim=-1)
         s_tok, h = F.normalize(cls["tokens"], dim=-1), F.normalize(cls["global"], dim=-1)
         S = torch.einsum("bmjd,knld->bkmnjl", r, s_tok)
-        inner = sinkhorn(1 - S, eps=0.1, max_iter=100, tol=1e-2, domain="kernel",
-                         mask_b=cls["mask"][None, :, None], check_every=5)
+        inner = sinkhorn(
+            1 - S,
+            eps=0.1,
+            max_iter=100,
+            tol=1e-2,
+            domain="kernel",
+            mask_b=cls["mask"][None, :, None],
+            check_every=5,
+        )
         s = torch.einsum("bmd,knd->bkmn", z, h)
-        outer = sinkhorn((1 - s) + (inner.plan * S).sum((-2, -1)), eps=0.1, max_iter=100, tol=1e-2,
-                         domain="kernel", check_every=5)
+        outer = sinkhorn(
+            (1 - s) + (inner.plan * S).sum((-2, -1)),
+            eps=0.1,
+            max_iter=100,
+            tol=1e-2,
+            domain="kernel",
+            check_every=5,
+        )
         expected = tiny.logit_scale * (outer.plan * s).sum((-2, -1))
         torch.testing.assert_close(m.logits(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -98,7 +117,9 @@ def test_align_forms_differ_only_by_the_token_term(tiny):
     """With beta = 0 the paper and released forms coincide; the token term makes the difference."""
     torch.manual_seed(0)
     paper = create_method("align", tiny, CLASSES, depth=2, beta=0.0, tol=1e-6, max_iter=1000).eval()
-    released = create_method("align", tiny, CLASSES, depth=2, form="released", beta=0.0, tol=1e-6, max_iter=1000).eval()
+    released = create_method(
+        "align", tiny, CLASSES, depth=2, form="released", beta=0.0, tol=1e-6, max_iter=1000
+    ).eval()
     released.load_prompt_state_dict(paper.prompt_state_dict())
     x, _ = _batch(tiny)
     with torch.no_grad():
@@ -114,7 +135,9 @@ def test_plot_reports_convergence_and_stage_freezes_text(tiny):
     out = m.training_step(_batch(tiny))
     assert 0.0 <= float(out["ot_converged"]) <= 1.0 and float(out["ot_iters"]) >= 1
     visual_only = create_method("plot", tiny, CLASSES, stage="visual")
-    names = {n for n, p in visual_only.named_parameters() if p.requires_grad and "backbone" not in n}
+    names = {
+        n for n, p in visual_only.named_parameters() if p.requires_grad and "backbone" not in n
+    }
     assert names == {"visual", "deep_visual"} or names == {"visual"}
 
 
@@ -134,7 +157,7 @@ def test_cocoop_batched_equals_one_image_at_a_time(tiny):
     x, _ = _batch(tiny, 3)
     with torch.no_grad():
         whole = m.logits(x)
-        single = torch.cat([m.logits(x[i:i + 1]) for i in range(3)])
+        single = torch.cat([m.logits(x[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(whole, single, rtol=1e-5, atol=1e-5)
 
 
@@ -162,8 +185,12 @@ def test_zeroshot_template_ensemble_is_mean_of_normalised_features(tiny):
     templates = ("a photo of a {}.", "a drawing of a {}.")
     m = create_method("zeroshot", tiny, CLASSES, templates=templates).eval()
     with torch.no_grad():
-        feats = torch.stack([F.normalize(tiny.encode_text(tiny.tokenize([t.format(c) for c in CLASSES])), dim=-1)
-                             for t in templates])
+        feats = torch.stack(
+            [
+                F.normalize(tiny.encode_text(tiny.tokenize([t.format(c) for c in CLASSES])), dim=-1)
+                for t in templates
+            ]
+        )
         expected = F.normalize(feats.mean(0), dim=-1)
         torch.testing.assert_close(m.encode_classes(), expected)
     with pytest.raises(ValueError, match="placeholder"):
@@ -179,8 +206,14 @@ def test_etf_gram_is_a_simplex_etf():
 
 def test_npt_regularizer_on_any_method_and_its_terms(tiny):
     torch.manual_seed(0)
-    m = create_method("coop", tiny, CLASSES, n_ctx=4, regularizers=("npt",),
-                      regularizer_options={"npt": {"text_weight": 2.0, "image_weight": 0.5}}).train()
+    m = create_method(
+        "coop",
+        tiny,
+        CLASSES,
+        n_ctx=4,
+        regularizers=("npt",),
+        regularizer_options={"npt": {"text_weight": 2.0, "image_weight": 0.5}},
+    ).train()
     out = m.training_step(_batch(tiny))
     assert {"npt_text", "npt_image"} <= set(out)
     torch.testing.assert_close(out["loss"], out["ce"] + out["npt_text"] + out["npt_image"])
@@ -203,8 +236,14 @@ def test_npt_more_classes_than_width(tiny):
     m = create_method("coop", tiny, many, n_ctx=2, regularizers=("npt",)).train()
     out = m.training_step((x, y))
     assert torch.isfinite(out["npt_text"]) and torch.isfinite(out["npt_image"])
-    strict = create_method("coop", tiny, many, n_ctx=2, regularizers=("npt",),
-                           regularizer_options={"npt": {"too_many_classes": "error"}}).train()
+    strict = create_method(
+        "coop",
+        tiny,
+        many,
+        n_ctx=2,
+        regularizers=("npt",),
+        regularizer_options={"npt": {"too_many_classes": "error"}},
+    ).train()
     with pytest.raises(ValueError, match="embedding width"):
         strict.training_step((x, y))
 
@@ -239,7 +278,9 @@ def test_kgcoop_knowledge_guided_term(tiny):
         m.ctx.add_(torch.randn(m.ctx.shape, generator=torch.Generator().manual_seed(1)))
     out = m.training_step(_batch(tiny))
     learned = m.encode_classes()
-    frozen = F.normalize(tiny.encode_text(tiny.tokenize([f"a photo of a {c}." for c in CLASSES])), dim=-1)
+    frozen = F.normalize(
+        tiny.encode_text(tiny.tokenize([f"a photo of a {c}." for c in CLASSES])), dim=-1
+    )
     expected = 8.0 * (1 - (learned * frozen).sum(-1).mean())
     torch.testing.assert_close(out["kg"], expected)
     # half the paper's mean squared L2 distance of the normalised features

@@ -19,9 +19,10 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -95,11 +96,14 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
         others = [a for a in args if a is not type(None)]
         if value is None and len(others) < len(args):
             return None
-        if isinstance(value, Text) and value.lower() in ("none", "null", "~") and len(others) < len(args):
-            # YAML's null ("null", "~") is always None; "none" stays text where the field takes it
-            takes_text = value.lower() == "none" and any(
-                a is str or (typing.get_origin(a) is Literal and str(value) in typing.get_args(a))
-                for a in others)
+        if (
+            isinstance(value, Text)
+            and value.lower() in ("none", "null", "~")
+            and len(others) < len(args)
+        ):
+            takes_text = any(
+                typing.get_origin(a) is Literal and str(value) in typing.get_args(a) for a in others
+            )  # e.g. optim.amp=none is the choice "none"
             if not takes_text:
                 return None
         errors = []
@@ -123,15 +127,19 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
         return from_dict(tp, value, prefix=key)
     if isinstance(value, Text):
         value = str(value) if tp is str else _yaml(key, value)
-    if origin in (Mapping, dict, typing.Mapping) or tp is dict or (
-            origin is not None and getattr(origin, "__name__", "") == "Mapping"):
+    if (
+        origin in (Mapping, dict, typing.Mapping)
+        or tp is dict
+        or (origin is not None and getattr(origin, "__name__", "") == "Mapping")
+    ):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping ({{key: value}}), got {value!r}")
         vt = args[1] if len(args) == 2 else Any
         return {k: check_value(f"{key}.{k}", vt, v) for k, v in value.items()}
     if origin is tuple:
-        if isinstance(value, (str, int, float)) and not (len(args) == 2 and args[1] is Ellipsis
-                                                         and typing.get_origin(args[0]) is tuple):
+        if isinstance(value, (str, int, float)) and not (
+            len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple
+        ):
             value = [value]  # a single item: "npt" -> ("npt",)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -164,14 +172,17 @@ def check_fields(cls: type, data: Any, prefix: str = "") -> dict[str, Any]:
     that list the allowed ones."""
     where = f"{prefix}." if prefix else ""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping of {where}* keys "
-                          f"(e.g. {{{dataclasses.fields(cls)[0].name}: ...}}), got {data!r}")
+        raise ConfigError(
+            f"{prefix or cls.__name__}: expected a mapping of {where}* keys "
+            f"(e.g. {{{dataclasses.fields(cls)[0].name}: ...}}), got {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(str(k) for k in set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown key(s) {[where + u for u in unknown]}; allowed: "
-                          f"{[where + n for n in names]}")
+        raise ConfigError(
+            f"unknown key(s) {[where + u for u in unknown]}; allowed: {[where + n for n in names]}"
+        )
     return {k: check_value(where + k, hints[k], v) for k, v in data.items()}
 
 
@@ -223,16 +234,26 @@ class OptimConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         _at_least(self, lr=(0.0, False), warmup_lr=(0.0, False), grad_clip=(0.0, False))
-        _at_least(self, momentum=(0.0, True), weight_decay=(0.0, True), epochs=(0, True),
-                  warmup_epochs=(0, True), batch_size=(1, True), eval_batch_size=(1, True))
+        _at_least(
+            self,
+            momentum=(0.0, True),
+            weight_decay=(0.0, True),
+            epochs=(0, True),
+            warmup_epochs=(0, True),
+            batch_size=(1, True),
+            eval_batch_size=(1, True),
+        )
         for max_shots, epochs in self.epochs_by_shots or ():
             if max_shots < 1 or epochs < 0:
-                raise FieldError(f"epochs_by_shots: ({max_shots}, {epochs}) needs max_shots >= 1 "
-                                  "and epochs >= 0")
+                raise FieldError(
+                    f"epochs_by_shots: ({max_shots}, {epochs}) needs max_shots >= 1 and epochs >= 0"
+                )
 
     def merged(self, over: OptimConfig) -> OptimConfig:
         """These settings with every field that ``over`` sets (not None) taken from ``over``."""
-        return dataclasses.replace(self, **{k: v for k, v in _fields(over).items() if v is not None})
+        return dataclasses.replace(
+            self, **{k: v for k, v in _fields(over).items() if v is not None}
+        )
 
     def epochs_for(self, shots: int | None) -> int | None:
         """Epochs for a run with ``shots`` labelled images per class (None: ``epochs``)."""
@@ -244,9 +265,19 @@ class OptimConfig:
 
 
 DEFAULT_OPTIM = OptimConfig(
-    optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=5e-4, epochs=50, epochs_by_shots=(),
-    batch_size=32, warmup_epochs=1, warmup_lr=1e-5, scheduler="cosine", eval_batch_size=100,
-    grad_clip=None, amp="none",
+    optimizer="sgd",
+    lr=0.002,
+    momentum=0.9,
+    weight_decay=5e-4,
+    epochs=50,
+    epochs_by_shots=(),
+    batch_size=32,
+    warmup_epochs=1,
+    warmup_lr=1e-5,
+    scheduler="cosine",
+    eval_batch_size=100,
+    grad_clip=None,
+    amp="none",
 )
 
 
@@ -262,10 +293,10 @@ def resolve_optim(run: OptimConfig, method: OptimConfig, shots: int | None) -> O
 @dataclass(frozen=True)
 class BackboneConfig:
     """Attributes:
-        arch: open_clip architecture (or shipped model / config / JSON path).
-        weights: open_clip pretrained tag or local weights file; None = random for open_clip
-            architectures (tests only) and the shipped weights for a shipped model; "auto" (the
-            default) = the shipped weights for a shipped model (e.g. "tiny-shapes"), else "openai".
+    arch: open_clip architecture (or shipped model / config / JSON path).
+    weights: open_clip pretrained tag or local weights file; None = random for open_clip
+        architectures (tests only) and the shipped weights for a shipped model; "auto" (the
+        default) = the shipped weights for a shipped model (e.g. "tiny-shapes"), else "openai".
     """
 
     arch: str = "ViT-B-16"
@@ -286,10 +317,10 @@ def default_weights(arch: str) -> str | None:
 @dataclass(frozen=True)
 class MethodSpec:
     """Attributes:
-        name: registered method (required; see ``promptalign list methods``).
-        preset: named preset of the method's config (e.g. ALIGN's "reference").
-        options: the method's config fields to change, e.g. {"n_ctx": 4}; converted and checked
-            by the method's config class (unknown keys and bad values are errors).
+    name: registered method (required; see ``promptalign list methods``).
+    preset: named preset of the method's config (e.g. ALIGN's "reference").
+    options: the method's config fields to change, e.g. {"n_ctx": 4}; converted and checked
+        by the method's config class (unknown keys and bad values are errors).
     """
 
     name: str = ""
@@ -303,8 +334,10 @@ class MethodSpec:
             return
         cls = method_config_class(self.name)
         if self.preset is not None and self.preset not in cls.PRESETS:
-            raise FieldError(f"preset: {self.name} has no preset {self.preset!r}; presets: "
-                             f"{sorted(cls.PRESETS) or 'none'}")
+            raise FieldError(
+                f"preset: {self.name} has no preset {self.preset!r}; presets: "
+                f"{sorted(cls.PRESETS) or 'none'}"
+            )
         opts = check_fields(cls, self.options, "method.options")
         try:
             cls.from_preset(self.preset, **opts)  # the class's own checks (ranges, names)
@@ -317,8 +350,9 @@ class MethodSpec:
     def build(self) -> Any:
         """The method's config instance (published defaults < preset < options)."""
         if not self.name:
-            raise ConfigError("method.name: no method given (--method); one of "
-                              f"{', '.join(_method_names())}")
+            raise ConfigError(
+                f"method.name: no method given (--method); one of {', '.join(_method_names())}"
+            )
         return method_config_class(self.name).from_preset(self.preset, **self.options)
 
 
@@ -350,13 +384,13 @@ def default_workers() -> int:
 @dataclass(frozen=True)
 class DataConfig:
     """Attributes:
-        dataset: registered dataset name, or a path to a custom ImageFolder tree / CSV.
-        root: the data root (CoOp layout).
-        split_file: split JSON for a custom dataset.
-        shots: labelled images per class (None = all; >= 1).
-        subsample: "all", "base" or "new" classes.
-        workers: data-loading worker processes (None = :func:`default_workers`; >= 0).
-        skip_corrupt: skip (and count) unreadable images instead of failing.
+    dataset: registered dataset name, or a path to a custom ImageFolder tree / CSV.
+    root: the data root (CoOp layout).
+    split_file: split JSON for a custom dataset.
+    shots: labelled images per class (None = all; >= 1).
+    subsample: "all", "base" or "new" classes.
+    workers: data-loading worker processes (None = :func:`default_workers`; >= 0).
+    skip_corrupt: skip (and count) unreadable images instead of failing.
     """
 
     dataset: str = ""
@@ -375,10 +409,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class RunSettings:
     """Attributes:
-        seed: run seed (sampling, initialisation, data order).
-        device: "auto", "cpu", "cuda", "cuda:1", ...
-        eval_every: evaluate on the test split every N epochs (0 = only at the end).
-        progress: show a progress bar (only when stderr is a terminal; never changes results).
+    seed: run seed (sampling, initialisation, data order).
+    device: "auto", "cpu", "cuda", "cuda:1", ...
+    eval_every: evaluate on the test split every N epochs (0 = only at the end).
+    progress: show a progress bar (only when stderr is a terminal; never changes results).
     """
 
     seed: int = 1
@@ -420,19 +454,22 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | Mapping[str, Any]) ->
             if cls is not None:
                 hints = typing.get_type_hints(cls)
                 if part not in hints:
-                    raise ConfigError(f"unknown key {'.'.join(parts[:i + 1])!r}; allowed: "
-                                      f"{_keys(parts[:i], hints)}")
+                    raise ConfigError(
+                        f"unknown key {'.'.join(parts[: i + 1])!r}; allowed: "
+                        f"{_keys(parts[:i], hints)}"
+                    )
                 nxt = hints[part]
                 cls = nxt if dataclasses.is_dataclass(nxt) else None
             if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section")
             node = node.setdefault(part, {})
         if cls is not None:
             hints = typing.get_type_hints(cls)
             if parts[-1] not in hints:
                 raise ConfigError(f"unknown key {key!r}; allowed: {_keys(parts[:-1], hints)}")
         if key == "backbone.arch" and data["backbone"].get("weights") == default_weights(
-                str(data["backbone"].get("arch"))):
+            str(data["backbone"].get("arch"))
+        ):
             data["backbone"]["weights"] = "auto"  # the old arch's default follows the new arch
         node[parts[-1]] = Text(value) if text else value
     return from_dict(RunConfig, data)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, Generic, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -50,7 +51,7 @@ class Registry(Generic[T]):
                     f"{self.kind} {name!r} is already registered by {self._items[name]!r}"
                 )
             self._items[name] = obj
-            setattr(obj, "registered_name", name)
+            obj.registered_name = name
             return obj
 
         return deco

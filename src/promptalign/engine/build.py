@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,14 @@ from ..config import (
     resolve_optim,
     to_dict,
 )
-from ..data import Dataset, ImageDataset, build_transform, list_datasets, load_custom_dataset, load_dataset
+from ..data import (
+    Dataset,
+    ImageDataset,
+    build_transform,
+    list_datasets,
+    load_custom_dataset,
+    load_dataset,
+)
 from ..data.base import DatasetError
 from ..methods import PromptMethod, create_method
 
@@ -43,11 +51,15 @@ def load_data(cfg: RunConfig, seed: int, subsample: str | None = None) -> Datase
     d = cfg.data
     sub = subsample or d.subsample
     if not d.dataset:
-        raise DatasetError("no dataset given: set data.dataset (a registered name or a folder / CSV path)")
+        raise DatasetError(
+            "no dataset given: set data.dataset (a registered name or a folder / CSV path)"
+        )
     if d.dataset in list_datasets():
         return load_dataset(d.dataset, d.root, shots=d.shots, seed=seed, subsample=sub)
     if Path(d.dataset).expanduser().exists():
-        return load_custom_dataset(d.dataset, split_file=d.split_file, shots=d.shots, seed=seed, subsample=sub)
+        return load_custom_dataset(
+            d.dataset, split_file=d.split_file, shots=d.shots, seed=seed, subsample=sub
+        )
     raise DatasetError(
         f"dataset {d.dataset!r} is neither a registered dataset ({', '.join(list_datasets())}) "
         "nor an existing ImageFolder / CSV path"
@@ -76,17 +88,27 @@ def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunCo
     )
 
 
-def build_method(cfg: RunConfig, classnames: Sequence[str], device: torch.device,
-                 backbone=None, template: str | None = None) -> PromptMethod:
-    """The method of ``cfg`` on its backbone (or ``backbone``), prompts initialised from the seed."""
+def build_method(
+    cfg: RunConfig,
+    classnames: Sequence[str],
+    device: torch.device,
+    backbone=None,
+    template: str | None = None,
+) -> PromptMethod:
+    """The method of ``cfg`` on its backbone (or ``backbone``), prompts from the run seed."""
     spec = resolve_method(cfg.method, template)
-    bb = backbone if backbone is not None else load_backbone(cfg.backbone.arch, cfg.backbone.weights,
-                                                             device=device)
+    bb = (
+        backbone
+        if backbone is not None
+        else load_backbone(cfg.backbone.arch, cfg.backbone.weights, device=device)
+    )
     torch.manual_seed(cfg.run.seed)  # prompt initialisation
     return create_method(spec.name, bb, classnames, config=spec.build()).to(device)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer | None:
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: RunConfig
+) -> torch.optim.Optimizer | None:
     o = cfg.optim
     if not params:
         return None
@@ -95,13 +117,25 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.o
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def image_sets(cfg: RunConfig, data: Dataset, method: PromptMethod) -> tuple[ImageDataset, ImageDataset]:
+def image_sets(
+    cfg: RunConfig, data: Dataset, method: PromptMethod
+) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) image datasets with the backbone's preprocessing."""
     pre = method.backbone.preprocess
-    train = ImageDataset(data.name, data.image_root, data.train, build_transform(pre, train=True),
-                         cfg.data.skip_corrupt)
-    test = ImageDataset(data.name, data.image_root, data.test, build_transform(pre, train=False),
-                        cfg.data.skip_corrupt)
+    train = ImageDataset(
+        data.name,
+        data.image_root,
+        data.train,
+        build_transform(pre, train=True),
+        cfg.data.skip_corrupt,
+    )
+    test = ImageDataset(
+        data.name,
+        data.image_root,
+        data.test,
+        build_transform(pre, train=False),
+        cfg.data.skip_corrupt,
+    )
     return train, test
 
 
@@ -122,7 +156,9 @@ class Run:
 def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
     """Data, backbone, method and optimiser of ``cfg``, and the resolved config."""
     if not cfg.method.name:
-        raise ConfigError(f"no method given: set method.name (--method), one of {', '.join(_methods())}")
+        raise ConfigError(
+            f"no method given: set method.name (--method), one of {', '.join(_methods())}"
+        )
     seed_everything(cfg.run.seed)
     data = load_data(cfg, cfg.run.seed)
     method = build_method(cfg, data.classnames, device, backbone, data.template)
@@ -134,8 +170,9 @@ def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
     return Run(cfg, data, method, build_optimizer(params, cfg), scaler, train_set, test_set, names)
 
 
-def run_info(cfg: RunConfig, method: PromptMethod, data: Dataset, epoch: int,
-             metrics: dict | None) -> dict[str, Any]:
+def run_info(
+    cfg: RunConfig, method: PromptMethod, data: Dataset, epoch: int, metrics: dict | None
+) -> dict[str, Any]:
     return {
         "method": cfg.method.name,
         "classnames": list(method.classnames),
@@ -150,13 +187,18 @@ def run_info(cfg: RunConfig, method: PromptMethod, data: Dataset, epoch: int,
 RESUMABLE = ("run.device", "run.progress", "data.workers", "data.root")
 
 
-def resume_config(stored: RunConfig, overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
+def resume_config(
+    stored: RunConfig, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> RunConfig:
     """The config of a resumed run: ``stored`` with ``overrides`` that do not change results
     (:data:`RESUMABLE`); an override that changes anything else is an error naming the keys."""
     changed = apply_overrides(stored, overrides)
     flat_a, flat_b = _flatten(to_dict(stored)), _flatten(to_dict(changed))
-    diff = sorted(k for k in flat_a.keys() | flat_b.keys()
-                  if flat_a.get(k) != flat_b.get(k) and k not in RESUMABLE)
+    diff = sorted(
+        k
+        for k in flat_a.keys() | flat_b.keys()
+        if flat_a.get(k) != flat_b.get(k) and k not in RESUMABLE
+    )
     if diff:
         raise ConfigError(
             f"--resume continues the run as its config.yaml says and cannot change {diff} "

@@ -46,7 +46,9 @@ def write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def write_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
@@ -151,13 +153,20 @@ def truncate_metrics(run_dir: Path, epoch: int, steps: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by the kill
-        if "step" in rec and rec["step"] <= steps or "step" not in rec and rec.get("epoch", epoch) < epoch:
+        if (
+            "step" in rec
+            and rec["step"] <= steps
+            or "step" not in rec
+            and rec.get("epoch", epoch) < epoch
+        ):
             kept.append(line)
     write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 # --------------------------------------------------------------------------- resume state
-def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(
+    opt: torch.optim.Optimizer, names: dict[int, str]
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimiser state into tensors (keyed by parameter name) and JSON scalars."""
     tensors, scalars = {}, {}
     for group in opt.param_groups:
@@ -170,23 +179,26 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> tupl
     return tensors, scalars
 
 
-def load_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict, scalars: dict,
-                   device) -> None:
+def load_optimizer(
+    opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict, scalars: dict, device
+) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             state = {}
             prefix = f"{names[id(p)]}::"
             for k, v in tensors.items():
                 if k.startswith(prefix):
-                    state[k[len(prefix):]] = v.to(device)
+                    state[k[len(prefix) :]] = v.to(device)
             for k, v in scalars.items():
                 if k.startswith(prefix):
-                    state[k[len(prefix):]] = v
+                    state[k[len(prefix) :]] = v
             if state:
                 opt.state[p] = state
 
 
-def save_resume(run_dir: Path, method, opt, scaler, names: dict[int, str], epoch: int, steps: int) -> None:
+def save_resume(
+    run_dir: Path, method, opt, scaler, names: dict[int, str], epoch: int, steps: int
+) -> None:
     """One atomic file holding everything a resume needs (prompts + optimiser)."""
     tensors = {f"prompt/{k}": v for k, v in method.prompt_state_dict().items()}
     scalars: dict = {}
@@ -197,7 +209,9 @@ def save_resume(run_dir: Path, method, opt, scaler, names: dict[int, str], epoch
     write_tensors(run_dir / RESUME_STATE, tensors, metadata={"resume": json.dumps(meta)})
 
 
-def load_resume(run_dir: Path, method, opt, scaler, names: dict[int, str], device) -> tuple[int, int]:
+def load_resume(
+    run_dir: Path, method, opt, scaler, names: dict[int, str], device
+) -> tuple[int, int]:
     """Restore :func:`save_resume`'s state; returns (epochs done, steps done)."""
     path = run_dir / RESUME_STATE
     tensors = read_tensors(path)
@@ -205,15 +219,22 @@ def load_resume(run_dir: Path, method, opt, scaler, names: dict[int, str], devic
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["resume"])
     except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} lacks its resume metadata ({e}); it was not written by promptalign") from e
-    prompts = {k[len("prompt/"):]: v for k, v in tensors.items() if k.startswith("prompt/")}
+        raise CheckpointError(
+            f"{path} lacks its resume metadata ({e}); it was not written by promptalign"
+        ) from e
+    prompts = {k[len("prompt/") :]: v for k, v in tensors.items() if k.startswith("prompt/")}
     try:
         method.load_prompt_state_dict(prompts)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     if opt is not None:
-        load_optimizer(opt, names, {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")},
-                       meta.get("optim_scalars", {}), device)
+        load_optimizer(
+            opt,
+            names,
+            {k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")},
+            meta.get("optim_scalars", {}),
+            device,
+        )
     if meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     return int(meta["epoch"]), int(meta["steps"])

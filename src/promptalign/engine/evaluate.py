@@ -27,10 +27,14 @@ def metrics_from_predictions(pred: torch.Tensor, labels: torch.Tensor, num_class
     tp = conf.diag().float()
     support = conf.sum(1).float()
     predicted = conf.sum(0).float()
-    per_class = torch.where(support > 0, tp / support.clamp_min(1), torch.full_like(tp, float("nan")))
+    per_class = torch.where(
+        support > 0, tp / support.clamp_min(1), torch.full_like(tp, float("nan"))
+    )
     precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
     recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    f1 = torch.where(
+        precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp)
+    )
     present = support > 0
     return {
         "accuracy": 100.0 * tp.sum().item() / max(n, 1),
@@ -45,8 +49,16 @@ def harmonic_mean(base: float, new: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(method, data: ImageDataset, *, batch_size: int = 100, device: torch.device | str = "cpu",
-             amp: str = "none", workers: int = 0, where: str = "evaluation") -> dict:
+def evaluate(
+    method,
+    data: ImageDataset,
+    *,
+    batch_size: int = 100,
+    device: torch.device | str = "cpu",
+    amp: str = "none",
+    workers: int = 0,
+    where: str = "evaluation",
+) -> dict:
     """Score ``data`` with ``method`` (its current class names) and return the metrics.
 
     Raises :class:`NonFiniteError` (naming ``where`` and the batch) when a logit is NaN or inf,
@@ -54,7 +66,9 @@ def evaluate(method, data: ImageDataset, *, batch_size: int = 100, device: torch
     device = torch.device(device)
     method.eval()
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    shard = torch.utils.data.Subset(data, list(range(rank, len(data), world))) if world > 1 else data
+    shard = (
+        torch.utils.data.Subset(data, list(range(rank, len(data), world))) if world > 1 else data
+    )
     loader = make_loader(shard, batch_size, train=False, workers=workers, device=device)
     preds, labels, skipped = [], [], 0
     for i, batch in enumerate(loader):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -27,10 +28,14 @@ def load_run(run_dir: str | os.PathLike, *, device: str = "auto", backbone=None)
         raise ck.CheckpointError(f"{run_dir / ck.RUN_INFO} lacks the class names")
     method = build_method(cfg, info["classnames"], du.local_device(device), backbone)
     state = ck.read_tensors(run_dir / ck.PROMPTS)
-    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    bad = sorted(
+        k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()
+    )
     if bad:
-        raise ck.CheckpointError(f"{run_dir / ck.PROMPTS}: tensors {bad} hold NaN/inf (the training "
-                                 "diverged); retrain with a lower optim.lr")
+        raise ck.CheckpointError(
+            f"{run_dir / ck.PROMPTS}: tensors {bad} hold NaN/inf (the training "
+            "diverged); retrain with a lower optim.lr"
+        )
     try:
         method.load_prompt_state_dict(state)
     except ValueError as e:
@@ -56,13 +61,15 @@ def evaluate_run(
     method, cfg, info = load_run(run_dir, device=device, backbone=backbone)
     if subsample == "new" and dataset is None and cfg.data.subsample == "all":
         raise ConfigError(
-            f"{run_dir} was trained on all classes of {cfg.data.dataset}, so its 'new' classes were "
-            "trained on; base-to-new needs a run trained with --subsample base (evaluate this one "
-            "with --subsample all, or on another --dataset)"
+            f"{run_dir} was trained on all classes of {cfg.data.dataset}, so its 'new' classes "
+            "were trained on; base-to-new needs a run trained with --subsample base "
+            "(evaluate this one with --subsample all, or on another --dataset)"
         )
     data_cfg = cfg.data
     if dataset is not None:
-        data_cfg = dataclasses.replace(data_cfg, dataset=dataset, root=root or data_cfg.root, split_file=None)
+        data_cfg = dataclasses.replace(
+            data_cfg, dataset=dataset, root=root or data_cfg.root, split_file=None
+        )
     elif root is not None:
         data_cfg = dataclasses.replace(data_cfg, root=root)
     cfg = dataclasses.replace(cfg, data=data_cfg)
@@ -71,8 +78,14 @@ def evaluate_run(
     _, test = image_sets(cfg, data, method)
     dev = method.backbone.device
     with du.process_group(dev):
-        m = evaluate(method, test, batch_size=batch_size or cfg.optim.eval_batch_size, device=dev,
-                     amp=cfg.optim.amp, where=f"evaluation of {run_dir}")
+        m = evaluate(
+            method,
+            test,
+            batch_size=batch_size or cfg.optim.eval_batch_size,
+            device=dev,
+            amp=cfg.optim.amp,
+            where=f"evaluation of {run_dir}",
+        )
     m.update(dataset=data.name, subsample=data.subsample, num_classes=data.num_classes)
     return m
 
@@ -104,7 +117,13 @@ def predict(
             probs = method.logits(x).softmax(-1)[0]
         k = min(topk, probs.numel())
         p, idx = probs.topk(k)
-        out.append({"image": str(path),
-                    "top": [{"label": method.classnames[i], "prob": float(q)}
-                            for q, i in zip(p.tolist(), idx.tolist())]})
+        out.append(
+            {
+                "image": str(path),
+                "top": [
+                    {"label": method.classnames[i], "prob": float(q)}
+                    for q, i in zip(p.tolist(), idx.tolist())
+                ],
+            }
+        )
     return out

@@ -14,9 +14,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -51,20 +52,42 @@ class _Step(torch.nn.Module):
         return self.method.training_step((images, labels))
 
 
-def train_epoch(r: Run, step_module: torch.nn.Module, epoch: int, steps: int, run_dir: Path,
-                device: torch.device, callbacks: Sequence[StepCallback] = ()) -> tuple[int, int]:
+def train_epoch(
+    r: Run,
+    step_module: torch.nn.Module,
+    epoch: int,
+    steps: int,
+    run_dir: Path,
+    device: torch.device,
+    callbacks: Sequence[StepCallback] = (),
+) -> tuple[int, int]:
     """One epoch of ``r``; returns (steps done in total, images skipped as unreadable)."""
     o, seed, opt = r.cfg.optim, r.cfg.run.seed, r.optimizer
-    lr = lr_at(epoch, lr=o.lr, epochs=o.epochs, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
-               scheduler=o.scheduler)
+    lr = lr_at(
+        epoch,
+        lr=o.lr,
+        epochs=o.epochs,
+        warmup_epochs=o.warmup_epochs,
+        warmup_lr=o.warmup_lr,
+        scheduler=o.scheduler,
+    )
     for g in opt.param_groups:
         g["lr"] = lr
     torch.manual_seed(seed * 100_003 + epoch)  # augmentation / dropout stream of this epoch
     sampler = None
     if du.is_distributed():
-        sampler = torch.utils.data.distributed.DistributedSampler(r.train_set, shuffle=True, seed=seed)
-    loader = make_loader(r.train_set, o.batch_size, train=True, workers=r.cfg.data.workers,
-                         device=device, seed=seed * 1000 + epoch, sampler=sampler)
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            r.train_set, shuffle=True, seed=seed
+        )
+    loader = make_loader(
+        r.train_set,
+        o.batch_size,
+        train=True,
+        workers=r.cfg.data.workers,
+        device=device,
+        seed=seed * 1000 + epoch,
+        sampler=sampler,
+    )
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
     r.method.train()
@@ -78,7 +101,9 @@ def train_epoch(r: Run, step_module: torch.nn.Module, epoch: int, steps: int, ru
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, o.amp):
             out = step_module(images, labels)
-        scalars = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        scalars = {
+            k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1
+        }
         if not torch.isfinite(out["loss"].detach()):
             raise NonFiniteError(
                 f"training diverged at epoch {epoch + 1}, step {steps + 1}: loss {scalars['loss']} "
@@ -94,8 +119,13 @@ def train_epoch(r: Run, step_module: torch.nn.Module, epoch: int, steps: int, ru
         r.scaler.update()
         steps += 1
         seen += len(labels)
-        record = {"epoch": epoch, "step": steps, "lr": lr, **scalars,
-                  "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+        record = {
+            "epoch": epoch,
+            "step": steps,
+            "lr": lr,
+            **scalars,
+            "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+        }
         if hasattr(batches, "set_postfix"):
             batches.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         if du.is_main():
@@ -143,14 +173,22 @@ def train(
             raise
 
 
-def _train(r: Run, run_dir: Path, resume: bool, distributed: bool, device: torch.device,
-           callbacks: Sequence[StepCallback]) -> TrainResult:
+def _train(
+    r: Run,
+    run_dir: Path,
+    resume: bool,
+    distributed: bool,
+    device: torch.device,
+    callbacks: Sequence[StepCallback],
+) -> TrainResult:
     cfg, o = r.cfg, r.cfg.optim
     if du.is_main():
         ck.write_config(run_dir, cfg)
     start_epoch, steps = 0, 0
     if resume and (run_dir / ck.RESUME_STATE).exists():
-        start_epoch, steps = ck.load_resume(run_dir, r.method, r.optimizer, r.scaler, r.param_names, device)
+        start_epoch, steps = ck.load_resume(
+            run_dir, r.method, r.optimizer, r.scaler, r.param_names, device
+        )
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     if du.is_main():
         ck.truncate_metrics(run_dir, start_epoch, steps)
@@ -158,29 +196,49 @@ def _train(r: Run, run_dir: Path, resume: bool, distributed: bool, device: torch
     step_module: torch.nn.Module = _Step(r.method)
     if distributed and r.optimizer is not None:
         step_module = torch.nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=True,
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
         )
     skipped = 0
     for epoch in range(start_epoch, epochs):
         steps, lost = train_epoch(r, step_module, epoch, steps, run_dir, device, callbacks)
         skipped += lost
         if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 and epoch + 1 < epochs:
-            ev = evaluate(r.method, r.test_set, batch_size=o.eval_batch_size, device=device, amp=o.amp,
-                          where=f"evaluation after epoch {epoch + 1}")
+            ev = evaluate(
+                r.method,
+                r.test_set,
+                batch_size=o.eval_batch_size,
+                device=device,
+                amp=o.amp,
+                where=f"evaluation after epoch {epoch + 1}",
+            )
             if du.is_main():
                 ck.log_metrics(run_dir, {"epoch": epoch, "eval": _short(ev)})
         if du.is_main():
             ck.save_checkpoint(run_dir, r.method, run_info(cfg, r.method, r.data, epoch + 1, None))
-            ck.save_resume(run_dir, r.method, r.optimizer, r.scaler, r.param_names, epoch + 1, steps)
+            ck.save_resume(
+                run_dir, r.method, r.optimizer, r.scaler, r.param_names, epoch + 1, steps
+            )
         du.barrier()
-    metrics = evaluate(r.method, r.test_set, batch_size=o.eval_batch_size, device=device, amp=o.amp,
-                       where=f"final evaluation after epoch {epochs}")
+    metrics = evaluate(
+        r.method,
+        r.test_set,
+        batch_size=o.eval_batch_size,
+        device=device,
+        amp=o.amp,
+        where=f"final evaluation after epoch {epochs}",
+    )
     metrics["skipped_train_images"] = skipped
     if skipped or metrics["skipped"]:
-        log.warning("skipped %d unreadable training and %d test images", skipped, metrics["skipped"])
+        log.warning(
+            "skipped %d unreadable training and %d test images", skipped, metrics["skipped"]
+        )
     if du.is_main():
-        ck.save_checkpoint(run_dir, r.method, run_info(cfg, r.method, r.data, epochs, _short(metrics)))
+        ck.save_checkpoint(
+            run_dir, r.method, run_info(cfg, r.method, r.data, epochs, _short(metrics))
+        )
         ck.log_metrics(run_dir, {"final": _short(metrics)})
     return TrainResult(run_dir, metrics, epochs, steps)
 

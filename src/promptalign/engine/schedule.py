@@ -10,8 +10,15 @@ from __future__ import annotations
 import math
 
 
-def lr_at(epoch: int, *, lr: float, epochs: int, warmup_epochs: int = 1, warmup_lr: float = 1e-5,
-          scheduler: str = "cosine") -> float:
+def lr_at(
+    epoch: int,
+    *,
+    lr: float,
+    epochs: int,
+    warmup_epochs: int = 1,
+    warmup_lr: float = 1e-5,
+    scheduler: str = "cosine",
+) -> float:
     """Learning rate for ``epoch`` (0-based)."""
     if epoch < warmup_epochs:
         return warmup_lr

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from ..backbone.clip import VisionPromptPosition
 from ..registry import METHODS

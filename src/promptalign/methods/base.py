@@ -19,8 +19,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +70,12 @@ class MethodConfig:
         check_choices(self)
         unknown = [r for r in self.regularizers if r not in REGULARIZERS]
         if unknown:
-            raise FieldError(f"regularizers: unknown regularizer(s) {unknown}; registered: "
-                               f"{REGULARIZERS.names()}")
+            raise FieldError(
+                f"regularizers: unknown regularizer(s) {unknown}; registered: "
+                f"{REGULARIZERS.names()}"
+            )
 
-    def replace(self, **changes: Any) -> "MethodConfig":
+    def replace(self, **changes: Any) -> MethodConfig:
         """A copy with ``changes``, converted by field type (``optim`` changes merge into the
         current settings); unknown keys and bad values raise :class:`ConfigError` naming them."""
         typed = check_fields(type(self), changes)
@@ -81,12 +84,13 @@ class MethodConfig:
         return dataclasses.replace(self, **typed)
 
     @classmethod
-    def from_preset(cls, preset: str | None = None, **changes: Any) -> "MethodConfig":
+    def from_preset(cls, preset: str | None = None, **changes: Any) -> MethodConfig:
         base = cls()
         if preset is not None:
             if preset not in cls.PRESETS:
                 raise ConfigError(
-                    f"{cls.__name__} has no preset {preset!r}; presets: {sorted(cls.PRESETS) or 'none'}"
+                    f"{cls.__name__} has no preset {preset!r}; "
+                    f"presets: {sorted(cls.PRESETS) or 'none'}"
                 )
             base = base.replace(**dict(cls.PRESETS[preset]))
         return base.replace(**changes)
@@ -125,7 +129,9 @@ class Regularizer(nn.Module, abc.ABC):
     """A loss term added to any method's objective; returns already weighted named terms."""
 
     @abc.abstractmethod
-    def forward(self, out: MethodOutput, batch: Batch, method: "PromptMethod") -> dict[str, torch.Tensor]:
+    def forward(
+        self, out: MethodOutput, batch: Batch, method: PromptMethod
+    ) -> dict[str, torch.Tensor]:
         """Weighted loss terms for one batch (``method``: the method being trained)."""
 
 
@@ -148,11 +154,16 @@ class PromptMethod(nn.Module, abc.ABC):
     # training too, until the class names change
     class_side_trainable: ClassVar[bool] = True
 
-    def __init__(self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig | None = None):
+    def __init__(
+        self, backbone: Backbone, classnames: Sequence[str], config: MethodConfig | None = None
+    ):
         super().__init__()
         config = config if config is not None else self.config_class()
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
         self.backbone = backbone
         self.config = config
         self._classnames = self._check_classnames(classnames)
@@ -203,7 +214,7 @@ class PromptMethod(nn.Module, abc.ABC):
     def clear_cache(self) -> None:
         self._cache = None
 
-    def train(self, mode: bool = True) -> "PromptMethod":
+    def train(self, mode: bool = True) -> PromptMethod:
         if self.class_side_trainable:
             self.clear_cache()
         return super().train(mode)
@@ -255,7 +266,9 @@ class PromptMethod(nn.Module, abc.ABC):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates (never any of the frozen CLIP)."""
-        return [p for n, p in self.named_parameters() if p.requires_grad and not _is_backbone_key(n)]
+        return [
+            p for n, p in self.named_parameters() if p.requires_grad and not _is_backbone_key(n)
+        ]
 
     @property
     def optim_preset(self) -> OptimConfig:
@@ -268,15 +281,20 @@ class PromptMethod(nn.Module, abc.ABC):
     # ------------------------------------------------------------------ state
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The method's own state (prompts, projections, meta-nets); never CLIP weights."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if not _is_backbone_key(k)}
+        return {
+            k: v.detach().clone() for k, v in self.state_dict().items() if not _is_backbone_key(k)
+        }
 
     def load_prompt_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Strictly load :meth:`prompt_state_dict` output; mismatches name the keys and shapes."""
         own = {k: v for k, v in self.state_dict().items() if not _is_backbone_key(k)}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k}: given {tuple(state[k].shape)} vs method {tuple(v.shape)}"
-                  for k, v in own.items() if k in state and state[k].shape != v.shape]
+        shapes = [
+            f"{k}: given {tuple(state[k].shape)} vs method {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
         if missing or unexpected or shapes:
             raise ValueError(
                 f"state does not fit method {self.registered_name!r}: missing {missing}, "

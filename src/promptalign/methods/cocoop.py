@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits, normalize_mean
+from .base import (
+    MethodConfig,
+    MethodOutput,
+    OptimPreset,
+    PromptMethod,
+    cosine_logits,
+    normalize_mean,
+)
 from .prompts import build_class_prompts, normal_init, phrase_init
 
 

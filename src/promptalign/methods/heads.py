@@ -31,7 +31,9 @@ def normalize_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``scale * cos``: image ``[B, D]`` with text ``[K, D]`` or per-image ``[B, K, D]`` -> ``[B, K]``."""
+    """``scale * cos``: image ``[B, D]`` with text ``[K, D]`` or per image ``[B, K, D]``.
+
+    Returns ``[B, K]``."""
     image = F.normalize(image, dim=-1)
     text = F.normalize(text, dim=-1)
     if text.dim() == 3:
@@ -42,8 +44,9 @@ def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) 
 class CosineHead:
     """``scale * cos``; image ``[B, D]``, classes ``[K, D]`` or per image ``[B, K, D]``."""
 
-    def __call__(self, image: torch.Tensor, classes: torch.Tensor,
-                 scale: torch.Tensor) -> tuple[torch.Tensor, Extras]:
+    def __call__(
+        self, image: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, Extras]:
         return cosine_logits(image, classes, scale), {}
 
 
@@ -55,13 +58,16 @@ class PromptSetOTHead:
     def __init__(self, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-2):
         self.eps, self.max_iter, self.tol = eps, max_iter, tol
 
-    def __call__(self, image: torch.Tensor, classes: torch.Tensor,
-                 scale: torch.Tensor) -> tuple[torch.Tensor, Extras]:
+    def __call__(
+        self, image: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, Extras]:
         sim = torch.einsum("bmd,nkd->bkmn", image, classes)  # [B, K, M, N]
         ot = sinkhorn(1.0 - sim, eps=self.eps, max_iter=self.max_iter, tol=self.tol)
         logits = scale * (ot.plan * sim).sum((-2, -1))  # plan constant in backward
-        extras = {"ot_converged": ot.converged.float().mean().detach(),
-                  "ot_iters": ot.n_iter.float().mean()}
+        extras = {
+            "ot_converged": ot.converged.float().mean().detach(),
+            "ot_iters": ot.n_iter.float().mean(),
+        }
         return logits, extras
 
 
@@ -70,16 +76,44 @@ class HierarchicalOTHead:
     ``global [K, N, D]`` + ``tokens [K, N, L, D]`` with ``mask [K, N, L]``. Extras: token- and
     prompt-level convergence and the mean token-level iterations."""
 
-    def __init__(self, *, beta: float = 1.0, eps: float = 0.1, eps_token: float | None = None,
-                 max_iter: int = 100, tol: float = 1e-3, form: Literal["paper", "released"] = "paper",
-                 domain: Literal["auto", "log", "kernel"] = "auto", memory_budget: int = 2 * 1024**3):
-        self.options = dict(beta=beta, eps=eps, eps_token=eps_token, max_iter=max_iter, tol=tol,
-                            form=form, domain=domain, memory_budget=memory_budget)
+    def __init__(
+        self,
+        *,
+        beta: float = 1.0,
+        eps: float = 0.1,
+        eps_token: float | None = None,
+        max_iter: int = 100,
+        tol: float = 1e-3,
+        form: Literal["paper", "released"] = "paper",
+        domain: Literal["auto", "log", "kernel"] = "auto",
+        memory_budget: int = 2 * 1024**3,
+    ):
+        self.options = dict(
+            beta=beta,
+            eps=eps,
+            eps_token=eps_token,
+            max_iter=max_iter,
+            tol=tol,
+            form=form,
+            domain=domain,
+            memory_budget=memory_budget,
+        )
 
-    def __call__(self, image_pooled: torch.Tensor, image_tokens: torch.Tensor,
-                 classes: dict[str, torch.Tensor], scale: torch.Tensor) -> tuple[torch.Tensor, Extras]:
-        res = hierarchical_ot(image_pooled, image_tokens, classes["global"], classes["tokens"],
-                              classes["mask"], **self.options)
+    def __call__(
+        self,
+        image_pooled: torch.Tensor,
+        image_tokens: torch.Tensor,
+        classes: dict[str, torch.Tensor],
+        scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, Extras]:
+        res = hierarchical_ot(
+            image_pooled,
+            image_tokens,
+            classes["global"],
+            classes["tokens"],
+            classes["mask"],
+            **self.options,
+        )
         extras = {
             "ot_token_converged": res.token_stats.converged.detach(),
             "ot_prompt_converged": res.prompt_stats.converged.detach(),

@@ -29,16 +29,23 @@ from .coop import CoOp, CoOpConfig
 @dataclass(frozen=True)
 class KgCoOpConfig(CoOpConfig):
     """Attributes (besides CoOp's):
-        template: hand-crafted prompt whose frozen features guide the learned ones.
-        weight: weight of the knowledge-guided term (8.0 in the paper and released scripts).
+    template: hand-crafted prompt whose frozen features guide the learned ones.
+    weight: weight of the knowledge-guided term (8.0 in the paper and released scripts).
     """
 
     n_ctx: int = 4
     ctx_init: str = "a photo of a"
     template: str = "a photo of a {}."
     weight: float = 8.0
-    optim: OptimConfig = OptimConfig(optimizer="sgd", lr=0.002, batch_size=128, epochs=100,
-                                     warmup_epochs=1, warmup_lr=1e-5, scheduler="cosine")
+    optim: OptimConfig = OptimConfig(
+        optimizer="sgd",
+        lr=0.002,
+        batch_size=128,
+        epochs=100,
+        warmup_epochs=1,
+        warmup_lr=1e-5,
+        scheduler="cosine",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,7 +63,9 @@ class KgCoOp(CoOp):
         super().on_classnames_changed()
         texts = [self.config.template.format(c) for c in self.classnames]
         with torch.no_grad():
-            clip_text = F.normalize(self.backbone.encode_text(self.backbone.tokenize(texts)), dim=-1)
+            clip_text = F.normalize(
+                self.backbone.encode_text(self.backbone.tokenize(texts)), dim=-1
+            )
         self.register_buffer("clip_text", clip_text, persistent=False)  # [K, D], frozen
 
     def loss_terms(self, out: MethodOutput, batch: Batch) -> dict[str, torch.Tensor]:

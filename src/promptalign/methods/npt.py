@@ -26,14 +26,15 @@ Use it as ``regularizers=("npt",)`` on any method, or as the method "npt" that w
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..registry import METHODS, REGULARIZERS
 from ..config import OptimConfig
+from ..registry import METHODS, REGULARIZERS
 from .base import Batch, MethodConfig, MethodOutput, PromptMethod, Regularizer, create_method
 
 log = logging.getLogger(__name__)

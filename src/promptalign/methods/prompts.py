@@ -8,8 +8,9 @@ prompted text forward replaces their embeddings at the recorded positions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -43,7 +44,9 @@ def build_class_prompts(
     ``X..X name X..X.`` (half the context on each side). Front/middle use the template "{}.".
     """
     if class_position not in ("end", "middle", "front"):
-        raise ValueError(f"class_position {class_position!r} unknown; use 'end', 'middle' or 'front'")
+        raise ValueError(
+            f"class_position {class_position!r} unknown; use 'end', 'middle' or 'front'"
+        )
     if class_position != "end" and template != "{}.":
         raise ValueError("class_position 'middle'/'front' work with the plain template '{}.'")
     texts, positions = [], []
@@ -60,7 +63,9 @@ def build_class_prompts(
             half = n_ctx // 2
             left, right = " ".join([PLACEHOLDER] * half), " ".join([PLACEHOLDER] * (n_ctx - half))
             texts.append(f"{left} {name} {right}.".strip())
-            positions.append(list(range(1, 1 + half)) + list(range(1 + half + name_len, 1 + name_len + n_ctx)))
+            positions.append(
+                list(range(1, 1 + half)) + list(range(1 + half + name_len, 1 + name_len + n_ctx))
+            )
     tokens = backbone.tokenize(texts)
     pos = torch.tensor(positions, dtype=torch.long, device=tokens.device).reshape(len(texts), n_ctx)
     eot = backbone.eot_index(tokens)
@@ -77,9 +82,11 @@ def phrase_init(backbone: Backbone, phrase: str, n: int) -> torch.Tensor:
     """Word embeddings of the first ``n`` tokens of ``phrase`` (CoOp/MaPLe init). ``[n, W]``"""
     count = backbone.token_count(phrase)
     if count < n:
-        raise ValueError(f"init phrase {phrase!r} has {count} tokens, fewer than the {n} context tokens")
+        raise ValueError(
+            f"init phrase {phrase!r} has {count} tokens, fewer than the {n} context tokens"
+        )
     with torch.no_grad():
-        return backbone.embed_tokens(backbone.tokenize([phrase]))[0, 1:1 + n].float().clone()
+        return backbone.embed_tokens(backbone.tokenize([phrase]))[0, 1 : 1 + n].float().clone()
 
 
 def remaining_words(backbone: Backbone, phrase: str, n: int) -> str:
@@ -92,7 +99,9 @@ def remaining_words(backbone: Backbone, phrase: str, n: int) -> str:
     return backbone.tokenizer.decode(tok).strip()
 
 
-def normal_init(*shape: int, std: float = 0.02, generator: torch.Generator | None = None) -> torch.Tensor:
+def normal_init(
+    *shape: int, std: float = 0.02, generator: torch.Generator | None = None
+) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) * std
 
 
@@ -106,8 +115,13 @@ def check_depth(depth: int, layers: int, what: str) -> int:
     if depth < 1:
         raise ValueError(f"{what} depth {depth} must be at least 1")
     if depth > layers:
-        log.warning("%s depth %d is deeper than the tower's %d layers: using depth %d",
-                    what, depth, layers, layers)
+        log.warning(
+            "%s depth %d is deeper than the tower's %d layers: using depth %d",
+            what,
+            depth,
+            layers,
+            layers,
+        )
         return layers
     return depth
 
@@ -118,8 +132,15 @@ class CoupledPrompts(nn.Module):
     set per mode, the first ``init_sets`` initialised from ``ctx_init``. ``depth`` is clamped to
     the shallower tower (:func:`check_depth`); :attr:`depth` is the depth used."""
 
-    def __init__(self, backbone: Backbone, n_ctx: int, depth: int, ctx_init: str, sets: int = 1,
-                 init_sets: int = 1):
+    def __init__(
+        self,
+        backbone: Backbone,
+        n_ctx: int,
+        depth: int,
+        ctx_init: str,
+        sets: int = 1,
+        init_sets: int = 1,
+    ):
         super().__init__()
         depth = check_depth(depth, backbone.text_layers, "text prompt")
         self.depth = check_depth(depth, backbone.vision_layers, "visual prompt")
@@ -130,7 +151,9 @@ class CoupledPrompts(nn.Module):
             ctx[:init_sets] = phrase_init(backbone, ctx_init, n_ctx)
             self.suffix = remaining_words(backbone, ctx_init, n_ctx)
         self.ctx = nn.Parameter(ctx)  # [S, n, Wt]
-        self.deep_ctx = nn.Parameter(normal_init(self.depth - 1, sets, n_ctx, Wt))  # [depth-1, S, n, Wt]
+        self.deep_ctx = nn.Parameter(
+            normal_init(self.depth - 1, sets, n_ctx, Wt)
+        )  # [depth-1, S, n, Wt]
         self.proj = nn.Linear(Wt, Wv)  # layer 0
         self.deep_proj = nn.ModuleList(nn.Linear(Wt, Wv) for _ in range(self.depth - 1))
 

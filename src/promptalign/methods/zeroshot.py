@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits, normalize_mean
+from .base import (
+    MethodConfig,
+    MethodOutput,
+    OptimPreset,
+    PromptMethod,
+    cosine_logits,
+    normalize_mean,
+)
 
 
 @dataclass(frozen=True)
