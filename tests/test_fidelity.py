@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -106,3 +107,86 @@ def test_plot_defaults_match_released_vit_b16_count():
     m = create_method("plot", bb, ["dog", "cat"])
     assert m.num_trainable() == 14_336
     assert create_method("plot", bb, ["dog", "cat"], stage="visual").num_trainable() == 6_144
+
+
+# --------------------------------------------------------------------------- two-stage recipe
+TRAIN = ["--arch", "tiny-shapes", "--dataset", "synthetic_colour_shapes", "--shots", "2", "--device", "cpu",
+         "--workers", "0", "--no-progress", "optim.batch_size=32", "optim.eval_batch_size=256"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """One synthetic data folder for the training tests of this file (generated on first use)."""
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def test_plot_two_stages_through_promptalign_train(tmp_path, data_root):
+    from safetensors.torch import load_file
+
+    from promptalign.cli import main
+    from promptalign.config import load_yaml
+
+    root = ["--data-root", data_root]
+    s1, s2, s2b = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "stage2-trained"
+    assert main(["train", "--method", "plot", "--out", str(s1), *root, *TRAIN,
+                 "method.options.stage=visual", "optim.epochs=1"]) == 0
+    # stage 2 with no epochs: its prompts are exactly where stage 1 ended
+    assert main(["train", "--method", "plot", "--out", str(s2), "--init-from", str(s1), *root, *TRAIN,
+                 "optim.epochs=0"]) == 0
+    p1, p2 = load_file(str(s1 / "prompts.safetensors")), load_file(str(s2 / "prompts.safetensors"))
+    assert set(p1) == set(p2) and all(torch.equal(p1[k], p2[k]) for k in p1)
+    cfg = load_yaml(s2 / "config.yaml")
+    assert cfg.method.init_from == str(s1) and cfg.method.options.get("stage", "joint") == "joint"
+    # the dataset template reached the method ("a {}"), recorded for evaluation
+    assert cfg.method.options["template"] == "a {}"
+    # stage 2 trained: every prompt moves, starting from stage 1's
+    assert main(["train", "--method", "plot", "--out", str(s2b), "--init-from", str(s1), *root, *TRAIN,
+                 "optim.epochs=1"]) == 0
+    p3 = load_file(str(s2b / "prompts.safetensors"))
+    assert not torch.equal(p3["ctx"], p1["ctx"]) and not torch.equal(p3["visual"], p1["visual"])
+
+
+def test_init_from_refuses_another_method(tmp_path, capsys, data_root):
+    from promptalign.cli import main
+
+    root = ["--data-root", data_root]
+    assert main(["train", "--method", "coop", "--out", str(tmp_path / "c"), *root, *TRAIN, "optim.epochs=0"]) == 0
+    assert main(["train", "--method", "plot", "--out", str(tmp_path / "p"), "--init-from", str(tmp_path / "c"),
+                 *root, *TRAIN, "optim.epochs=0"]) != 0
+    assert "init_from needs a 'plot' run, this one is 'coop'" in capsys.readouterr().err
+
+
+def test_benchmark_runs_plot_two_stage_recipe(tmp_path, data_root):
+    import json
+
+    from safetensors.torch import load_file
+
+    import promptalign
+    from promptalign.benchmark import run_benchmark
+    from promptalign.config import load_yaml
+
+    bb = promptalign.load_backbone("tiny-shapes")
+    overrides = ["backbone.arch=tiny-shapes", "backbone.weights=null", "run.device=cpu", "data.workers=0", "data.shots=2",
+                 "optim.epochs=1", "optim.batch_size=32", "optim.eval_batch_size=256"]
+    s = run_benchmark("base2new", methods=["plot@two_stage"], datasets=["synthetic_colour_shapes"], seeds=[1],
+                      data_root=data_root, out=tmp_path / "b", overrides=overrides, backbone=bb)
+    assert not s.failed and len(s.ran) == 1
+    job = tmp_path / "b" / "base2new" / "jobs" / "synthetic_colour_shapes" / "plot@two_stage" / "shots16-seed1"
+    c1, c2 = load_yaml(job / "run-stage1" / "config.yaml"), load_yaml(job / "run-stage2" / "config.yaml")
+    assert c1.method.options["stage"] == "visual" and c1.method.init_from is None
+    assert c2.method.options["stage"] == "joint" and c2.method.init_from == str(job / "run-stage1")
+    result = json.loads((job / "result.json").read_text())["result"]
+    assert set(result) == {"base", "new", "H"}
+    # stage 1 left the text prompts at their (template) initialisation; stage 2 moved them
+    p1 = load_file(str(job / "run-stage1" / "prompts.safetensors"))
+    p2 = load_file(str(job / "run-stage2" / "prompts.safetensors"))
+    assert not torch.equal(p1["ctx"], p2["ctx"])
+    # the published PLOT++ row is printed beside the recipe's
+    assert "| plot@two_stage | **average** |" in s.tables["base2new"]
+    # a re-run skips the finished job; an unknown recipe names the known ones
+    assert run_benchmark("base2new", methods=["plot@two_stage"], datasets=["synthetic_colour_shapes"], seeds=[1],
+                         data_root=data_root, out=tmp_path / "b", overrides=overrides,
+                         backbone=bb).skipped == [s.ran[0]]
+    bad = run_benchmark("base2new", methods=["plot@three"], datasets=["synthetic_colour_shapes"], seeds=[1],
+                        data_root=data_root, out=tmp_path / "b", overrides=overrides, backbone=bb)
+    assert "two_stage" in next(iter(bad.failed.values()))

@@ -56,6 +56,7 @@ def _train_config(args: argparse.Namespace):
         "data.root": args.data_root, "data.shots": args.shots, "data.subsample": args.subsample,
         "data.workers": args.workers, "run.seed": args.seed, "run.device": args.device,
         "backbone.arch": args.arch, "backbone.weights": args.weights,
+        "method.init_from": args.init_from,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if _ships_own_weights(args):
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     pt.add_argument("--workers", type=int, help="data-loading workers")
     pt.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    pt.add_argument("--init-from", metavar="RUN",
+                    help="start from the prompts of a finished run of the same method (PLOT++ stage 2)")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     pt.set_defaults(func=_cmd_train)

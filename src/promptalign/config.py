@@ -36,11 +36,14 @@ class MethodSpec:
         name: registered method (required; see ``promptalign list methods``).
         preset: named preset of the method's config (e.g. ALIGN's "reference").
         options: method config overrides, e.g. {"n_ctx": 4}.
+        init_from: a run folder whose prompts (``prompts.safetensors``, loaded strictly) start
+            this run, e.g. PLOT++ stage 2 from stage 1; None = the method's own initialisation.
     """
 
     name: str = ""
     preset: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)

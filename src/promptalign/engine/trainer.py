@@ -107,6 +107,23 @@ def _with_dataset_template(cfg: RunConfig, template: str) -> RunConfig:
     return dataclasses.replace(cfg, method=spec)
 
 
+def init_prompts_from_run(method, run_dir: str | os.PathLike) -> None:
+    """Start ``method`` from the prompts of a finished run (``method.init_from``; PLOT++ stage 2
+    from stage 1): its ``prompts.safetensors`` loaded strictly, its method name checked."""
+    src = Path(run_dir).expanduser()
+    info = read_json(src / RUN_INFO)
+    if info.get("method") != method.registered_name:
+        raise CheckpointError(
+            f"{src / RUN_INFO}: method.init_from needs a {method.registered_name!r} run, "
+            f"this one is {info.get('method')!r}; point it at a run of the same method"
+        )
+    try:
+        method.load_prompt_state_dict(read_tensors(src / PROMPTS))
+    except ValueError as e:
+        raise CheckpointError(f"{src / PROMPTS} (method.init_from): {e}") from e
+    log.info("prompts initialised from %s", src / PROMPTS)
+
+
 class _Step(torch.nn.Module):
     """What DistributedDataParallel wraps: one training step of a method."""
 
@@ -185,6 +202,8 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=o.amp == "fp16")
 
     start_epoch, steps = 0, 0
+    if cfg.method.init_from and not (resume and (run_dir / RESUME_STATE).exists()):
+        init_prompts_from_run(method, cfg.method.init_from)
     if resume and (run_dir / RESUME_STATE).exists():
         start_epoch, steps = _load_resume(run_dir, method, opt, scaler, names, device)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
