@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import images_for
 
 from promptalign.methods import create_method
-
-from conftest import images_for
 
 CLASSES = ["dog", "cat", "sea lion", "red car", "tree"]
 
@@ -190,3 +189,44 @@ def test_benchmark_runs_plot_two_stage_recipe(tmp_path, data_root):
     bad = run_benchmark("base2new", methods=["plot@three"], datasets=["synthetic_colour_shapes"], seeds=[1],
                         data_root=data_root, out=tmp_path / "b", overrides=overrides, backbone=bb)
     assert "two_stage" in next(iter(bad.failed.values()))
+
+
+# --------------------------------------------------------------------------- ALIGN reference stopping
+def _trained_like(seed: int, B=6, K=8, M=4, N=4, J=24, L=8, D=64):
+    """Features whose costs look like a trained CLIP's: global cosines ~0.06-0.8, token cosines
+    up to ~0.64, and prompt sets spread enough that the OT moves the logits by a few per cent."""
+    g = torch.Generator().manual_seed(seed)
+    common, cls = torch.randn(D, generator=g), torch.randn(K, D, generator=g)
+    lab = torch.arange(B) % K
+    ig = 1.8 * common + 1.2 * cls[lab][:, None] + 1.9 * torch.randn(B, M, D, generator=g)
+    tg = 1.8 * common + 1.2 * cls[:, None] + 1.9 * torch.randn(K, N, D, generator=g)
+    it = 0.4 * common + 0.4 * cls[lab][:, None, None] + 1.1 * torch.randn(B, M, J, D, generator=g)
+    tt = 0.4 * common + 0.4 * cls[:, None, None] + 1.1 * torch.randn(K, N, L, D, generator=g)
+    return ig, it, tg, tt
+
+
+def test_align_reference_preset_sits_at_the_converged_answer():
+    from promptalign.methods.align import ALIGNConfig
+    from promptalign.ot import hierarchical_ot
+
+    cfg = ALIGNConfig.from_preset("reference")
+    opts = {"form": cfg.form, "beta": cfg.beta, "eps": cfg.eps, "domain": cfg.domain, "backend": "torch"}
+    worst_preset, worst_loose = 0.0, 0.0
+    for seed in range(3):
+        ig, it, tg, tt = _trained_like(seed)
+        sim = torch.einsum("bmd,knd->bkmn", F.normalize(ig, dim=-1), F.normalize(tg, dim=-1))
+        tok = torch.einsum("bmjd,knld->bkmnjl", F.normalize(it, dim=-1), F.normalize(tt, dim=-1))
+        assert 0.0 < float(sim.min()) < 0.2 and 0.7 < float(sim.max()) < 0.9 and float(tok.max()) < 0.7
+        exact = hierarchical_ot(ig.double(), it.double(), tg.double(), tt.double(), max_iter=5000,
+                                tol=1e-11, **opts).score
+        assert ((exact - sim.double().mean((-2, -1))).abs() / exact).max() > 0.05  # the OT matters
+
+        def rel(res, exact=exact):
+            return float(((res.score.double() - exact).abs() / exact.abs()).max())
+
+        preset = hierarchical_ot(ig, it, tg, tt, max_iter=cfg.max_iter, tol=cfg.tol, **opts)
+        assert bool(preset.prompt_stats.converged >= 1.0) and bool(preset.token_stats.converged >= 1.0)
+        worst_preset = max(worst_preset, rel(preset))
+        worst_loose = max(worst_loose, rel(hierarchical_ot(ig, it, tg, tt, max_iter=100, tol=1e-2, **opts)))
+    assert worst_preset <= 1e-5
+    assert worst_loose > 2e-5  # the former per-problem 1e-2 stopped measurably short
