@@ -31,13 +31,13 @@ import traceback
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
 from .config import ConfigError, RunConfig, apply_overrides, resolve_optim, to_dict
 from .engine import evaluate_run, harmonic_mean, train
-from .engine.checkpoint import RESUME_STATE, write_text
+from .engine.checkpoint import RESUME_STATE, RUN_INFO, write_text
 from .presets import make_preset
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,36 @@ def make_jobs(protocol: str, methods: Sequence[str], datasets: Sequence[str], se
     return jobs
 
 
+def split_recipe(method: str) -> tuple[str, str | None]:
+    """``"plot@two_stage"`` -> ("plot", "two_stage"): a method run as one of its multi-run
+    recipes (its config class's ``RECIPES``); ``"plot"`` -> ("plot", None)."""
+    name, _, recipe = method.partition("@")
+    return name, recipe or None
+
+
+def recipe_stages(method: str) -> tuple[Mapping[str, Any], ...]:
+    """The per-run config changes of ``method``'s recipe, in order; ``({},)`` without a recipe."""
+    from .methods import list_methods
+    from .registry import METHODS
+
+    name, recipe = split_recipe(method)
+    if recipe is None:
+        return ({},)
+    list_methods()
+    recipes = getattr(METHODS.get(name).config_class, "RECIPES", {})
+    if recipe not in recipes:
+        raise ValueError(f"method {name!r} has no recipe {recipe!r}; recipes: {sorted(recipes) or 'none'} "
+                         f"(use {name!r} alone for one run)")
+    return tuple(recipes[recipe])
+
+
 def job_config(job: Job, base_overrides: Sequence[str], data_root: str) -> RunConfig:
     preset_protocol = {"domain_generalisation": "cross_dataset"}.get(job.protocol, job.protocol)
-    cfg = make_preset(job.method, preset_protocol)
+    name, _ = split_recipe(job.method)
+    cfg = make_preset(name, preset_protocol)
     generic = [o for o in base_overrides if ":" not in o.split("=", 1)[0]]
     specific = [o.split(":", 1)[1] for o in base_overrides
-                if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] == job.method]
+                if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] in (name, job.method)]
     cfg = apply_overrides(cfg, {"data.dataset": job.dataset, "data.root": data_root, "data.shots": job.shots,
                                 "run.seed": job.seed, "run.progress": False})
     return apply_overrides(cfg, generic + specific)
@@ -182,15 +206,19 @@ def plan_jobs(protocol: str, *, methods: Sequence[str], datasets: Sequence[str],
 
 def run_job(job: Job, cfg: RunConfig, job_dir: Path, backbone=None) -> dict[str, Any]:
     """Train (or resume) one job and evaluate it as its protocol requires."""
+    stages = recipe_stages(job.method)
     run_dir = job_dir / "run"
-    if run_dir.exists():
-        if (run_dir / RESUME_STATE).exists():
-            train(None, run_dir, resume=True, backbone=backbone)
-        else:  # interrupted before its first checkpoint: start over
-            shutil.rmtree(run_dir)
-            train(cfg, run_dir, backbone=backbone)
-    else:
-        train(cfg, run_dir, backbone=backbone)
+    for i, changes in enumerate(stages):
+        if len(stages) > 1:  # recipe: run i starts from run i-1's prompts
+            prev, run_dir = run_dir, job_dir / f"run-stage{i + 1}"
+            if _finished(run_dir):
+                continue
+            stage_cfg = apply_overrides(cfg, {f"method.options.{k}": v for k, v in changes.items()})
+            if i:
+                stage_cfg = apply_overrides(stage_cfg, {"method.init_from": str(prev)})
+        else:
+            stage_cfg = cfg
+        _train_or_resume(stage_cfg, run_dir, backbone)
     dev = cfg.run.device
     if job.protocol == "base2new":
         base = evaluate_run(run_dir, subsample="base", device=dev, backbone=backbone)["accuracy"]
@@ -201,6 +229,25 @@ def run_job(job: Job, cfg: RunConfig, job_dir: Path, backbone=None) -> dict[str,
     for t in job.targets:
         out[t] = evaluate_run(run_dir, dataset=t, subsample="all", device=dev, backbone=backbone)["accuracy"]
     return out
+
+
+def _train_or_resume(cfg: RunConfig, run_dir: Path, backbone) -> None:
+    if run_dir.exists():
+        if (run_dir / RESUME_STATE).exists():
+            train(None, run_dir, resume=True, backbone=backbone)
+        else:  # interrupted before its first checkpoint: start over
+            shutil.rmtree(run_dir)
+            train(cfg, run_dir, backbone=backbone)
+    else:
+        train(cfg, run_dir, backbone=backbone)
+
+
+def _finished(run_dir: Path) -> bool:
+    """A run whose final evaluation was written (its run.json holds metrics)."""
+    try:
+        return bool(json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("metrics"))
+    except (OSError, ValueError):
+        return False
 
 
 def run_benchmark(
@@ -300,7 +347,7 @@ def write_tables(protocol: str, jobs: Sequence[Job], out_dir: Path, failed: dict
             for d in datasets:
                 rows.append([m, d] + [_mean_std(vals(m, d, k)) for k in ("base", "new", "H")] + ["", "", ""])
             avg = {k: [statistics.mean(vals(m, d, k)) for d in datasets if vals(m, d, k)] for k in ("base", "new", "H")}
-            p = pub.get("base2new", {}).get(m)
+            p = pub.get("base2new", {}).get(split_recipe(m)[0])
             rows.append([m, "**average**"] + [_mean_std([statistics.mean(avg[k])]) if avg[k] else "–" for k in ("base", "new", "H")]
                         + ([f"{x:.2f}" for x in p] if p else ["–", "–", "–"]))
         tables["base2new"] = _write_table(out_dir, "base2new", ["method", "dataset", "base", "new", "H",
@@ -311,7 +358,7 @@ def write_tables(protocol: str, jobs: Sequence[Job], out_dir: Path, failed: dict
         for m in methods:
             for d in datasets:
                 rows.append([m, d] + [_mean_std(vals(m, d, "accuracy", k)) for k in shot_list])
-            p = pub.get("fewshot", {}).get(m)
+            p = pub.get("fewshot", {}).get(split_recipe(m)[0])
             if p:
                 rows.append([m, "published average"] + [f"{p[k]:.2f}" if k in p else "–" for k in shot_list])
         tables["fewshot"] = _write_table(out_dir, "fewshot", ["method", "dataset"] + [f"{k} shots" for k in shot_list], rows, note)

@@ -188,6 +188,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
         "data.workers": args.workers, "data.split_file": args.split_file,
         "run.seed": args.seed, "run.device": args.device,
         "backbone.arch": args.arch, "backbone.weights": args.weights,
+        "method.init_from": args.init_from,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if _ships_own_weights(args):
@@ -382,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--split-file", help="split JSON (train/val/test lists) for a custom ImageFolder / CSV "
                                          "dataset (= data.split_file)")
     pt.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    pt.add_argument("--init-from", metavar="RUN",
+                    help="start from the prompts of a finished run of the same method (PLOT++ stage 2)")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     pt.set_defaults(func=_cmd_train)

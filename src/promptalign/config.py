@@ -321,11 +321,14 @@ class MethodSpec:
     preset: named preset of the method's config (e.g. ALIGN's "reference").
     options: the method's config fields to change, e.g. {"n_ctx": 4}; converted and checked
         by the method's config class (unknown keys and bad values are errors).
+        init_from: a run folder whose prompts (``prompts.safetensors``, loaded strictly) start
+            this run, e.g. PLOT++ stage 2 from stage 1; None = the method's own initialisation.
     """
 
     name: str = ""
     preset: str | None = None
     options: Mapping[str, object] = field(default_factory=dict)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:  # converted once the method is known

@@ -238,3 +238,19 @@ def load_resume(
     if meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     return int(meta["epoch"]), int(meta["steps"])
+
+
+def init_prompts_from_run(method, run_dir: str | Path) -> None:
+    """Start ``method`` from the prompts of a finished run (``method.init_from``; PLOT++ stage 2
+    from stage 1): its ``prompts.safetensors`` loaded strictly, its method name checked."""
+    src = Path(run_dir).expanduser()
+    info = read_json(src / RUN_INFO)
+    if info.get("method") != method.registered_name:
+        raise CheckpointError(
+            f"{src / RUN_INFO}: method.init_from needs a {method.registered_name!r} run, "
+            f"this one is {info.get('method')!r}; point it at a run of the same method"
+        )
+    try:
+        method.load_prompt_state_dict(read_tensors(src / PROMPTS))
+    except ValueError as e:
+        raise CheckpointError(f"{src / PROMPTS} (method.init_from): {e}") from e

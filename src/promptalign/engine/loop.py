@@ -185,6 +185,9 @@ def _train(
     if du.is_main():
         ck.write_config(run_dir, cfg)
     start_epoch, steps = 0, 0
+    if cfg.method.init_from and not (resume and (run_dir / ck.RESUME_STATE).exists()):
+        ck.init_prompts_from_run(r.method, cfg.method.init_from)
+        log.info("prompts initialised from %s", cfg.method.init_from)
     if resume and (run_dir / ck.RESUME_STATE).exists():
         start_epoch, steps = ck.load_resume(
             run_dir, r.method, r.optimizer, r.scaler, r.param_names, device

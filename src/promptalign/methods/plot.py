@@ -6,14 +6,36 @@ N text prompt sets (CoOp context each); for ViT backbones the PLOT++ form: M vis
 the image encoded once per set, whose M CLS outputs are the local visual features. Cost 1 - cos
 between the M visual and N text features of a class, uniform marginals, Sinkhorn (eps 0.1, <= 100
 iterations, tolerance 1e-2 on the marginal error) with the plan held constant in backward;
-logit = logit_scale * <T, cos>. PLOT++ trains in two stages: ``stage="visual"`` trains the visual
-prompts only, ``stage="joint"`` everything.
+logit = logit_scale * <T, cos>.
+
+PLOT++ as released (``plot-pp/trainers/plotpp.py`` and ``scripts/main_visiononly.sh`` /
+``main_joint.sh`` of the repository above) trains in two stages:
+
+* ``stage="visual"`` (its ``MODEL_UPD vision`` with ``TRADE_OFF True``): only the visual prompts
+  train, and the logits add the global term ``logit_scale * normalize(mean_M f_img) @
+  normalize(mean_N f_txt)^T`` (means over the un-normalised features) to the OT logits;
+* ``stage="joint"`` (``MODEL_UPD joint``, ``TRADE_OFF False``, ``PRETRAIN_DIR`` = stage 1's
+  output): every prompt trains, OT logits only. ``promptalign train ... method.init_from=RUN``
+  (``--init-from``) starts it from stage 1's prompts; :data:`PLOTConfig.RECIPES` names the pair
+  for the benchmark protocols (``--methods plot@two_stage``).
+
+Defaults are the released ViT-B/16 scripts': N = M = 4, 4 text and 2 visual context tokens
+(``NCTX_V=2``), visual prompts at the first layer only. Text initialisation follows the released
+``CTX_INIT True`` path: each of the N sets starts from the word embeddings of a different
+hand-written phrase. The released code keeps a table of four phrases per dataset; here the phrases
+come from the dataset's own template (which the engine gives every method with a ``template``
+field): set 1 starts from the template's words before the class name (when they are at least
+``n_ctx`` tokens), the other sets from the released generic phrases ``ctx_init`` ("this is a
+photo", "this is picture of", "one picture of a"), and template words beyond the ``n_ctx`` context
+tokens stay literal text around the class name. Without a template the sets start from N(0, 0.02)
+(the released ``CTX_INIT False`` path).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +45,10 @@ from ..backbone.clip import VisionPromptPosition
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
 from .heads import PromptSetOTHead
-from .prompts import build_class_prompts, check_depth, normal_init
+from .prompts import build_class_prompts, check_depth, normal_init, remaining_words
+
+# the phrase pattern of the released per-dataset CTX_INIT lists (Caltech101 / SUN397 / Stanford Cars)
+RELEASED_CTX_INIT = ("a photo of a", "this is a photo", "this is picture of", "one picture of a")
 
 
 @dataclass(frozen=True)
@@ -32,20 +57,41 @@ class PLOTConfig(MethodConfig):
         n_text_sets (N), n_ctx: text prompt sets and their context length.
         n_visual_sets (M), n_ctx_vision, vision_depth: visual prompt sets (PLOT++), tokens, depth.
         eps, max_iter, tol: Sinkhorn settings.
-        stage: "joint" or "visual" (PLOT++ stage 1: text prompts frozen).
+        stage: "joint" (PLOT++ stage 2 and plain PLOT) or "visual" (PLOT++ stage 1: text prompts
+            frozen, global trade-off term added to the logits).
+        template: the dataset's hand-written template ("a photo of a {}, a type of pet."); the
+            engine fills it in. Empty: text prompts "X..X {class}." initialised N(0, 0.02).
+        ctx_init: phrases initialising text sets 1..N when a template is given (set 1 uses the
+            template's own words when they are long enough); sets beyond them start N(0, 0.02).
     """
 
     n_text_sets: int = 4
     n_ctx: int = 4
     n_visual_sets: int = 4
-    n_ctx_vision: int = 4
+    n_ctx_vision: int = 2
     vision_depth: int = 1
     position: VisionPromptPosition = "after_patches"
     eps: float = 0.1
     max_iter: int = 100
     tol: float = 1e-2
     stage: Literal["joint", "visual"] = "joint"
+    template: str = ""
+    ctx_init: tuple[str, ...] = RELEASED_CTX_INIT
     optim: OptimPreset = OptimPreset(lr=0.002, batch_size=32, epochs=50)
+    # multi-run recipes for the benchmark protocols: each entry is one run's config changes, run
+    # in order, every run starting from the previous run's prompts (PLOT++'s two stages)
+    RECIPES: ClassVar[Mapping[str, tuple[Mapping[str, Any], ...]]] = {
+        "two_stage": ({"stage": "visual"}, {"stage": "joint"}),
+    }
+
+
+def _split_template(template: str) -> tuple[str, str]:
+    """``"a photo of a {}, a type of pet."`` -> ("a photo of a", "{}, a type of pet.")."""
+    if template.count("{}") != 1:
+        raise ValueError(f"template {template!r} needs exactly one '{{}}' for the class name")
+    head, tail = template.split("{}")
+    tail = tail.rstrip()
+    return head.strip(), "{}" + (tail if tail.endswith(".") else tail + ".")
 
 
 @METHODS.register("plot")
@@ -59,22 +105,45 @@ class PLOT(PromptMethod):
             raise ValueError(f"stage {cfg.stage!r} unknown; use 'joint' or 'visual'")
         vision_depth = check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
         Wt, Wv = backbone.text_width, backbone.vision_width
-        self.ctx = nn.Parameter(normal_init(cfg.n_text_sets, cfg.n_ctx, Wt))  # [N, n, Wt]
+        self.class_template = "{}."
+        ctx = normal_init(cfg.n_text_sets, cfg.n_ctx, Wt)  # [N, n, Wt]
+        if cfg.template:
+            self._init_from_template(ctx)
+        self.ctx = nn.Parameter(ctx)
         self.visual = nn.Parameter(normal_init(cfg.n_visual_sets, cfg.n_ctx_vision, Wv))  # [M, n_v, Wv]
         self.deep_visual = nn.Parameter(
             normal_init(vision_depth - 1, cfg.n_visual_sets, cfg.n_ctx_vision, Wv)
         )
         self.ctx.requires_grad_(cfg.stage == "joint")
         self.head = PromptSetOTHead(eps=cfg.eps, max_iter=cfg.max_iter, tol=cfg.tol)
+        # stage 1 has no trainable text input: its class features are cached in training too
+        self.class_side_trainable = cfg.stage == "joint"
         self.on_classnames_changed()
 
+    def _init_from_template(self, ctx: torch.Tensor) -> None:
+        """Released CTX_INIT path, in place on ``ctx [N, n, Wt]``: set i's context starts from the
+        word embeddings of phrase i; its first tokens beyond ``n_ctx`` (template words only) stay
+        literal in front of the class name."""
+        bb, n = self.backbone, self.config.n_ctx
+        head, class_part = _split_template(self.config.template)
+        phrases = list(self.config.ctx_init)
+        literal = ""
+        if head and bb.token_count(head) >= n:
+            phrases = [head, *phrases[1:]]
+            literal = remaining_words(bb, head, n)
+        self.class_template = f"{literal} {class_part}".strip()
+        for i, phrase in enumerate(phrases[: ctx.shape[0]]):
+            k = min(n, bb.token_count(phrase))
+            with torch.no_grad():
+                ctx[i, :k] = bb.embed_tokens(bb.tokenize([phrase]))[0, 1:1 + k].float()
+
     def on_classnames_changed(self) -> None:
-        p = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx)
+        p = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx, template=self.class_template)
         self.register_buffer("tokens", p.tokens, persistent=False)
 
     def encode_classes(self) -> torch.Tensor:
         out = self.backbone.forward_text(self.tokens.unsqueeze(0), self.ctx.unsqueeze(1))
-        return F.normalize(out.pooled, dim=-1)  # [N, K, D]
+        return out.pooled  # [N, K, D], not normalised (stage 1 averages the raw features)
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         cfg = self.config
@@ -82,5 +151,11 @@ class PLOT(PromptMethod):
             images, self.visual, deep=list(self.deep_visual.unbind(0)), position=cfg.position
         )
         img = F.normalize(out.pooled, dim=-1)  # [B, M, D]
-        logits, extras = self.head(img, classes, self.backbone.logit_scale)  # OT over the sets
-        return MethodOutput(logits, normalize_mean(img, 1), normalize_mean(classes, 0), extras)
+        txt = F.normalize(classes, dim=-1)  # [N, K, D]
+        scale = self.backbone.logit_scale
+        logits, extras = self.head(img, txt, scale)  # OT over the sets, [B, K]
+        if cfg.stage == "visual":  # released TRADE_OFF: global term of the mean features
+            g_img = F.normalize(out.pooled.mean(1), dim=-1)  # [B, D]
+            g_txt = F.normalize(classes.mean(0), dim=-1)  # [K, D]
+            logits = logits + scale * g_img @ g_txt.t()
+        return MethodOutput(logits, normalize_mean(img, 1), normalize_mean(txt, 0), extras)
