@@ -83,7 +83,7 @@ class PLOT(PromptMethod):
         )
         img = F.normalize(out.pooled, dim=-1)  # [B, M, D]
         sim = torch.einsum("bmd,nkd->bkmn", img, classes)  # [B, K, M, N]
-        ot = sinkhorn(1.0 - sim, eps=cfg.eps, max_iter=cfg.max_iter, tol=cfg.tol)
+        ot = sinkhorn(1.0 - sim, eps=cfg.eps, max_iter=cfg.max_iter, tol=cfg.tol, domain="auto")
         logits = self.backbone.logit_scale * (ot.plan * sim).sum((-2, -1))  # plan constant
         extras = {"ot_converged": ot.converged.float().mean().detach(),
                   "ot_iters": ot.n_iter.float().mean()}
