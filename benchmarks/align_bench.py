@@ -118,7 +118,7 @@ def main() -> None:
         return m.to(device)
 
     g = torch.Generator().manual_seed(args.seed)
-    images = lambda n: torch.randn(n, 3, *size, generator=g).to(device)  # noqa: E731
+    images = lambda n: torch.randn(n, 3, *size, generator=g).to(device)
 
     # ---- train steps: forward + backward of the full method (text tower included)
     for k in train_ks:
@@ -162,12 +162,12 @@ def main() -> None:
     # ---- token-level OT alone: synthetic features with ViT-B/16 shapes, fp16 / fp32 features
     J, D, L, M = 198, 512, args.ot_l, args.sets
     dt = torch.float16 if gpu else torch.float32
-    mk = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dt)  # noqa: E731
+    mk = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dt)
     feats = (mk(ot_b, M, D), mk(ot_b, M, J, D), mk(ot_k, M, D), mk(ot_k, M, L, D))
     lengths = torch.randint(max(1, L // 2), L + 1, (ot_k, M), generator=g).to(device)
     for form in forms:
         for be in backends:
-            kw = dict(text_lengths=lengths, form=form, backend=be, tol=1e-3, max_iter=100)
+            kw = {"text_lengths": lengths, "form": form, "backend": be, "tol": 1e-3, "max_iter": 100}
             with torch.no_grad():
                 t = _time(lambda kw=kw: hierarchical_ot(*feats, **kw), device, args.repeat)
                 res = hierarchical_ot(*feats, **kw)
