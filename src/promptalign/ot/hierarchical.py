@@ -124,6 +124,8 @@ def _fused_reason(image_tokens: torch.Tensor, eps_token: float, domain: str) -> 
     return None
 
 
+# data-dependent early stopping and the Triton kernel: never traced by torch.compile (graph break)
+@torch.compiler.disable
 def hierarchical_ot(
     image_global: torch.Tensor,
     image_tokens: torch.Tensor,

@@ -102,6 +102,8 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x.clamp_min(1e-38).log(), torch.full_like(x, -math.inf))
 
 
+# data-dependent early stopping and the Triton kernel: never traced by torch.compile (graph break)
+@torch.compiler.disable
 def sinkhorn(
     cost: torch.Tensor,
     a: torch.Tensor | None = None,
