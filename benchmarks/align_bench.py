@@ -9,6 +9,7 @@ form) is measured in the same process, so the ratios hold on a noisy machine.
 
 GPU defaults (issue 15): B = 4 train steps at K = 50 / 500 / 1000, evaluation of 64 images x 1000
 classes (class features cached, as the evaluator does), ImageNet 50k x 1000 extrapolated from it,
+the evaluation loader's images/s (decode + resize of 500 x 375 JPEGs) beside the model's,
 token-level OT alone on 64 x 1000 with L = 12 and fp16 features. CPU defaults: the tiny random
 CLIP ("pa-tiny-vit"), K = 10 / 50 / 100, 16 images x 100 classes, token OT at B = 4, K = 20 with
 ViT-B/16 token shapes; the fused kernel needs CUDA, so CPU runs time the torch path only.
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +73,27 @@ def fused_plan_bytes(B, M, N, J, K, L) -> int:
     return B * M * J * K * N * L * fused.BYTES_PER_ENTRY
 
 
+def loader_images_per_s(pre, n: int, workers: int, batch: int) -> float:
+    """Decode + resize throughput of the evaluation loader on ImageNet-sized JPEGs (500 x 375)."""
+    from PIL import Image
+
+    from promptalign.data.base import Record
+    from promptalign.data.loader import ImageDataset, make_loader
+    from promptalign.data.transforms import build_transform
+
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        for i in range(n):
+            px = (torch.rand(375, 500, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px).save(Path(root) / f"{i}.jpg", quality=90)
+        records = [Record(f"{i}.jpg", 0, "x") for i in range(n)]
+        data = ImageDataset("bench", Path(root), records, build_transform(pre, train=False))
+        loader = make_loader(data, batch, train=False, workers=workers)
+        t = time.perf_counter()
+        seen = sum(len(b["label"]) for b in loader)
+        return seen / (time.perf_counter() - t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +109,8 @@ def main() -> None:
     p.add_argument("--ot-l", type=int, default=12, help="text tokens per prompt in the OT-alone run")
     p.add_argument("--sets", type=int, default=4, help="M = N")
     p.add_argument("--imagenet-images", type=int, default=50_000)
+    p.add_argument("--loader-images", type=int, default=None, help="default 512 GPU, 64 CPU")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -157,7 +184,11 @@ def main() -> None:
             t = _time(ev, device, args.repeat)
             result[f"{key}_s"] = t
             result[f"{key}_imagenet_min"] = t / eval_b * args.imagenet_images * (1000 / eval_k) / 60
+            result[f"{key}_images_per_s"] = eval_b / t
             del m
+    result["loader_workers"] = args.workers
+    result["loader_images_per_s"] = loader_images_per_s(
+        bb.preprocess, args.loader_images or (512 if gpu else 64), args.workers, eval_b)
 
     # ---- token-level OT alone: synthetic features with ViT-B/16 shapes, fp16 / fp32 features
     J, D, L, M = 198, 512, args.ot_l, args.sets
