@@ -52,15 +52,17 @@ def main() -> None:
 
     # gradients of the paper-form score with respect to all four feature sets
     grads = {}
-    for be in ("torch", "fused"):
+    for be, chunk in (("torch", None), ("fused", None), ("fused_chunk1", 1)):
         feats = [x.requires_grad_(True) for x in features(device, torch.float32, seed=1)]
-        res = hierarchical_ot(*feats, backend=be, domain="kernel", **fixed)
+        res = hierarchical_ot(*feats, backend=be.split("_")[0], domain="kernel", class_chunk=chunk,
+                              **fixed)
         w = torch.linspace(-1, 1, B * K, device=device).view(B, K)  # a non-uniform upstream grad
         (res.score * w).sum().backward()
         grads[be] = [x.grad for x in feats]
     for i, name in enumerate(("image_global", "image_tokens", "text_global", "text_tokens")):
         out[f"grad_{name}"] = diff(grads["fused"][i], grads["torch"][i])
         out[f"grad_{name}_scale"] = grads["torch"][i].abs().max().item()
+        out[f"grad_{name}_chunk1"] = diff(grads["fused_chunk1"][i], grads["fused"][i])
 
     # per-problem early stopping: iterations and results as the torch path
     feats = features(device, torch.float32, seed=2)

@@ -55,6 +55,7 @@ def _assert_gradients(res: dict) -> None:
     for name in ("image_global", "image_tokens", "text_global", "text_tokens"):
         assert res[f"grad_{name}_scale"] > 0, name
         assert res[f"grad_{name}"] <= 1e-5 * res[f"grad_{name}_scale"], (name, res[f"grad_{name}"])
+        assert res[f"grad_{name}_chunk1"] <= 1e-6 * res[f"grad_{name}_scale"], name  # chunking
 
 
 def _assert_early_and_invariance(res: dict) -> None:
