@@ -7,6 +7,9 @@ ratios are comparable even on a noisy machine. Prints one JSON line.
     python benchmarks/ot_bench.py                      # GPU: the 64 x 1000 case
     python benchmarks/ot_bench.py --classes 20         # CPU-sized; per-pair time is linear in pairs
 
+"fused" is the GEMM + Triton Sinkhorn kernel of ``promptalign.ot.fused`` (CUDA only); its scores
+are compared with the torch path's in the same run (``*_max_score_diff_vs_torch``).
+
 The per-pair loop reproduces the released ALIGN code's structure: a Python loop over (image,
 class) pairs, kernel-domain Sinkhorn with a host sync every iteration and its stopping rule
 (mean |change of the row scaling| < 1e-2). It is timed on ``--loop-pairs`` pairs and extrapolated
@@ -94,7 +97,7 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--iters", type=int, default=20, help="fixed iterations per level")
     p.add_argument("--early-tol", type=float, default=1e-3, help="marginal error for the early-stop runs")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="feature dtype")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="feature dtype")
     p.add_argument("--budget-gb", type=float, default=4.0, help="memory budget of the torch path")
     p.add_argument("--loop-pairs", type=int, default=None, help="pairs timed in the per-pair loop")
     p.add_argument("--repeat", type=int, default=3)
@@ -104,9 +107,9 @@ def main() -> None:
     device = torch.device(args.device)
     K = args.classes or (1000 if device.type == "cuda" else 20)
     B, M, N, J, L, D = args.images, args.m, args.n, args.j, args.l, args.d
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     g = torch.Generator(device="cpu").manual_seed(args.seed)
-    mk = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dtype)  # noqa: E731
+    mk = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dtype)
     ig, it, tg, tt = mk(B, M, D), mk(B, M, J, D), mk(K, N, D), mk(K, N, L, D)
     lengths = torch.randint(max(1, L // 2), L + 1, (K,), generator=g).to(device)
     common = dict(text_lengths=lengths, eps=args.eps, normalize=False, memory_budget=int(args.budget_gb * 1e9))
@@ -129,6 +132,7 @@ def main() -> None:
     result["per_pair_loop_pairs_timed"] = n_pairs
 
     backends = ["torch"] + (["fused"] if fused.available() and device.type == "cuda" else [])
+    scores = {}
     for be in backends:
         for name, kw in (("fixed", fixed), ("early", early)):
             if device.type == "cuda":
@@ -138,6 +142,10 @@ def main() -> None:
                 t = _time(lambda: hierarchical_ot(ig, it, tg, tt, backend=be, **kw), device, args.repeat)
                 res = hierarchical_ot(ig, it, tg, tt, backend=be, **kw)
             key = f"{be}_{name}"
+            scores[key] = res.score
+            if be != "torch":
+                diff = (res.score - scores[f"torch_{name}"]).abs().max().item()
+                result[f"{key}_max_score_diff_vs_torch"] = diff
             result[f"{key}_s"] = t
             result[f"{key}_speedup_vs_loop"] = result["per_pair_loop_s_extrapolated"] / t
             result[f"{key}_token_mean_iter"] = round(res.token_stats.mean_iter.item(), 2)
@@ -147,6 +155,7 @@ def main() -> None:
                 result[f"{key}_peak_mem_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
     if "fused_fixed_s" in result:
         result["fused_vs_torch_fixed"] = result["torch_fixed_s"] / result["fused_fixed_s"]
+        result["fused_vs_torch_early"] = result["torch_early_s"] / result["fused_early_s"]
     # process peak RSS (CPU runs): includes the interpreter and torch itself
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(json.dumps(result))

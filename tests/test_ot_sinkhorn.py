@@ -7,7 +7,7 @@ import ot
 import pytest
 import torch
 
-from promptalign.ot import sinkhorn
+from promptalign.ot import auto_domain, sinkhorn
 
 
 def _rand_problem(seed, batch=(3,), n=7, m=9, dtype=torch.float64):
@@ -167,3 +167,15 @@ def test_bad_arguments_are_named():
         sinkhorn(C, b=torch.ones(5) / 5, eps=0.1)
     with pytest.raises(ValueError, match="shape"):
         sinkhorn(torch.rand(3), eps=0.1)
+
+
+def test_auto_domain_is_kernel_for_cosine_costs_at_moderate_eps():
+    """domain="auto" (PLOT, ALIGN) = kernel domain when cost spread / eps <= 40, else log."""
+    g = torch.Generator().manual_seed(0)
+    C = 1 - torch.rand(3, 4, 5, generator=g) * 2  # cosine costs in [0, 2]
+    assert auto_domain(0.1) == "kernel" and auto_domain(0.05) == "kernel"
+    assert auto_domain(0.01) == "log" and auto_domain(0.1, cost_spread=10.0) == "log"
+    for eps, expect in ((0.1, "kernel"), (0.01, "log")):
+        auto = sinkhorn(C, eps=eps, domain="auto", max_iter=50, tol=1e-6)
+        fixed = sinkhorn(C, eps=eps, domain=expect, max_iter=50, tol=1e-6)
+        assert torch.equal(auto.plan, fixed.plan)

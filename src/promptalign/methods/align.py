@@ -54,6 +54,7 @@ class ALIGNConfig(MethodConfig):
         token_window: "own" (each prompt's SOS..EOT) or "prompt0" (released-code window).
         domain: Sinkhorn domain ("auto": kernel domain for eps >= 0.05).
         memory_budget: bytes for the token-level OT per class chunk.
+        backend: token-level OT backend ("auto": the fused GEMM + Triton kernel on CUDA, else torch).
     """
 
     n_sets: int = 4
@@ -70,6 +71,7 @@ class ALIGNConfig(MethodConfig):
     token_window: Literal["own", "prompt0"] = "own"
     domain: Literal["auto", "log", "kernel"] = "auto"
     memory_budget: int = 2 * 1024**3
+    backend: Literal["auto", "torch", "fused"] = "auto"
     optim: OptimPreset = OptimPreset(
         lr=0.0025, batch_size=4, epochs=20, epochs_by_shots=((1, 30), (4, 50), (16, 80))
     )
@@ -93,7 +95,7 @@ class ALIGN(PromptMethod):
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
         self.head = HierarchicalOTHead(
             beta=cfg.beta, eps=cfg.eps, eps_token=cfg.eps_token, max_iter=cfg.max_iter, tol=cfg.tol,
-            form=cfg.form, domain=cfg.domain, memory_budget=cfg.memory_budget,
+            form=cfg.form, domain=cfg.domain, memory_budget=cfg.memory_budget, backend=cfg.backend,
         )
         self.on_classnames_changed()
 

@@ -62,7 +62,8 @@ class PromptSetOTHead:
         self, image: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor
     ) -> tuple[torch.Tensor, Extras]:
         sim = torch.einsum("bmd,nkd->bkmn", image, classes)  # [B, K, M, N]
-        ot = sinkhorn(1.0 - sim, eps=self.eps, max_iter=self.max_iter, tol=self.tol)
+        # the OT module picks the domain (kernel for cosine costs at eps >= 0.05, else log)
+        ot = sinkhorn(1.0 - sim, eps=self.eps, max_iter=self.max_iter, tol=self.tol, domain="auto")
         logits = scale * (ot.plan * sim).sum((-2, -1))  # plan constant in backward
         extras = {
             "ot_converged": ot.converged.float().mean().detach(),
@@ -87,6 +88,7 @@ class HierarchicalOTHead:
         form: Literal["paper", "released"] = "paper",
         domain: Literal["auto", "log", "kernel"] = "auto",
         memory_budget: int = 2 * 1024**3,
+        backend: Literal["auto", "torch", "fused"] = "auto",
     ):
         self.options = dict(
             beta=beta,
@@ -97,6 +99,7 @@ class HierarchicalOTHead:
             form=form,
             domain=domain,
             memory_budget=memory_budget,
+            backend=backend,
         )
 
     def __call__(

@@ -4,13 +4,20 @@ Pure torch (an optional Triton kernel is used on CUDA when available); imports n
 promptalign.
 """
 
-from .hierarchical import HierarchicalOTResult, OTStats, class_chunk_size, hierarchical_ot, lengths_to_mask
-from .sinkhorn import SinkhornResult, sinkhorn
+from .hierarchical import (
+    HierarchicalOTResult,
+    OTStats,
+    class_chunk_size,
+    hierarchical_ot,
+    lengths_to_mask,
+)
+from .sinkhorn import SinkhornResult, auto_domain, sinkhorn
 
 __all__ = [
     "HierarchicalOTResult",
     "OTStats",
     "SinkhornResult",
+    "auto_domain",
     "class_chunk_size",
     "hierarchical_ot",
     "lengths_to_mask",

@@ -14,10 +14,20 @@ For every image b and class k (Wang et al., NeurIPS 2023, arXiv 2309.13847):
 * score: paper form ``1 - <T, C>`` (gradient reaches token features through C, plans constant);
   released form ``<T, s>`` (only the global cosines carry gradient).
 
-Every token cost comes from one batched matmul of L2-normalised features, classes are processed
-in chunks so the peak memory stays under ``memory_budget`` (results do not depend on the chunk
-size: each problem stops on its own), and on CUDA with Triton the token level runs in one fused
-kernel (``promptalign.ot.fused``) when no gradient is needed.
+Two backends compute the token level, with the same numbers (~1e-6, any input dtype):
+
+* "torch" (reference, CPU fallback): one batched matmul of L2-normalised fp32 features per chunk
+  of classes, then batched ``sinkhorn`` (log or kernel domain), autograd for the envelope
+  gradient. Peak memory ~32 bytes per token-cost entry of a chunk.
+* "fused" (CUDA + Triton, ``promptalign.ot.fused``): one GEMM of the raw features per chunk
+  (bf16/fp16 on tensor cores, fp32 accumulation and result) and one Triton kernel that solves
+  every J x L problem in registers with its own early stop; the envelope backward is two GEMMs.
+  4 bytes per entry of a chunk (plus the kept plans, 4 bytes per entry, when training).
+
+Classes are processed in chunks so the peak memory stays under ``memory_budget``; results do not
+depend on the chunk size or on which images/classes share a call (each problem stops on its own).
+Precision: autocast is switched off inside and everything after the features is fp32 (fp64 if
+given), so bf16/fp16 features lose nothing beyond their own rounding.
 """
 
 from __future__ import annotations
@@ -97,16 +107,25 @@ def class_chunk_size(batch: int, m: int, n: int, j: int, l: int, memory_budget: 
     return max(1, int(memory_budget // max(per_class, 1)))
 
 
-def _fused_usable(*tensors: torch.Tensor) -> bool:
-    if not all(t.is_cuda for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+def _fused_reason(image_tokens: torch.Tensor, eps_token: float, domain: str) -> str | None:
+    """Why the fused kernel cannot serve this call (None when it can)."""
     from . import fused
 
-    return fused.available()
+    if not fused.available():
+        return "it needs Triton and a CUDA device (or TRITON_INTERPRET=1)"
+    if not (image_tokens.is_cuda or fused.interpreted()):
+        return f"the features are on {image_tokens.device}, not CUDA"
+    if domain != "kernel":
+        return f"it works in the kernel domain and domain={domain!r} was asked"
+    if eps_token < fused.MIN_EPS:
+        return f"it needs eps_token >= {fused.MIN_EPS} (got {eps_token})"
+    if image_tokens.dtype == torch.float64:
+        return "it computes in fp32 and the features are fp64"
+    return None
 
 
+# data-dependent early stopping and the Triton kernel: never traced by torch.compile (graph break)
+@torch.compiler.disable
 def hierarchical_ot(
     image_global: torch.Tensor,
     image_tokens: torch.Tensor,
@@ -153,9 +172,16 @@ def hierarchical_ot(
         normalize: L2-normalise all features first (set False if already normalised).
         memory_budget: bytes the torch token level may use per chunk of classes.
         class_chunk: force a chunk size (classes per chunk) instead of the budget.
-        backend: "auto" (fused kernel on CUDA with Triton when no gradient is needed, else
-            torch), "torch", or "fused".
+        backend: "auto" (the fused GEMM + Triton kernel on CUDA with Triton whenever it can
+            serve the call: kernel domain, eps_token >= 0.03, envelope gradient; else torch),
+            "torch", or "fused" (an error when it cannot serve the call, never a silent
+            fallback or a dropped gradient).
         check_every: iterations between convergence checks.
+
+    Precision: whatever the input dtype (e.g. bf16 features under autocast), everything after
+    the features is fp32: autocast is switched off inside, the features are upcast before they
+    are normalised, and the fused path multiplies the given features exactly (fp32 accumulation).
+    The two backends therefore agree to ~1e-6 for any input dtype.
     """
     if form not in ("paper", "released"):
         raise ValueError(f"form {form!r} unknown; use 'paper' (distance) or 'released' (similarity)")
@@ -173,6 +199,22 @@ def hierarchical_ot(
     eps_token = eps if eps_token is None else eps_token
     if domain == "auto":
         domain = "kernel" if min(eps, eps_token) >= KERNEL_DOMAIN_MIN_EPS else "log"
+    needs_grad = torch.is_grad_enabled() and (image_tokens.requires_grad or text_tokens.requires_grad)
+    if backend == "fused":
+        why = _fused_reason(image_tokens, eps_token, domain)
+        if why is None and needs_grad and form == "paper" and grad != "envelope":
+            why = f"its backward is the envelope gradient and grad={grad!r} was asked"
+        if why is not None:
+            raise ValueError(f"backend='fused' cannot run here: {why}; use backend='auto' or 'torch'")
+        use_fused = True
+    elif backend == "auto":
+        use_fused = (
+            image_tokens.is_cuda
+            and _fused_reason(image_tokens, eps_token, domain) is None
+            and not (needs_grad and form == "paper" and grad != "envelope")
+        )
+    else:
+        use_fused = False
     max_iter_token = max_iter if max_iter_token is None else max_iter_token
     tol_token = tol if tol_token is None else tol_token
 
@@ -185,28 +227,40 @@ def hierarchical_ot(
         text_mask = text_mask.unsqueeze(1)
     text_mask = text_mask.expand(K, N, L).bool()
 
-    if normalize:
-        image_global = F.normalize(image_global, dim=-1)
-        image_tokens = F.normalize(image_tokens, dim=-1)
-        text_global = F.normalize(text_global, dim=-1)
-        text_tokens = F.normalize(text_tokens, dim=-1)
+    with torch.autocast(image_tokens.device.type, enabled=False):  # fp32 from here on
+        return _hierarchical(
+            image_global, image_tokens, text_global, text_tokens, text_mask, use_fused,
+            beta=beta, eps=eps, eps_token=eps_token, max_iter=max_iter,
+            max_iter_token=max_iter_token, tol=tol, tol_token=tol_token, form=form,
+            domain=domain, grad=grad, normalize=normalize, memory_budget=memory_budget,
+            class_chunk=class_chunk, check_every=check_every,
+        )
 
+
+def _hierarchical(
+    image_global, image_tokens, text_global, text_tokens, text_mask, use_fused, *, beta, eps,
+    eps_token, max_iter, max_iter_token, tol, tol_token, form, domain, grad, normalize,
+    memory_budget, class_chunk, check_every,
+) -> HierarchicalOTResult:
     work = torch.promote_types(image_tokens.dtype, torch.float32)  # fp32, or fp64 if given
-    global_sim = torch.einsum("bmd,knd->bkmn", image_global.to(work), text_global.to(work))
+    prep = (lambda x: F.normalize(x.to(work), dim=-1)) if normalize else (lambda x: x.to(work))
+    global_sim = torch.einsum("bmd,knd->bkmn", prep(image_global), prep(text_global))  # [B, K, M, N]
 
-    use_fused = backend == "fused" or (backend == "auto" and _fused_usable(image_tokens, text_tokens))
     if use_fused:
         from . import fused
 
+        if form == "released":  # the token level only moves the plan: no gradient, no plans kept
+            image_tokens, text_tokens = image_tokens.detach(), text_tokens.detach()
         tok = fused.token_ot(
-            image_tokens, text_tokens, text_mask,
-            eps=eps_token, max_iter=max_iter_token, tol=tol_token, check_every=check_every,
+            image_tokens, text_tokens, text_mask, eps=eps_token, max_iter=max_iter_token,
+            tol=tol_token, check_every=check_every, normalize=normalize,
+            memory_budget=memory_budget, class_chunk=class_chunk,
         )
-        token_distance, token_similarity = tok.distance, tok.similarity
+        token_distance, token_similarity = tok.distance, tok.similarity.detach()
         token_stats = _stats(tok.converged, tok.n_iter, tok.error)
     else:
         token_distance, token_similarity, token_stats = _token_level_torch(
-            image_tokens, text_tokens, text_mask,
+            prep(image_tokens), prep(text_tokens), text_mask,
             eps=eps_token, max_iter=max_iter_token, tol=tol_token, domain=domain, grad=grad,
             memory_budget=memory_budget, class_chunk=class_chunk, check_every=check_every,
             need_grad=form == "paper",

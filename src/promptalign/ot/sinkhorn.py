@@ -35,6 +35,21 @@ import torch
 Domain = Literal["log", "kernel"]
 GradMode = Literal["envelope", "unrolled"]
 
+# Automatic domain choice: the kernel domain (with the per-problem cost minimum subtracted) is
+# exact in fp32 while every kernel entry stays far above fp32's underflow (exp(-87)); for costs
+# spread over at most ``cost_spread`` that holds when cost_spread / eps <= 40 (eps >= 0.05 for
+# cosine costs 1 - cos in [0, 2]).
+KERNEL_DOMAIN_MAX_RATIO = 40.0
+
+
+def auto_domain(eps: float, cost_spread: float = 2.0) -> Domain:
+    """The domain ``domain="auto"`` picks: "kernel" (faster) when ``cost_spread / eps <= 40``, else "log".
+
+    ``cost_spread`` bounds max C - min C within a problem; the default 2.0 covers cosine costs
+    ``1 - cos`` of any features (PLOT, ALIGN). Pass the real spread for other costs.
+    """
+    return "kernel" if cost_spread / eps <= KERNEL_DOMAIN_MAX_RATIO else "log"
+
 
 @dataclass
 class SinkhornResult:
@@ -87,6 +102,8 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x.clamp_min(1e-38).log(), torch.full_like(x, -math.inf))
 
 
+# data-dependent early stopping and the Triton kernel: never traced by torch.compile (graph break)
+@torch.compiler.disable
 def sinkhorn(
     cost: torch.Tensor,
     a: torch.Tensor | None = None,
@@ -95,7 +112,7 @@ def sinkhorn(
     eps: float,
     max_iter: int = 1000,
     tol: float = 1e-6,
-    domain: Domain = "log",
+    domain: Domain | Literal["auto"] = "log",
     grad: GradMode = "envelope",
     mask_a: torch.Tensor | None = None,
     mask_b: torch.Tensor | None = None,
@@ -110,7 +127,8 @@ def sinkhorn(
         eps: entropic regularisation (> 0).
         max_iter: iteration cap per problem.
         tol: convergence threshold on the L1 column-marginal error.
-        domain: "log" (stable for any eps) or "kernel" (faster; eps >= ~0.05 for costs in [0, 2]).
+        domain: "log" (stable for any eps), "kernel" (faster; eps >= ~0.05 for costs in [0, 2]),
+            or "auto" (:func:`auto_domain`: kernel when eps >= 0.05, assuming costs spread <= 2).
         grad: "envelope" (plan constant in backward, no graph in the loop) or "unrolled".
         mask_a: ``[..., n]`` bool, True = real row; masked rows get zero mass and a zero plan row.
         mask_b: ``[..., m]`` bool, likewise for columns (e.g. padding of ragged token sets).
@@ -123,8 +141,10 @@ def sinkhorn(
         raise ValueError(f"eps must be > 0, got {eps}")
     if max_iter < 1 or check_every < 1:
         raise ValueError(f"max_iter and check_every must be >= 1, got {max_iter}, {check_every}")
+    if domain == "auto":
+        domain = auto_domain(eps)
     if domain not in ("log", "kernel"):
-        raise ValueError(f"domain {domain!r} unknown; use 'log' or 'kernel'")
+        raise ValueError(f"domain {domain!r} unknown; use 'log', 'kernel' or 'auto'")
     if grad not in ("envelope", "unrolled"):
         raise ValueError(f"grad mode {grad!r} unknown; use 'envelope' or 'unrolled'")
     if cost.dim() < 2:
@@ -170,7 +190,10 @@ def _iterate(
     if domain == "kernel":
         # the plan is invariant to scaling K per problem: shift by the smallest cost so the
         # largest kernel entry is 1 (postpones underflow to eps ~ (max C - min C) / 87 in fp32)
-        shift = C.amin(dim=(-2, -1)) / eps  # [...]
+        # (over the entries with mass only: padding costs must not decide the scale)
+        real = (a.unsqueeze(-1) > 0) & (b.unsqueeze(-2) > 0)  # [..., n, m]
+        shift = C.masked_fill(~real, math.inf).amin(dim=(-2, -1)) / eps  # [...]
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         K = (logK + shift[..., None, None]).exp().contiguous()  # dense: matmul must not copy
         # both layouts, so both products are row-vector x matrix (the fastest batched GEMV form
         # on CPU and GPU; 4-7x faster on CPU than K @ v for tall thin problems)
