@@ -45,7 +45,8 @@ ALL = list_methods()
 
 
 def test_all_ten_methods_are_registered():
-    assert set(ALL) == {"zeroshot", "coop", "cocoop", "vpt", "ivlp", "maple", "plot", "upt", "align", "npt"}
+    assert set(ALL) == {"zeroshot", "coop", "cocoop", "vpt", "ivlp", "maple", "plot", "upt", "align", "npt",
+                        "tip_adapter_f"}
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -174,6 +174,7 @@ def train(
     if du.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / CONFIG, dump_yaml(cfg))
+    method.fit_before_training(_batches(data, data.train, method, cfg, device, augment=True))
     params = method.trainable_parameters()
     names = {id(p): n for n, p in method.named_parameters() if p.requires_grad}
     opt = None
@@ -242,6 +243,7 @@ def train(
             _log_line(run_dir, record)
             for cb in callbacks:
                 cb(record)
+        method.on_epoch_end(epoch, epochs)
         if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 and epoch + 1 < epochs:
             ev = evaluate(method, test_set, batch_size=o.eval_batch_size, device=device, amp=o.amp)
             _log_line(run_dir, {"epoch": epoch, "eval": _short(ev)})
@@ -250,7 +252,12 @@ def train(
             _save_resume(run_dir, method, opt, scaler, names, epoch + 1, steps)
         du.barrier()
 
+    chosen = method.select_on_validation(_batches(data, data.val, method, cfg, device, augment=False))
+    if chosen:
+        log.info("chosen on the validation split: %s", chosen)
+        _log_line(run_dir, {"validation_selection": chosen})
     metrics = evaluate(method, test_set, batch_size=o.eval_batch_size, device=device, amp=o.amp)
+    metrics.update({f"val_selected_{k}": v for k, v in chosen.items()})
     metrics["skipped_train_images"] = skipped_total
     if skipped_total or metrics["skipped"]:
         log.warning("skipped %d unreadable training and %d test images", skipped_total, metrics["skipped"])
@@ -258,6 +265,24 @@ def train(
         save_checkpoint(run_dir, method, _run_info(cfg, method, data, epochs, _short(metrics)))
         _log_line(run_dir, {"final": _short(metrics)})
     return TrainResult(run_dir, metrics, epochs, steps)
+
+
+def _batches(data: Dataset, records, method, cfg: RunConfig, device, *, augment: bool):
+    """For the method hooks: a callable iterating ``(images, labels)`` of ``records`` in a fixed
+    order (training augmentation when ``augment``), unreadable images skipped."""
+    dataset = ImageDataset(data.name, data.image_root, records,
+                           build_transform(method.backbone.preprocess, train=augment), cfg.data.skip_corrupt)
+
+    def batches():
+        if not len(records):
+            return
+        loader = make_loader(dataset, cfg.optim.eval_batch_size, train=False, workers=cfg.data.workers,
+                             device=device)
+        for batch in loader:
+            if batch["image"] is not None:
+                yield batch["image"].to(device), batch["label"].to(device)
+
+    return batches
 
 
 def _short(m: dict) -> dict:
