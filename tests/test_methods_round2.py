@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from conftest import images_for
 
 from promptalign.methods import create_method
-
-from conftest import images_for
 
 CLASSES = ["dog", "cat", "sea lion", "red car", "tree"]
 

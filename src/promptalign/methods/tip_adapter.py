@@ -25,15 +25,23 @@ nothing, so new classes fall back to zero-shot CLIP.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits, normalize_mean
+from .base import (
+    MethodConfig,
+    MethodOutput,
+    OptimPreset,
+    PromptMethod,
+    cosine_logits,
+    normalize_mean,
+)
 
 log = logging.getLogger(__name__)
 
