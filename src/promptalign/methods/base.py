@@ -57,6 +57,12 @@ class OptimPreset:
     warmup_lr: float = 1e-5
     scheduler: str = "cosine"
 
+    @property
+    def epochs_depend_on_data(self) -> bool:
+        """True when :meth:`epochs_for` derives the epoch count from the run's data at run time
+        (e.g. a published iteration budget), so shipped run presets leave ``epochs`` unset."""
+        return False
+
     def epochs_for(self, shots: int | None) -> int:
         """Epochs for a run with ``shots`` labelled images per class (None: the default)."""
         if shots is not None:
