@@ -46,7 +46,7 @@ ALL = list_methods()
 
 def test_all_ten_methods_are_registered():
     assert set(ALL) == {"zeroshot", "coop", "cocoop", "vpt", "ivlp", "maple", "plot", "upt", "align", "npt",
-                        "tip_adapter_f", "clip_lora", "promptsrc"}
+                        "tip_adapter_f", "clip_lora", "promptsrc", "proda"}
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -207,3 +207,54 @@ def test_promptsrc_consistency_terms_vanish_at_the_frozen_clip(tiny):
     with torch.no_grad():
         one = tiny.encode_text(tiny.tokenize([t.format("dog") for t in m.config.teacher_templates]))
     torch.testing.assert_close(teacher[0], F.normalize(one.mean(0), dim=-1), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- ProDA
+def test_proda_loss_is_cross_entropy_when_the_covariance_is_zero(tiny):
+    m = create_method("proda", tiny, CLASSES, n_prompts=4, n_ctx=3, prompts_per_step=4,
+                      position_mix=(0.0, 0.0, 1.0), diversity_weight=0.0)
+    with torch.no_grad():
+        m.ctx.copy_(m.ctx[:1].expand_as(m.ctx))  # every prompt the same: zero covariance
+    m.train()
+    x, y = images_for(tiny, 4, seed=1), torch.tensor([0, 3, 1, 4])
+    out = m.training_step((x, y))
+    assert set(out) >= {"loss", "surrogate", "ce", "acc"} and "diversity" not in out
+    torch.testing.assert_close(out["loss"], out["ce"], rtol=1e-6, atol=1e-6)
+
+
+def test_proda_surrogate_bounds_the_expected_cross_entropy_under_the_gaussian():
+    """Sampling w = mu + sum_p eps_p (w^p - mu) / sqrt(P) draws exactly from the Gaussian with
+    the prompts' mean and covariance; its mean CE stays below the surrogate."""
+    from promptalign.methods.proda import surrogate_logits
+
+    g = torch.Generator().manual_seed(0)
+    P, K, D, B = 6, 4, 8, 5
+    w = F.normalize(torch.randn(P, K, D, generator=g, dtype=torch.float64), dim=-1)
+    z = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    s = torch.tensor(5.0, dtype=torch.float64)
+    bound = F.cross_entropy(surrogate_logits(w, z, y, s), y, reduction="none")  # [B]
+    mu = w.mean(0)
+    eps = torch.randn(20000, P, generator=g, dtype=torch.float64)
+    samples = mu + torch.einsum("np,pkd->nkd", eps, w - mu) / P**0.5  # [N, K, D]
+    logits = s * torch.einsum("bd,nkd->nbk", z, samples)  # [N, B, K]
+    mc = F.cross_entropy(logits.reshape(-1, K), y.repeat(20000), reduction="none").view(20000, B).mean(0)
+    assert (mc <= bound + 1e-3).all()
+    assert (bound - mc).max() > 1e-3  # a real covariance: the bound is not tight
+    # zero covariance: the surrogate logits are the mean-embedding logits
+    same = mu.unsqueeze(0).expand(P, K, D)
+    torch.testing.assert_close(surrogate_logits(same, z, y, s), s * z @ mu.t())
+
+
+def test_proda_mixes_class_positions_and_infers_with_the_mean_embedding(tiny):
+    m = create_method("proda", tiny, CLASSES, n_prompts=8, n_ctx=4, prompts_per_step=8).eval()
+    assert m.position_of.tolist() == [0, 0, 1, 1, 2, 2, 2, 2]  # front, middle, end
+    tok = m.tokens_front[2]  # "sea lion X X X X ." : the context right after the name
+    assert m.positions_front[2].tolist() == [3, 4, 5, 6] and int(tok[1]) != 0
+    x = images_for(tiny, 3, seed=2)
+    with torch.no_grad():
+        per_prompt = m.encode_classes()
+        img = F.normalize(tiny.encode_image(x), dim=-1)
+        expected = tiny.logit_scale * img @ per_prompt.mean(0).t()
+        assert per_prompt.shape == (8, len(CLASSES), tiny.embed_dim)
+        torch.testing.assert_close(m.logits(x), expected)
