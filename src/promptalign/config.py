@@ -250,10 +250,18 @@ class OptimConfig:
                 )
 
     def merged(self, over: OptimConfig) -> OptimConfig:
-        """These settings with every field that ``over`` sets (not None) taken from ``over``."""
+        """These settings with every field that ``over`` sets (not None) taken from ``over``
+        (fields of this class only: a method's subclass may carry more, e.g. an iteration budget)."""
+        mine = {f.name for f in dataclasses.fields(self)}
         return dataclasses.replace(
-            self, **{k: v for k, v in _fields(over).items() if v is not None}
+            self, **{k: v for k, v in _fields(over).items() if v is not None and k in mine}
         )
+
+    @property
+    def epochs_depend_on_data(self) -> bool:
+        """True when :meth:`epochs_for` derives the epoch count from the run's data at run time
+        (e.g. a published iteration budget), so shipped run presets leave ``epochs`` unset."""
+        return False
 
     def epochs_for(self, shots: int | None) -> int | None:
         """Epochs for a run with ``shots`` labelled images per class (None: ``epochs``)."""
@@ -285,7 +293,11 @@ def resolve_optim(run: OptimConfig, method: OptimConfig, shots: int | None) -> O
     """Library defaults < the method's published values < the run's values; epochs by shots
     when the run does not set them."""
     published = DEFAULT_OPTIM.merged(method)
-    epochs = run.epochs if run.epochs is not None else published.epochs_for(shots)
+    epochs = run.epochs
+    if epochs is None:  # the method's own rule first (e.g. CLIP-LoRA's iteration budget)
+        epochs = method.epochs_for(shots)
+        if epochs is None:
+            epochs = published.epochs_for(shots)
     return dataclasses.replace(published.merged(run), epochs=epochs)
 
 

@@ -51,7 +51,8 @@ def make_preset(method: str, protocol: str) -> RunConfig:
     }[protocol]
     # few-shot epochs depend on the shot count (resolved at run time); the other protocols use
     # the method's fixed published epoch count
-    epochs = None if protocol == "fewshot" else cls.from_preset(preset).optim.epochs
+    optim = cls.from_preset(preset).optim
+    epochs = None if protocol == "fewshot" or optim.epochs_depend_on_data else optim.epochs
     return RunConfig(
         backbone=BackboneConfig("ViT-B-16", "openai"),
         method=MethodSpec(method, preset),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from ..data import (
     list_datasets,
     load_custom_dataset,
     load_dataset,
+    make_loader,
 )
 from ..data.base import DatasetError
 from ..methods import PromptMethod, create_method
@@ -139,6 +140,36 @@ def image_sets(
     return train, test
 
 
+def record_batches(
+    cfg: RunConfig,
+    data: Dataset,
+    records: Sequence[Any],
+    method: PromptMethod,
+    device: torch.device,
+    *,
+    augment: bool,
+) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """For the method hooks: a callable iterating ``(images, labels)`` of ``records`` in a fixed
+    order (training augmentation when ``augment``), unreadable images skipped."""
+    pre = method.backbone.preprocess
+    dataset = ImageDataset(
+        data.name, data.image_root, records, build_transform(pre, train=augment),
+        cfg.data.skip_corrupt,
+    )
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not len(records):
+            return
+        loader = make_loader(
+            dataset, cfg.optim.eval_batch_size, train=False, workers=cfg.data.workers, device=device
+        )
+        for batch in loader:
+            if batch["image"] is not None:
+                yield batch["image"].to(device), batch["label"].to(device)
+
+    return batches
+
+
 @dataclass
 class Run:
     """Everything a training loop needs, built from a config."""
@@ -163,6 +194,8 @@ def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
     data = load_data(cfg, cfg.run.seed)
     method = build_method(cfg, data.classnames, device, backbone, data.template)
     cfg = resolve_config(cfg, data, method)
+    # data-dependent method state (e.g. Tip-Adapter's cache) exists before the optimiser does
+    method.fit_before_training(record_batches(cfg, data, data.train, method, device, augment=True))
     params = method.trainable_parameters()
     names = {id(p): n for n, p in method.named_parameters() if p.requires_grad}
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.optim.amp == "fp16")

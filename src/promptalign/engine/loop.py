@@ -25,7 +25,7 @@ from ..config import RunConfig
 from ..data import make_loader
 from . import checkpoint as ck
 from . import distributed as du
-from .build import Run, build_run, resume_config, run_info
+from .build import Run, build_run, record_batches, resume_config, run_info
 from .evaluate import NonFiniteError, autocast, evaluate
 from .schedule import lr_at
 
@@ -208,6 +208,7 @@ def _train(
     for epoch in range(start_epoch, epochs):
         steps, lost = train_epoch(r, step_module, epoch, steps, run_dir, device, callbacks)
         skipped += lost
+        r.method.on_epoch_end(epoch, epochs)  # e.g. PromptSRC's prompt aggregation
         if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 and epoch + 1 < epochs:
             ev = evaluate(
                 r.method,
@@ -225,6 +226,14 @@ def _train(
                 run_dir, r.method, r.optimizer, r.scaler, r.param_names, epoch + 1, steps
             )
         du.barrier()
+    # inference-time choices on the validation split, never on test (e.g. Tip-Adapter's alpha/beta)
+    chosen = r.method.select_on_validation(
+        record_batches(cfg, r.data, r.data.val, r.method, device, augment=False)
+    )
+    if chosen:
+        log.info("chosen on the validation split: %s", chosen)
+        if du.is_main():
+            ck.log_metrics(run_dir, {"validation_selection": chosen})
     metrics = evaluate(
         r.method,
         r.test_set,
@@ -233,6 +242,7 @@ def _train(
         amp=o.amp,
         where=f"final evaluation after epoch {epochs}",
     )
+    metrics.update({f"val_selected_{k}": v for k, v in chosen.items()})
     metrics["skipped_train_images"] = skipped
     if skipped or metrics["skipped"]:
         log.warning(

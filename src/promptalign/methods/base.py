@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -269,6 +269,31 @@ class PromptMethod(nn.Module, abc.ABC):
         return [
             p for n, p in self.named_parameters() if p.requires_grad and not _is_backbone_key(n)
         ]
+
+    # ------------------------------------------------------------------ engine hooks (no-ops)
+    # Each is called from exactly one place in the engine (loop.py); methods that need data beyond the
+    # training batches (a feature cache, a validation search) or epoch-level state override them.
+    def fit_before_training(
+        self, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> None:
+        """Hook: build data-dependent state before the optimiser is created (e.g. Tip-Adapter's
+        cache from the few-shot training features). Called on fresh runs and on resume (a resume
+        then overwrites the state with the saved one), so it must be deterministic given the
+        global RNG. ``train_batches()`` iterates ``(images, labels)`` over the training split in a
+        fixed order with training augmentation. Parameters created here are optimised."""
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Hook: called after the last step of every epoch (0-based ``epoch`` of ``epochs``),
+        before the epoch checkpoint (e.g. PromptSRC's Gaussian prompt aggregation)."""
+
+    def select_on_validation(
+        self, val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> dict[str, float]:
+        """Hook: choose inference-time hyper-parameters on the validation split (never test)
+        after training, before the final evaluation (e.g. Tip-Adapter's alpha/beta search).
+        ``val_batches()`` iterates ``(images, labels)`` without augmentation. Returns what was
+        chosen (logged and stored in the run info)."""
+        return {}
 
     @property
     def optim_preset(self) -> OptimConfig:

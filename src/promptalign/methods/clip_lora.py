@@ -1,0 +1,262 @@
+"""CLIP-LoRA: low-rank adapters on the attention projections of both CLIP encoders.
+
+Zanella, Ben Ayed. "Low-Rank Few-Shot Adaptation of Vision-Language Models", CVPR Workshops 2024,
+arXiv 2405.18541, https://github.com/MaxZanella/CLIP-LoRA (run_utils.py defaults, lora.py,
+loralib/layers.py followed here). For every attention block of the chosen encoders and every
+target projection t in (q, k, v[, o]): ``t(x) = W_t x + b_t + s * B_t A_t dropout(x)`` with rank
+``r`` = 2, ``s = alpha / sqrt(r)`` (the released ``LoRALayer.scaling``; alpha = 1), dropout 0.25
+on the adapter's input only, A Kaiming-uniform and B zero (so training starts at zero-shot CLIP).
+Class features come from the fixed prompt "a photo of a {}." (the released datasets use it for
+every dataset). AdamW (lr 2e-4, weight decay 0.01), batch 32, cosine schedule, 500 x N-shot
+iterations (converted to epochs for the shared epoch-based trainer, see :class:`IterationPreset`).
+
+The frozen backbone is never modified: while a tower runs, :meth:`CLIPLoRA.adapted` swaps each
+attention module of that tower for a wrapper that computes the adapted projections and puts the
+original module back on exit (also on errors). In evaluation (or with dropout 0) the wrapper
+calls the original module functionally with merged weights ``W + s B A``, so zero B matrices give
+exactly zero-shot CLIP and :meth:`CLIPLoRA.merged_state_dict` (a copy of the CLIP weights with
+the adapters merged, for export) gives the same logits as the unmerged adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import METHODS
+from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
+
+TARGETS = ("q", "k", "v", "o")
+
+
+@dataclass(frozen=True)
+class IterationPreset(OptimPreset):
+    """An optimisation preset published as an iteration budget: ``iterations_per_shot`` x shots
+    optimiser steps of ``batch_size``; :meth:`epochs_for` turns it into epochs once the class
+    count is known (the method fills ``num_classes``): ``ceil(budget / steps_per_epoch)``."""
+
+    iterations_per_shot: int = 500
+    num_classes: int = 0
+
+    @property
+    def epochs_depend_on_data(self) -> bool:
+        return self.iterations_per_shot > 0
+
+    def epochs_for(self, shots: int | None) -> int:
+        if self.iterations_per_shot <= 0 or shots is None or self.num_classes <= 0:
+            return self.epochs
+        steps_per_epoch = math.ceil(shots * self.num_classes / self.batch_size)
+        return max(1, math.ceil(self.iterations_per_shot * shots / steps_per_epoch))
+
+
+@dataclass(frozen=True)
+class CLIPLoRAConfig(MethodConfig):
+    """Attributes:
+        rank: LoRA rank r.
+        lora_alpha: LoRA alpha; the update is scaled by ``lora_alpha / sqrt(rank)``.
+        dropout: dropout on the adapter input (training only).
+        targets: attention projections adapted, from ("q", "k", "v", "o").
+        encoders: "both", "vision" or "text".
+        prompt: the fixed class prompt.
+    """
+
+    rank: int = 2
+    lora_alpha: float = 1.0
+    dropout: float = 0.25
+    targets: tuple[str, ...] = ("q", "k", "v")
+    encoders: Literal["both", "vision", "text"] = "both"
+    prompt: str = "a photo of a {}."
+    optim: OptimPreset = IterationPreset(
+        optimizer="adamw", lr=2e-4, weight_decay=0.01, batch_size=32, epochs=10, warmup_epochs=0,
+        iterations_per_shot=500,
+    )
+    PRESETS = {
+        # the paper's ablations: adapters in one encoder only
+        "vision_only": {"encoders": "vision"},
+        "text_only": {"encoders": "text"},
+    }
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"LoRA targets {list(self.targets)} invalid; choose from {TARGETS}")
+        if self.encoders not in ("both", "vision", "text"):
+            raise ValueError(f"encoders {self.encoders!r} unknown; use 'both', 'vision' or 'text'")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank {self.rank} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout {self.dropout} must be in [0, 1)")
+        if "{}" not in self.prompt:
+            raise ValueError(f"prompt {self.prompt!r} has no '{{}}' placeholder for the class name")
+
+
+class LoRAAdapter(nn.Module):
+    """A and B of every target projection of one attention block (``{t}_A [r, W]``, ``{t}_B [W, r]``)."""
+
+    def __init__(self, width: int, rank: int, targets: tuple[str, ...]):
+        super().__init__()
+        self.targets = targets
+        for t in targets:
+            a = torch.empty(rank, width)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear (released init_lora_param)
+            self.register_parameter(f"{t}_A", nn.Parameter(a))
+            self.register_parameter(f"{t}_B", nn.Parameter(torch.zeros(width, rank)))
+
+    def delta(self, t: str) -> torch.Tensor:
+        """``B_t A_t``, ``[W, W]``."""
+        return getattr(self, f"{t}_B") @ getattr(self, f"{t}_A")
+
+    def merged(self, mha: nn.MultiheadAttention, scaling: float) -> dict[str, torch.Tensor]:
+        """The attention module's weights with the adapters merged (differentiable in A, B)."""
+        out = {}
+        if any(t in self.targets for t in "qkv"):
+            zero = mha.in_proj_weight.new_zeros(mha.embed_dim, mha.embed_dim)
+            deltas = [self.delta(t) * scaling if t in self.targets else zero for t in "qkv"]
+            out["in_proj_weight"] = mha.in_proj_weight + torch.cat(deltas).to(mha.in_proj_weight.dtype)
+        if "o" in self.targets:
+            w = mha.out_proj.weight
+            out["out_proj.weight"] = w + (self.delta("o") * scaling).to(w.dtype)
+        return out
+
+
+class _LoRAAttention(nn.Module):
+    """Stands in for an ``nn.MultiheadAttention`` while a tower runs (never stored)."""
+
+    def __init__(self, mha: nn.MultiheadAttention, adapter: LoRAAdapter, scaling: float, dropout: float,
+                 training: bool):
+        super().__init__()
+        self.mha, self.adapter, self.scaling, self.p = mha, adapter, scaling, dropout
+        self.training = training
+
+    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, **kwargs):
+        if not (self.training and self.p > 0):
+            weights = self.adapter.merged(self.mha, self.scaling)
+            return torch.func.functional_call(
+                self.mha, weights, (query, key, value),
+                {"need_weights": need_weights, "attn_mask": attn_mask, **kwargs},
+            )
+        return self._with_dropout(query, key, value, attn_mask), None
+
+    def _lora(self, x: torch.Tensor, t: str) -> torch.Tensor:
+        a, b = getattr(self.adapter, f"{t}_A"), getattr(self.adapter, f"{t}_B")
+        x = F.dropout(x, self.p, training=True)  # one mask per projection (one Dropout each)
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scaling
+
+    def _with_dropout(self, query, key, value, attn_mask) -> torch.Tensor:
+        """Self-attention with the adapters' dropout on their inputs (cannot be merged)."""
+        m = self.mha
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("CLIP-LoRA adapts self-attention only (query, key and value must be the same)")
+        x = query if m.batch_first else query.transpose(0, 1)  # [B, T, W]
+        B, T, W = x.shape
+        H = m.num_heads
+        qkv = list(F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1))  # 3 x [B, T, W]
+        for i, t in enumerate("qkv"):
+            if t in self.adapter.targets:
+                qkv[i] = qkv[i] + self._lora(x, t)
+        q, k, v = (y.view(B, T, H, W // H).transpose(1, 2) for y in qkv)  # [B, H, T, W/H]
+        mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        if mask is not None and mask.dtype == torch.bool:
+            mask = ~mask  # nn.MultiheadAttention: True = masked; SDPA: True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, W/H]
+        out = out.transpose(1, 2).reshape(B, T, W)
+        y = F.linear(out, m.out_proj.weight, m.out_proj.bias)
+        if "o" in self.adapter.targets:
+            y = y + self._lora(out, "o")
+        return y if m.batch_first else y.transpose(0, 1)
+
+
+@METHODS.register("clip_lora")
+class CLIPLoRA(PromptMethod):
+    """Zero-shot CLIP with low-rank adapters in the attention of both encoders."""
+
+    config_class = CLIPLoRAConfig
+
+    def __init__(self, backbone, classnames, config=None):
+        super().__init__(backbone, classnames, config)
+        cfg = self.config
+        self.scaling = cfg.lora_alpha / math.sqrt(cfg.rank)
+        towers = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}[cfg.encoders]
+        self.towers = towers
+        self.adapters = nn.ModuleDict()
+        for tower in towers:
+            for i, block in enumerate(self._blocks(tower)):
+                mha = block.attn
+                if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
+                    raise ValueError(
+                        f"{tower} block {i} of {backbone.arch!r} has attention {type(mha).__name__}; "
+                        "CLIP-LoRA needs nn.MultiheadAttention with packed q/k/v projections"
+                    )
+                self.adapters[f"{tower}_{i}"] = LoRAAdapter(mha.embed_dim, cfg.rank, cfg.targets)
+        self.on_classnames_changed()
+
+    def _blocks(self, tower: str) -> nn.ModuleList:
+        if tower == "vision":
+            return self.backbone.clip.visual.transformer.resblocks
+        return self.backbone._text.transformer.resblocks
+
+    @property
+    def optim_preset(self) -> OptimPreset:
+        preset = self.config.optim
+        if isinstance(preset, IterationPreset):
+            return dataclasses.replace(preset, num_classes=self.num_classes)
+        return preset
+
+    def on_classnames_changed(self) -> None:
+        tokens = self.backbone.tokenize([self.config.prompt.format(c) for c in self.classnames])
+        self.register_buffer("tokens", tokens, persistent=False)
+
+    # ------------------------------------------------------------------ adapters
+    @contextlib.contextmanager
+    def adapted(self, tower: str) -> Iterator[None]:
+        """Run ``tower`` ("vision" / "text") with the adapters; the backbone is restored on exit."""
+        if tower not in self.towers:
+            yield
+            return
+        blocks = self._blocks(tower)
+        originals = [b.attn for b in blocks]
+        try:
+            for i, b in enumerate(blocks):
+                b.attn = _LoRAAttention(originals[i], self.adapters[f"{tower}_{i}"], self.scaling,
+                                        self.config.dropout, self.training)
+            yield
+        finally:
+            for b, mha in zip(blocks, originals):
+                b.attn = mha
+
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the CLIP weights (open_clip state-dict keys) with the adapters merged in."""
+        state = {k: v.detach().clone() for k, v in self.backbone.clip.state_dict().items()}
+        names = {id(m): n for n, m in self.backbone.clip.named_modules()}
+        for tower in self.towers:
+            for i, block in enumerate(self._blocks(tower)):
+                prefix = names[id(block.attn)]
+                for key, value in self.adapters[f"{tower}_{i}"].merged(block.attn, self.scaling).items():
+                    state[f"{prefix}.{key}"] = value.detach().clone()
+        return state
+
+    def export_merged(self, path: str | os.PathLike) -> None:
+        """Write :meth:`merged_state_dict` as safetensors, loadable as open_clip weights."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().cpu() for k, v in self.merged_state_dict().items()}, str(path))
+
+    # ------------------------------------------------------------------ roles
+    def encode_classes(self) -> torch.Tensor:
+        with self.adapted("text"):
+            return F.normalize(self.backbone.encode_text(self.tokens), dim=-1)  # [K, D]
+
+    def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
+        with self.adapted("vision"), torch.set_grad_enabled(torch.is_grad_enabled() and "vision" in self.towers):
+            img = F.normalize(self.backbone.encode_image(images), dim=-1)  # [B, D]
+        return MethodOutput(cosine_logits(img, classes, self.backbone.logit_scale), img, classes)
