@@ -23,6 +23,7 @@ from ..backbone.clip import VisionPromptPosition
 from ..ot import sinkhorn
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
+from .explainable import ExplainFeatures, plan_entropy_ratio
 from .prompts import build_class_prompts, normal_init
 from .vpt import check_depth
 
@@ -86,5 +87,21 @@ class PLOT(PromptMethod):
         ot = sinkhorn(1.0 - sim, eps=cfg.eps, max_iter=cfg.max_iter, tol=cfg.tol)
         logits = self.backbone.logit_scale * (ot.plan * sim).sum((-2, -1))  # plan constant
         extras = {"ot_converged": ot.converged.float().mean().detach(),
-                  "ot_iters": ot.n_iter.float().mean()}
+                  "ot_iters": ot.n_iter.float().mean(),
+                  "ot_entropy": plan_entropy_ratio(ot.plan.detach()).mean()}
         return MethodOutput(logits, normalize_mean(img, 1), normalize_mean(classes, 0), extras)
+
+    def explain_features(self, images: torch.Tensor) -> ExplainFeatures:
+        """The features and Sinkhorn options :meth:`forward_with_text` scores with (for
+        ``promptalign.explain``); image tokens too, for patch-level cosine maps."""
+        cfg = self.config
+        out = self.backbone.forward_image(
+            images, self.visual, deep=list(self.deep_visual.unbind(0)), position=cfg.position,
+            return_tokens=True,
+        )
+        return ExplainFeatures(
+            "prompt_set_ot", out.pooled, self.class_features().transpose(0, 1),  # [K, N, D]
+            options={"eps": cfg.eps, "max_iter": cfg.max_iter, "tol": cfg.tol},
+            logit_scale=self.backbone.logit_scale, image_tokens=out.tokens,
+            prompt_slice=out.prompt_slice,
+        )
