@@ -122,6 +122,9 @@ def test_heat_maps_cover_the_image_grid_and_hold_the_transported_mass(shapes):
         np.testing.assert_allclose(c.heat.sum((2, 3, 4)), G / J, atol=1e-6)
         for n in range(N):  # word masses regroup the same token masses
             np.testing.assert_allclose(c.word_mass[n].sum(-1), c.token_plans[:, n].sum((-2, -1)), atol=1e-6)
+            # mass x cosine per word adds up to the transported similarity <T_hat, S> = 1 - distance
+            np.testing.assert_allclose((c.word_mass[n] * c.word_cosine[n]).sum(-1), 1 - c.token_term[:, n],
+                                       atol=1e-5)
 
 
 def test_decoded_words_match_the_prompt_text(shapes):

@@ -105,6 +105,9 @@ class ClassExplanation:
         heat: ``[M, N, L, gh, gw]`` token-level mass per patch for every text token.
         prompt_token_mass: ``[M, N, L]`` mass each text token sends to the visual prompt tokens.
         word_mass: ``[M, N, W_n]`` per n (list over n): mass per word of text set n's prompt.
+        word_cosine: like ``word_mass``: mass-weighted cosine of each word with the image tokens
+            its mass goes to (which words the image matches; the token similarity
+            ``<T_hat, S>`` is the sum of word_mass x word_cosine).
         tokens: per text set n, :class:`TokenLabels` of its prompt (None without token level).
         patch_cosine: ``[M, N, gh, gw]`` cosine of every patch token of visual set m with the
             global class feature of text set n (cosine view, every method).
@@ -128,6 +131,7 @@ class ClassExplanation:
     heat: np.ndarray | None = None
     prompt_token_mass: np.ndarray | None = None
     word_mass: list[np.ndarray] | None = None
+    word_cosine: list[np.ndarray] | None = None
     tokens: list[TokenLabels] | None = None
     entropy: dict[str, Any] = field(default_factory=dict)
 
@@ -361,6 +365,7 @@ def hierarchical_plans(feats: ExplainFeatures, classes: torch.Tensor) -> dict[st
     scale = feats.logit_scale
     logit_token = -scale * o["beta"] * outer.plan * distance if paper else torch.zeros_like(cost)
     return {"plan": outer.plan, "token_plans": tok.plan, "global_sim": global_sim,
+            "token_sim_mass": (tok.plan * sim_tok).sum(-2),  # [B, k, M, N, L]
             "token_term": token_term, "cost": cost, "logits": scale * score,
             "logit_global": scale * outer.plan * global_sim, "logit_token": logit_token}
 
@@ -516,14 +521,18 @@ def _fill_ot(ce: ClassExplanation, res: dict, j: int, feats: ExplainFeatures, b:
     ce.heat = _np(heat.permute(0, 1, 3, 2).reshape(M, N, L, *grid))
     ce.prompt_token_mass = _np(tp.sum(-2) - heat.sum(-2))
     ce.entropy["token"] = _np(plan_entropy_ratio(tp))
-    ce.tokens, ce.word_mass = [], []
+    ce.tokens, ce.word_mass, ce.word_cosine = [], [], []
+    sim_mass = res["token_sim_mass"][0, j]  # [M, N, L]
     for n in range(N):
         real = mask[n].cpu()
         labels = decode_tokens(tokenizer, feats.text_ids[k, n][real].tolist(),
                                feats.context_slots[k, n][real].tolist())
         ce.tokens.append(labels)
         col_mass = tp[:, n].sum(-2)[:, real.to(tp.device)]  # [M, L_n]
-        ce.word_mass.append(labels.word_mass(_np(col_mass)))
+        mass = labels.word_mass(_np(col_mass))  # [M, W_n]
+        cos = labels.word_mass(_np(sim_mass[:, n][:, real.to(tp.device)]))
+        ce.word_mass.append(mass)
+        ce.word_cosine.append(cos / np.maximum(mass, 1e-30))
 
 
 # --------------------------------------------------------------------------- images and runs

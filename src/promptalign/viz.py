@@ -37,10 +37,20 @@ def _show_image(ax, image: np.ndarray) -> None:
 
 
 def _overlay(ax, image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, cmap: str):
+    """``heat`` over ``image``: colour and opacity grow with the value, so the picture stays
+    visible where the map is low."""
+    plt = _plt()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     h, w = image.shape[:2]
     ax.imshow(image, interpolation="bilinear", extent=(0, w, h, 0))
-    im = ax.imshow(heat, cmap=cmap, alpha=0.6, vmin=vmin, vmax=vmax, interpolation="nearest",
-                   extent=(0, w, h, 0))
+    norm = Normalize(vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-12)
+    cm = plt.get_cmap(cmap)
+    rgba = cm(norm(heat))
+    rgba[..., 3] = 0.1 + 0.75 * np.clip(norm(heat), 0, 1)
+    ax.imshow(rgba, interpolation="nearest", extent=(0, w, h, 0))
+    im = ScalarMappable(norm=norm, cmap=cm)
     ax.set_xticks([])
     ax.set_yticks([])
     return im
@@ -48,12 +58,14 @@ def _overlay(ax, image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
 
 def _plan_panel(ax, plan: np.ndarray, title: str) -> None:
     M, N = plan.shape
-    ax.imshow(plan, cmap="Blues", vmin=0, vmax=max(plan.max(), 1e-12))
+    vmax = max(float(plan.max()), 2.0 / plan.size)  # a uniform plan shows mid-blue
+    ax.imshow(plan, cmap="Blues", vmin=0, vmax=vmax)
+    size = 7 if max(M, N) <= 4 else 5
     for m in range(M):
         for n in range(N):
             v = plan[m, n]
-            ax.text(n, m, f"{v:.3f}", ha="center", va="center", fontsize=7,
-                    color="white" if v > 0.6 * plan.max() else "black")
+            ax.text(n, m, f"{v:.3f}".lstrip("0"), ha="center", va="center", fontsize=size,
+                    color="white" if v > 0.6 * vmax else "black")
     ax.set_xticks(range(N), [f"t{n}" for n in range(N)], fontsize=7)
     ax.set_yticks(range(M), [f"v{m}" for m in range(M)], fontsize=7)
     ax.set_xlabel("text prompt set", fontsize=7)
@@ -67,28 +79,35 @@ def _decomposition_panel(ax, c: ClassExplanation) -> None:
     pairs = [np.unravel_index(o, plan.shape) for o in order]
     g = np.array([c.logit_global[m, n] for m, n in pairs])
     t = np.array([c.logit_token[m, n] for m, n in pairs])
-    y = np.arange(len(pairs))
+    labels = [f"v{m}-t{n} T={plan[m, n]:.3f}" for m, n in pairs]
+    shown = ""
+    if len(pairs) > 8:  # the 8 heaviest pairs (the title has the totals over all)
+        g, t, labels = g[:8], t[:8], labels[:8]
+        shown = f"\n(8 of {len(pairs)} pairs, by T)"
+    y = np.arange(len(labels))
     ax.barh(y, g, color="tab:blue", label="global cosine")
     ax.barh(y, t, color="tab:orange", label="token OT")
-    ax.set_yticks(y, [f"v{m}-t{n} T={plan[m, n]:.2f}" for m, n in pairs], fontsize=6)
+    ax.set_yticks(y, labels, fontsize=6)
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.5)
     ax.tick_params(axis="x", labelsize=6)
     extra = f" + other {c.logit_extra:.2f}" if c.logit_extra else ""
-    ax.set_title(f"logit {c.logit:.2f} = global {g.sum():.2f} + token {t.sum():.2f}{extra}",
-                 fontsize=7)
+    ax.set_title(f"logit {c.logit:.2f} = global {c.logit_global.sum():.2f} + token "
+                 f"{c.logit_token.sum():.2f}{extra}{shown}", fontsize=7)
     ax.legend(fontsize=6, loc="lower right")
 
 
 def _word_panel(ax, c: ClassExplanation, m: int, n: int) -> None:
     words = c.tokens[n].words
     mass = c.word_mass[n][m]
+    cos = c.word_cosine[n][m]
     y = np.arange(len(words))
-    ax.barh(y, mass, color=["tab:gray" if w.startswith(("<", "[")) else "tab:green" for w in words])
-    ax.set_yticks(y, words, fontsize=7)
+    ax.barh(y, cos, color=["tab:gray" if w.startswith(("<", "[")) else "tab:green" for w in words])
+    ax.set_yticks(y, [f"{w} ({x:.3f})" for w, x in zip(words, mass)], fontsize=7)
     ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.5)
     ax.tick_params(axis="x", labelsize=6)
-    ax.set_title(f"word mass, pair v{m}-t{n}", fontsize=8)
+    ax.set_title(f"word (mass): cosine with its patches\npair v{m}-t{n}", fontsize=8)
 
 
 def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "", dpi: int = 110) -> Path:
@@ -96,6 +115,8 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
     decomposition, word mass) and a row of maps over the image (token-level mass per text token
     for the dominant prompt pair, or patch cosines per visual prompt set)."""
     plt = _plt()
+    if all(c.prompt_plan is None for c in ex.classes):
+        return _draw_cosine_grid(ex, path, method=method, dpi=dpi)
     rows = []  # (class explanation, header panels, maps)
     for c in ex.classes:
         if c.heat is not None:
@@ -142,7 +163,7 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
         for ax, (mp, label) in zip(axes, maps):
             im = _overlay(ax, ex.image, mp, vmin, vmax, cmap)
             if kind == "token":
-                ax.set_title(f"{label}\n{mp.sum():.3f}", fontsize=7)
+                ax.set_title(f"{label}\n{mp.sum():.3f} on patches", fontsize=7)
             else:
                 ax.set_title(label, fontsize=7)
         for ax in axes[len(maps):]:
@@ -155,6 +176,32 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
             bottom.colorbar(im, ax=list(axes[:len(maps)]), shrink=0.8, pad=0.01)
     fig.suptitle(f"{method}: {Path(ex.path).name}   top: "
                  + ", ".join(f"{n} ({p:.2f})" for n, p in ex.top), fontsize=9)
+    return _save(fig, path, dpi)
+
+
+def _draw_cosine_grid(ex: ImageExplanation, path, *, method: str, dpi: int) -> Path:
+    """Methods without plans: one row per class, the image then its patch-cosine map(s)."""
+    plt = _plt()
+    n_maps = max(c.patch_cosine.shape[0] for c in ex.classes)
+    ncols = 1 + n_maps
+    fig, axes = plt.subplots(len(ex.classes), ncols, squeeze=False, layout="constrained",
+                             figsize=(1.9 * ncols + 1.2, 1.9 * len(ex.classes) + 0.6))
+    for row, c in zip(axes, ex.classes):
+        _show_image(row[0], ex.image)
+        row[0].set_title(f"{c.name}\np={c.prob:.2f}  logit {c.logit:.2f}", fontsize=8)
+        maps = c.patch_cosine[:, 0]  # [M, gh, gw]
+        im = None
+        for m, ax in enumerate(row[1:]):
+            if m >= maps.shape[0]:
+                ax.axis("off")
+                continue
+            im = _overlay(ax, ex.image, maps[m], float(maps.min()), float(maps.max()), "viridis")
+            ax.set_title(f"patch cosine (global {c.global_sim[m, 0]:.3f})", fontsize=7)
+        if im is not None:
+            fig.colorbar(im, ax=list(row[1:]), shrink=0.8, pad=0.02)
+    fig.suptitle(f"{method}: {Path(ex.path).name}   top: "
+                 + ", ".join(f"{n} ({p:.2f})" for n, p in ex.top)
+                 + "\ncosine of each patch token with the class feature", fontsize=8)
     return _save(fig, path, dpi)
 
 
