@@ -348,6 +348,67 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from promptalign import viz
+    from promptalign.explain import ExplainError, embed_dataset, explain
+    from promptalign.io import atomic_write_text
+
+    out = Path(args.out) if args.out else Path(args.run) / "explain"
+    try:
+        if args.embeddings:
+            emb = embed_dataset(args.run, dataset=args.dataset, root=args.data_root, subsample=args.subsample,
+                                max_images=args.max_images, projection=args.projection, device=args.device)
+            png = viz.draw_embeddings(emb, out / "embeddings.png", method=Path(args.run).name)
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows(emb.csv_rows())
+            atomic_write_text(out / "embeddings.csv", buf.getvalue())
+            print(f"{emb.projection.upper()} of {emb.coords.shape[1]} images x {emb.coords.shape[0]} visual "
+                  f"prompt set(s): wrote {png} and {out / 'embeddings.csv'}")
+            return 0
+        if not args.images:
+            raise ExplainError("no images given; pass image files, or --embeddings --dataset NAME")
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
+        res = explain(args.run, args.images, classes=classes, topk=args.topk, panels=args.panels,
+                      device=args.device)
+    except ExplainError as e:
+        print(f"promptalign explain: error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    opts = ", ".join(f"{k} {v}" for k, v in res.options.items())
+    print(f"{res.method} ({res.scorer}{': ' + opts if opts else ''}); {res.panels} panels")
+    data = res.to_json()
+    stems: set[str] = set()
+    for i, (im, d) in enumerate(zip(res.images, data["images"])):
+        stem = Path(im.path).stem
+        stem = stem if stem not in stems else f"{i:03d}-{stem}"
+        stems.add(stem)
+        png = viz.draw_image(im, out / f"{stem}.png", method=res.method)
+        atomic_write_text(out / f"{stem}.json", json.dumps({**{k: v for k, v in data.items() if k != "images"},
+                                                     "image": d}, indent=1))
+        print(f"{im.path}: top " + ", ".join(f"{n} ({p:.2f})" for n, p in im.top))
+        for c in im.classes:
+            line = f"  {c.name}: logit {c.logit:.2f}"
+            if c.prompt_plan is not None:
+                line += (f" = global {c.logit_global.sum():.2f} + token {c.logit_token.sum():.2f}"
+                         + (f" + other {c.logit_extra:.2f}" if c.logit_extra else ""))
+                line += f"; prompt plan entropy {c.entropy['prompt']:.3f} of uniform"
+                line += f" (floor {c.entropy['prompt_floor_ratio']:.3f})"
+            if "token" in c.entropy:
+                m, n = c.dominant_pairs(1)[0]
+                mass = c.word_mass[n][m]
+                words = sorted(zip(c.tokens[n].words, mass), key=lambda t: -t[1])[:3]
+                line += (f"; token plans {c.entropy['token'].mean():.3f}; top words (v{m}-t{n}) "
+                         + ", ".join(f"{w} {x:.3f}" for w, x in words))
+            print(line)
+        print(f"  wrote {png} and {out / (stem + '.json')}")
+    for level, value in res.summary().items():
+        print(f"mean {level.replace('_', ' ')}: {value:.3f} (1.0 = uniform plan)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from promptalign import __version__
 
@@ -433,6 +494,29 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--workers", type=_workers, default=0,
                     help="data-loading workers (default 0; results do not depend on it)")
     pd.set_defaults(func=_cmd_demo)
+
+    px = sub.add_parser("explain", help="transport plans, patch heat maps and score decompositions of a run",
+                        description="Explain a run's scores for images: prompt-level plans, token-level "
+                                    "plans as heat maps over the image per text token, word mass and the "
+                                    "score decomposition (OT methods), or patch-cosine maps (other methods). "
+                                    "Writes one PNG and one JSON per image. With --embeddings: a 2-D map "
+                                    "(t-SNE with scikit-learn, else PCA) of a dataset's image embeddings "
+                                    "per visual prompt set (PNG + CSV).")
+    px.add_argument("run", help="run folder written by `promptalign train`")
+    px.add_argument("images", nargs="*", help="image files")
+    px.add_argument("--classes", help="comma-separated class names to explain besides the top ones")
+    px.add_argument("--topk", type=int, default=2, help="top classes explained per image (default 2)")
+    px.add_argument("--panels", choices=["auto", "ot", "cosine"], default="auto",
+                    help="ot: transport plans (OT methods only); cosine: patch cosine maps; auto: ot when available")
+    px.add_argument("--out", help="output folder (default: RUN/explain)")
+    px.add_argument("--embeddings", action="store_true", help="embedding map of a dataset instead of images")
+    px.add_argument("--dataset", help="dataset for --embeddings (default: the run's)")
+    px.add_argument("--data-root", help="data root for --embeddings (default: the run's)")
+    px.add_argument("--subsample", choices=["all", "base", "new"], help="class subset for --embeddings")
+    px.add_argument("--max-images", type=int, default=400, help="images for --embeddings (default 400)")
+    px.add_argument("--projection", choices=["auto", "tsne", "pca"], default="auto")
+    px.add_argument("--device", default="auto")
+    px.set_defaults(func=_cmd_explain)
 
     ps = sub.add_parser("selfcheck", help="offline check of the installation on a tiny random model")
     ps.add_argument("--arch", default="pa-tiny-vit")

@@ -38,6 +38,7 @@ import torch
 from ..backbone.clip import VisionPromptPosition
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
+from .explainable import ExplainFeatures
 from .heads import HierarchicalOTHead
 from .prompts import CoupledPrompts, build_class_prompts
 
@@ -137,4 +138,24 @@ class ALIGN(PromptMethod):
             normalize_mean(out.pooled, 1),
             normalize_mean(classes["global"], 1),
             extras,
+        )
+
+    def explain_features(self, images: torch.Tensor) -> ExplainFeatures:
+        """The features and hierarchical-OT options :meth:`forward_with_text` scores with (for
+        ``promptalign.explain``, which recomputes both plan levels from them)."""
+        cfg = self.config
+        classes = self.class_features()
+        vis, vdeep = self.prompts.visual()  # [M, b, Wv]
+        out = self.backbone.forward_image(images, vis, deep=vdeep, position=cfg.position, return_tokens=True)
+        L = classes["tokens"].shape[2]
+        ids = self.tokens[..., :L].transpose(0, 1)  # [K, N, L]
+        ctx = torch.zeros_like(ids, dtype=torch.bool)
+        ctx[..., 1:1 + cfg.n_ctx] = True  # the context placeholders follow SOS
+        return ExplainFeatures(
+            "hierarchical_ot", out.pooled, classes["global"],
+            options={"beta": cfg.beta, "eps": cfg.eps, "eps_token": cfg.eps_token,
+                     "max_iter": cfg.max_iter, "tol": cfg.tol, "form": cfg.form, "domain": cfg.domain},
+            logit_scale=self.backbone.logit_scale, image_tokens=out.tokens,
+            prompt_slice=out.prompt_slice, text_tokens=classes["tokens"], text_mask=classes["mask"],
+            text_ids=ids, context_slots=ctx,
         )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ot import hierarchical_ot, sinkhorn
+from .explainable import plan_entropy_ratio
 
 Extras = dict[str, torch.Tensor]
 
@@ -68,6 +69,7 @@ class PromptSetOTHead:
         extras = {
             "ot_converged": ot.converged.float().mean().detach(),
             "ot_iters": ot.n_iter.float().mean(),
+            "ot_entropy": plan_entropy_ratio(ot.plan.detach()).mean(),  # 1.0 = uniform plan
         }
         return logits, extras
 
@@ -121,5 +123,6 @@ class HierarchicalOTHead:
             "ot_token_converged": res.token_stats.converged.detach(),
             "ot_prompt_converged": res.prompt_stats.converged.detach(),
             "ot_token_iters": res.token_stats.mean_iter.detach(),
+            "ot_prompt_entropy": plan_entropy_ratio(res.prompt_plan.detach()).mean(),
         }
         return scale * res.score, extras

@@ -44,6 +44,7 @@ from torch import nn
 from ..backbone.clip import VisionPromptPosition
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
+from .explainable import ExplainFeatures
 from .heads import PromptSetOTHead
 from .prompts import build_class_prompts, check_depth, normal_init, remaining_words
 
@@ -159,3 +160,24 @@ class PLOT(PromptMethod):
             g_txt = F.normalize(classes.mean(0), dim=-1)  # [K, D]
             logits = logits + scale * g_img @ g_txt.t()
         return MethodOutput(logits, normalize_mean(img, 1), normalize_mean(txt, 0), extras)
+
+    def explain_features(self, images: torch.Tensor) -> ExplainFeatures:
+        """The features and Sinkhorn options :meth:`forward_with_text` scores with (for
+        ``promptalign.explain``); image tokens too, for patch-level cosine maps."""
+        cfg = self.config
+        out = self.backbone.forward_image(
+            images, self.visual, deep=list(self.deep_visual.unbind(0)), position=cfg.position,
+            return_tokens=True,
+        )
+        classes = self.class_features()  # [N, K, D], not normalised
+        extra = None
+        if cfg.stage == "visual":  # the released stage-1 trade-off term, outside the OT
+            g_img = F.normalize(out.pooled.mean(1), dim=-1)  # [B, D]
+            g_txt = F.normalize(classes.mean(0), dim=-1)  # [K, D]
+            extra = self.backbone.logit_scale * g_img @ g_txt.t()  # [B, K]
+        return ExplainFeatures(
+            "prompt_set_ot", out.pooled, F.normalize(classes, dim=-1).transpose(0, 1),  # [K, N, D]
+            options={"eps": cfg.eps, "max_iter": cfg.max_iter, "tol": cfg.tol, "domain": "auto"},
+            logit_scale=self.backbone.logit_scale, image_tokens=out.tokens,
+            prompt_slice=out.prompt_slice, extra_logits=extra,
+        )
