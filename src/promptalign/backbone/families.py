@@ -20,6 +20,7 @@ towers from Hugging Face (RoBERTa, XLM-RoBERTa, mT5 encoder).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -77,6 +78,8 @@ def prepare_model_cfg(cfg: dict[str, Any], *, weights_given: bool) -> dict[str, 
         kwargs.setdefault("img_size", size)
         vision["timm_model_name"] = _register_timm_variant(vision["timm_model_name"], kwargs)
     text = cfg.get("text_cfg", {})
+    if "hf_model_name" in text:
+        cfg["custom_text"] = True  # open_clip's create_model: HF text towers live under .text
     if "hf_model_name" in text and weights_given:
         # the whole CLIP's weights are loaded afterwards: do not fetch the language model's own
         # (open_clip's create_model does the same)
@@ -107,4 +110,12 @@ def build_tokenizer(cfg: dict[str, Any]):
                 f"tokenizer {name!r} could not be loaded ({e}); without network access point "
                 "text_cfg.hf_tokenizer_name at a local directory of saved tokenizer files"
             ) from e
-    return open_clip.SimpleTokenizer(context_length=length or 77)
+    return _clip_bpe(length or 77)
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_bpe(context_length: int):
+    """CLIP's BPE tokenizer (reading its merges takes about a second: built once per length)."""
+    import open_clip
+
+    return open_clip.SimpleTokenizer(context_length=context_length)
