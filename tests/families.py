@@ -16,10 +16,11 @@ from pathlib import Path
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
-WORDS = (
-    "a photo of the x y dog cat sea lion red car tree airplane golden retriever boat bird fish "
-    "small big picture itap an image circle square triangle star"
-).split()
+WORDS = [
+    "a", "photo", "of", "the", "x", "y", "dog", "cat", "sea", "lion", "red", "car", "tree",
+    "airplane", "golden", "retriever", "boat", "bird", "fish", "small", "big", "picture", "an",
+    "image", "circle", "square", "triangle", "star",
+]
 
 
 def _corpus() -> list[str]:

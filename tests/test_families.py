@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
+from families import FAMILIES, HAS_TRANSFORMERS, NEEDS_TRANSFORMERS, family_config
+from test_methods import small_config
 
 import promptalign
-from families import FAMILIES, HAS_TRANSFORMERS, NEEDS_TRANSFORMERS, family_config
 from promptalign.backbone.towers import UnsupportedTower
 from promptalign.methods import create_method, list_methods
 from promptalign.methods.prompts import build_class_prompts, phrase_init
-from test_methods import small_config
 
 CLASSES = ["dog", "sea lion", "golden retriever"]
 TOL = 1e-5  # max abs difference to open_clip on fp32 (the issue's bound)
@@ -23,6 +23,15 @@ TOL = 1e-5  # max abs difference to open_clip on fp32 (the issue's bound)
 def _param(f):
     skip = pytest.mark.skipif(f in NEEDS_TRANSFORMERS and not HAS_TRANSFORMERS, reason="needs transformers")
     return pytest.param(f, marks=skip, id=f)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids thread spin-waits that dominate on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +235,9 @@ def _cli_family(family, root):
 @pytest.mark.parametrize("family", [_param("siglip"), _param("eva02")])
 @pytest.mark.parametrize("method", ["align", "maple"])
 def test_align_and_maple_train_through_the_cli(cli_data, tmp_path, family, method, capsys):
-    from promptalign.cli import main
     from safetensors.torch import load_file
+
+    from promptalign.cli import main
 
     arch, weights = _cli_family(family, cli_data)
     opts = [f"method.options.{k}={json.dumps(v)}" for k, v in small_config(method).items()]
