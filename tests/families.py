@@ -19,7 +19,7 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 WORDS = [
     "a", "photo", "of", "the", "x", "y", "dog", "cat", "sea", "lion", "red", "car", "tree",
     "airplane", "golden", "retriever", "boat", "bird", "fish", "small", "big", "picture", "an",
-    "image", "circle", "square", "triangle", "star",
+    "image", "circle", "square", "triangle", "star", "X", "Y",
 ]
 
 
@@ -123,8 +123,19 @@ def family_config(family: str, tmp: Path) -> dict:
                 "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
                              "hf_model_pretrained": False, "hf_pooler_type": "mean_pooler",
                              "hf_proj_type": "linear", "context_length": 32}}
+    if family == "hf_mt5":  # mt5-base-ViT-B-32: Hugging Face T5 encoder, SentencePiece, no SOS
+        folder = sentencepiece_tokenizer(tmp / "mt5", pad="<pad>")
+        from transformers import MT5Config
+
+        MT5Config(vocab_size=128, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0,
+                  eos_token_id=1, decoder_start_token_id=0).save_pretrained(str(folder))
+        return {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 16,
+                                                "head_width": 16},
+                "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
+                             "hf_model_pretrained": False, "hf_pooler_type": "mean_pooler",
+                             "hf_proj_type": "mlp", "context_length": 32}}
     raise KeyError(family)
 
 
-FAMILIES = ("clip", "siglip", "siglip2", "eva02", "pe", "vit_registers", "hf_roberta")
-NEEDS_TRANSFORMERS = {"siglip", "siglip2", "hf_roberta"}
+FAMILIES = ("clip", "siglip", "siglip2", "eva02", "pe", "vit_registers", "hf_roberta", "hf_mt5")
+NEEDS_TRANSFORMERS = {"siglip", "siglip2", "hf_roberta", "hf_mt5"}

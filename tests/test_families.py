@@ -86,7 +86,7 @@ def test_nothing_hard_codes_widths_or_lengths(bb):
 # ---------------------------------------------------------------- text conventions
 EXPECTED_LAYOUT = {  # (start, end id == pad id) per family tokenizer
     "clip": (1, False), "eva02": (1, False), "pe": (1, False), "vit_registers": (1, False),
-    "siglip": (0, True), "siglip2": (0, False), "hf_roberta": (1, False),
+    "siglip": (0, True), "siglip2": (0, False), "hf_roberta": (1, False), "hf_mt5": (0, False),
 }
 
 

@@ -98,14 +98,15 @@ def build_tokenizer(cfg: dict[str, Any]):
     if name:
         try:
             return open_clip.tokenizer.HFTokenizer(
-                name, context_length=length or 77, **dict(text.get("tokenizer_kwargs", {}))
+                name, context_length=length or 77, tokenizer_mode=text.get("tokenizer_mode"),
+                **dict(text.get("tokenizer_kwargs", {})),
             )
         except ImportError as e:
             raise ImportError(
                 f"tokenizer {name!r} needs the Hugging Face tokenizers: pip install transformers "
                 f"(and sentencepiece for SentencePiece vocabularies) ({e})"
             ) from e
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise OSError(
                 f"tokenizer {name!r} could not be loaded ({e}); without network access point "
                 "text_cfg.hf_tokenizer_name at a local directory of saved tokenizer files"

@@ -114,7 +114,8 @@ def _build_model(cfg: dict[str, Any]) -> torch.nn.Module:
 
 def _tokenizer(name: str, cfg: dict[str, Any]):
     oc = _open_clip()
-    if oc.get_model_config(name) is not None:
+    hf = "hf_tokenizer_name" in cfg["text_cfg"] or "hf_model_name" in cfg["text_cfg"]
+    if oc.get_model_config(name) is not None and not hf:
         return oc.get_tokenizer(name)
     return build_tokenizer(cfg)  # families.py: HF tokenizer (hub id or local dir) or CLIP BPE
 

@@ -57,6 +57,13 @@ def build_class_prompts(
 
     tokens = backbone.tokenize(render(PLACEHOLDER))
     pos = _slots(tokens, backbone.tokenize(render(ALT_PLACEHOLDER)), n_ctx, classnames)
+    first = torch.arange(backbone.text_start, backbone.text_start + n_ctx, device=pos.device)
+    if class_position == "end" and not bool((pos == first).all()):
+        raise ValueError(
+            f"the placeholder {PLACEHOLDER!r} is not one token of this tokenizer (slots found at "
+            f"{pos[0].tolist()}, expected {first.tolist()}): the text prompt cannot start at "
+            f"position {backbone.text_start}"
+        )
     eot = backbone.eot_index(tokens)
     too_long = [c for c, e, p in zip(classnames, eot.tolist(), pos.tolist()) if p and max(p) >= e]
     if too_long:

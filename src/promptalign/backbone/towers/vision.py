@@ -162,7 +162,7 @@ class TimmViT(VisionTower):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.trunk.patch_embed.proj.weight
+        return next(self.trunk.patch_embed.parameters())  # a conv stem (ViTamin) has no .proj
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.trunk
