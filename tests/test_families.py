@@ -257,3 +257,40 @@ def test_align_and_maple_train_through_the_cli(cli_data, tmp_path, family, metho
     trained = load_file(str(out / "prompts.safetensors"))
     moved = [k for k, v in init.prompt_state_dict().items() if k in trained and not torch.equal(v, trained[k])]
     assert moved
+
+
+def test_bidirectional_text_tower_with_padding_mask_matches_open_clip(tmp_path):
+    """open_clip's TextTransformer with use_pad_mask (bidirectional, padded keys masked)."""
+    cfg = family_config("clip", tmp_path)
+    cfg["custom_text"] = True
+    cfg["text_cfg"] = {**cfg["text_cfg"], "no_causal_mask": True}
+    plain = promptalign.load_backbone(cfg)
+    clip = plain.clip
+    clip.text.use_pad_mask = True
+    bb = promptalign.Backbone(clip, plain.tokenizer, plain.preprocess, "pad-mask", None)
+    assert bb.text.needs_key_mask and not bb.text.truncatable
+    tok = bb.tokenize(["a photo of a dog.", "sea lion"])
+    with torch.no_grad():
+        ref = bb.clip.encode_text(tok)
+        assert (bb.encode_text(tok) - ref).abs().max() <= TOL
+        # padded keys are masked: whatever sits in the padding leaves the feature unchanged
+        emb, eot = bb.embed_tokens(tok), bb.eot_index(tok)
+        pad = (torch.arange(tok.shape[1]) > eot[:, None])[..., None]
+        noisy = torch.where(pad, torch.randn_like(emb), emb)
+        out = bb.forward_text_embeds(noisy, eot, key_mask=tok != 0).pooled
+        assert (out - ref).abs().max() <= TOL
+        clip.text.use_pad_mask = False  # the control: without the mask the padding leaks in
+        unmasked = promptalign.Backbone(clip, plain.tokenizer, plain.preprocess, "no-pad-mask", None)
+        assert (unmasked.forward_text_embeds(noisy, eot).pooled - ref).abs().max() > 1e-3
+
+
+def test_placeholder_that_is_not_one_token_is_named(built, monkeypatch):
+    if not HAS_TRANSFORMERS:
+        pytest.skip("needs transformers")
+    from promptalign.methods import prompts
+
+    bb = built("hf_mt5")  # its tokenizer keeps case: "Q" is two pieces ("▁", "Q")
+    monkeypatch.setattr(prompts, "PLACEHOLDER", "Q")
+    monkeypatch.setattr(prompts, "ALT_PLACEHOLDER", "Z")
+    with pytest.raises(ValueError, match="'Q' is not one token"):
+        build_class_prompts(bb, ["dog"], n_ctx=2)
