@@ -81,7 +81,7 @@ def test_deep_text_prompts_change_output_only_when_given(tiny):
     assert not torch.allclose(base, deep)
     # a deep prompt equal to what already sits in the slots after block 0 changes nothing
     with torch.no_grad():
-        t = tiny._text
+        t = tiny.text.src  # the open_clip TextTransformer behind the seam adapter
         x = tiny.embed_tokens(tok)[:, :6]
         x = tiny._place(x, ctx[None], torch.arange(1, 3)[None]) + t.positional_embedding[:6]
         x = t.transformer.resblocks[0](x, attn_mask=t.attn_mask[:6, :6])

@@ -6,19 +6,26 @@ final norm and projection, and a runner that places learnable prompt tokens into
 (shallow prompts before the first block, deep prompts replacing the same slots before later
 blocks). The runner returns the global feature and every token projected into the joint space.
 
-With zero-length prompts the runners reproduce open_clip's own ``encode_image`` / ``encode_text``
-(the tests hold this to 1e-6). No method name appears here: methods decide *what* the prompts are;
-the backbone only knows *where* they go.
+The tower-specific steps live in one adapter per tower type (:mod:`.towers`): open_clip's own ViT
+and text transformer, timm ViT / EVA image towers (SigLIP, SigLIP 2, EVA-02, register tokens) and
+Hugging Face text encoders. The tokenizer's layout (start token or not, end and pad ids, length)
+is read from the tokenizer (:mod:`.tokens`). With zero-length prompts the runners reproduce
+open_clip's own ``encode_image`` / ``encode_text`` (tested per family to 1e-5). No method name
+appears here: methods decide *what* the prompts are; the backbone only knows *where* they go.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .tokens import TextConvention, probe_convention
+from .towers import TextTower, UnsupportedTower, VisionTower, text_tower, vision_tower
 
 VisionPromptPosition = Literal["after_patches", "after_cls"]
 
@@ -47,9 +54,11 @@ class TextFeatures:
     """Output of the prompted text tower.
 
     Attributes:
-        pooled: global feature at the end-of-text token, projected. ``[*S, D]``
-        tokens: every token after ln_final + projection, up to the truncated length. ``[*S, T', D]``
-            (None unless requested).
+        pooled: the tower's global feature, projected (CLIP: at the end-of-text token; SigLIP: at
+            the last position; Hugging Face towers: mean or first token). ``[*S, D]``
+        tokens: every token after the final norm + projection, up to the truncated length.
+            ``[*S, T', D]`` (None unless requested). Positions ``0..eot`` are the text (with its
+            start token where the tokenizer has one) and its end token.
         eot: index of the end-of-text token in each sequence. ``[*S]``
     """
 
@@ -63,58 +72,17 @@ class VisionFeatures:
     """Output of the prompted vision tower.
 
     Attributes:
-        pooled: CLS token after ln_post + projection. ``[B, D]`` or ``[B, P, D]`` for P prompt sets.
-        tokens: every token except CLS (patches and prompt tokens, in sequence order) after
-            ln_post + projection. ``[B, J, D]`` or ``[B, P, J, D]`` (None unless requested).
+        pooled: the tower's pooled feature (class token, patch mean or attention pool) after its
+            final norm + projection. ``[B, D]`` or ``[B, P, D]`` for P prompt sets.
+        tokens: every token except the prefix tokens (class token, registers): patches and
+            prompt tokens in sequence order, after the final norm + token-wise projection.
+            ``[B, J, D]`` or ``[B, P, J, D]`` (None unless requested).
         prompt_slice: where the prompt tokens sit inside ``tokens``.
     """
 
     pooled: torch.Tensor
     tokens: torch.Tensor | None
     prompt_slice: slice
-
-
-class _TextParts:
-    """Uniform view of the text tower of ``CLIP`` (attributes on the model) and
-    ``CustomTextCLIP`` (a ``TextTransformer`` under ``.text``)."""
-
-    def __init__(self, model: nn.Module):
-        src = model.text if hasattr(model, "text") else model
-        self.token_embedding: nn.Embedding = src.token_embedding
-        self.positional_embedding: torch.Tensor = src.positional_embedding
-        self.transformer: nn.Module = src.transformer
-        self.ln_final: nn.Module = src.ln_final
-        self.text_projection = src.text_projection
-        self.attn_mask_owner = src
-        self.pool_type: str = getattr(src, "pool_type", getattr(model, "text_pool_type", "argmax"))
-        self.eos_id = getattr(src, "eos_id", getattr(model, "text_eos_id", None))
-        if getattr(src, "cls_emb", None) is not None:
-            raise ValueError(
-                "text towers with an appended CLS embedding (CoCa) are not supported: prompt "
-                "learning needs a causal CLIP text tower pooled at its end-of-text token"
-            )
-        if getattr(src, "attn_mask", None) is None:
-            raise ValueError(
-                "the text tower has no causal attention mask; promptalign needs a causal CLIP "
-                "text tower (choose an architecture without 'no_causal_mask')"
-            )
-        if self.pool_type not in ("argmax", "eos"):
-            raise ValueError(
-                f"text pool_type {self.pool_type!r} is not supported; use an architecture whose "
-                "text tower pools at the end-of-text token ('argmax' or 'eos')"
-            )
-
-    @property
-    def attn_mask(self) -> torch.Tensor:
-        return self.attn_mask_owner.attn_mask
-
-
-def _project(x: torch.Tensor, proj: nn.Module | torch.Tensor | None) -> torch.Tensor:
-    if proj is None:
-        return x
-    if isinstance(proj, nn.Linear):
-        return proj(x)
-    return x @ proj
 
 
 def _broadcast_batch(*shapes: torch.Size) -> torch.Size:
@@ -133,13 +101,15 @@ def _flat(t: torch.Tensor, batch: torch.Size, tail: int) -> torch.Tensor:
 
 
 class Backbone(nn.Module):
-    """A frozen CLIP with prompt seams. Build it with :func:`promptalign.load_backbone`.
+    """A frozen CLIP-style model with prompt seams. Build it with :func:`promptalign.load_backbone`.
 
     Attributes:
         clip: the wrapped open_clip model (frozen, always in eval mode).
         tokenizer: the open_clip tokenizer of this architecture.
         preprocess: image preprocessing resolved from architecture + weights.
         arch: architecture name; weights: the tag or file the weights came from (None = random).
+        vision, text: the seam adapters of the two towers (:mod:`promptalign.backbone.towers`).
+        convention: the tokenizer's layout (start token, end/pad ids, length).
     """
 
     def __init__(
@@ -151,24 +121,19 @@ class Backbone(nn.Module):
         weights: str | None,
     ):
         super().__init__()
-        visual = getattr(clip, "visual", None)
-        for attr in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer"):
-            if not hasattr(visual, attr):
-                raise ValueError(
-                    f"architecture {arch!r}: the vision tower is {type(visual).__name__}, not an "
-                    "open_clip VisionTransformer; prompt learning needs a ViT image tower"
-                )
-        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-            raise ValueError(
-                f"architecture {arch!r}: the vision tower pools with "
-                f"{getattr(visual, 'pool_type', '?')!r}/attention pooling; promptalign needs CLS-token pooling"
-            )
+        try:
+            vision = vision_tower(getattr(clip, "visual", None))
+            text = text_tower(clip)
+        except UnsupportedTower as e:
+            raise UnsupportedTower(e.tower, e.seam, e.fix, arch=arch) from None
         self.clip = clip
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.arch = arch
         self.weights = weights
-        self._text = _TextParts(clip)
+        self.vision: VisionTower = vision
+        self.text: TextTower = text
+        self.convention: TextConvention = probe_convention(lambda t: tokenizer(list(t)))
         for p in self.clip.parameters():
             p.requires_grad_(False)
         self.clip.eval()
@@ -177,48 +142,59 @@ class Backbone(nn.Module):
     @property
     def embed_dim(self) -> int:
         """Width of the joint image-text space."""
-        proj = self.clip.visual.proj
-        return proj.shape[1] if proj is not None else self.vision_width
+        return self.vision.embed_dim
 
     @property
     def text_width(self) -> int:
-        return self._text.token_embedding.embedding_dim
+        return self.text.width
 
     @property
     def vision_width(self) -> int:
-        return self.clip.visual.class_embedding.shape[-1]
+        return self.vision.width
 
     @property
     def text_layers(self) -> int:
-        return len(self._text.transformer.resblocks)
+        return self.text.layers
 
     @property
     def vision_layers(self) -> int:
-        return len(self.clip.visual.transformer.resblocks)
+        return self.vision.layers
 
     @property
     def context_length(self) -> int:
-        return self._text.positional_embedding.shape[0]
+        """Length of every tokenized text (from the tokenizer)."""
+        return self.convention.context_length
+
+    @property
+    def text_start(self) -> int:
+        """Index of the first content token: 1 after a start token (CLIP, RoBERTa), 0 without
+        (SigLIP's SentencePiece). Default slot of the first text prompt token."""
+        return self.convention.start
 
     @property
     def n_patches(self) -> int:
-        """Number of patch tokens (excluding CLS) of the vision tower."""
-        return self.clip.visual.positional_embedding.shape[0] - 1
+        """Number of patch tokens of the vision tower (excluding class and register tokens)."""
+        return self.vision.n_patches
+
+    @property
+    def n_prefix(self) -> int:
+        """Tokens before the patches in the vision sequence (class token, registers; 0 for SigLIP)."""
+        return self.vision.n_prefix
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.clip.visual.conv1.weight.dtype
+        return self.vision.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.clip.visual.conv1.weight.device
+        return self.vision.weight.device
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        """CLIP's (frozen) logit scale, exponentiated."""
+        """The model's (frozen) logit scale, exponentiated."""
         return self.clip.logit_scale.detach().exp()
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         # The CLIP stays in eval mode whatever the caller does: it is frozen, and dropout or
         # patch dropout inside it would make prompt training non-deterministic.
         super().train(mode)
@@ -227,29 +203,39 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """Tokenize to ``[S, context_length]`` long tensor (SOS ... EOT, zero padded)."""
+        """Tokenize with the model's own tokenizer to ``[S, context_length]`` long ids."""
         if isinstance(texts, str):
             texts = [texts]
         return self.tokenizer(list(texts)).to(self.device)
 
     def token_count(self, text: str) -> int:
-        """Number of BPE tokens of ``text`` without SOS/EOT (e.g. a class name's length)."""
-        return len(self.tokenizer.encode(text))
+        """Number of content tokens of ``text`` (without start/end tokens), e.g. a class name's."""
+        return int(self.convention.end_index(self.tokenize([text]))[0]) - self.text_start
+
+    def decode_after(self, text: str, n: int) -> str:
+        """The text of ``text``'s content tokens after its first ``n`` (MaPLe's literal suffix)."""
+        tokens = self.tokenize([text])[0]
+        ids = tokens[self.text_start + n:int(self.convention.end_index(tokens))].tolist()
+        inner = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps one
+        if inner is not None and hasattr(inner, "decode"):
+            return inner.decode(ids, skip_special_tokens=True).strip()
+        return self.tokenizer.decode(ids).strip()
 
     def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Index of the end-of-text token of each sequence. ``[*S, T] -> [*S]``"""
-        if self._text.pool_type == "eos":
-            return (tokens == self._text.eos_id).int().argmax(dim=-1)
-        return tokens.argmax(dim=-1)
+        """Index of the end-of-text token of each sequence. ``[*S, T] -> [*S]``
+
+        Where the text tower pools at that token (CLIP's argmax / eos pooling), its own rule;
+        otherwise the tokenizer's end token (SigLIP: first ``</s>``; RoBERTa: ``</s>``)."""
+        own = self.text.pool_index(tokens)
+        return own if own is not None else self.convention.end_index(tokens)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Word embeddings (no positional embedding). ``[*S, T] -> [*S, T, text_width]``"""
-        cast = self._text.transformer.get_cast_dtype()
-        return self._text.token_embedding(tokens).to(cast)
+        return self.text.embed(tokens)
 
     # ------------------------------------------------------------------ text tower
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Same result as open_clip's ``encode_text`` (run only up to the longest EOT)."""
+        """Same result as open_clip's ``encode_text`` (causal towers run only up to the longest EOT)."""
         out = self.forward_text(tokens).pooled
         return F.normalize(out, dim=-1) if normalize else out
 
@@ -270,19 +256,22 @@ class Backbone(nn.Module):
             ctx: shallow prompt ``[*Sc, n, text_width]``; replaces the embeddings at ``positions``.
                 Batch dims of ``tokens``, ``ctx`` and ``deep`` broadcast, so ``tokens [1, K, T]``
                 with ``ctx [N, 1, n, W]`` encodes N prompt sets for K classes in one batch.
-            positions: slots the prompt occupies, ``[n]`` or ``[*Sp, n]``; default ``1..n``
-                (right after SOS). Deep prompts replace the same slots.
+            positions: slots the prompt occupies, ``[n]`` or ``[*Sp, n]``; default
+                ``text_start .. text_start + n - 1`` (right after the start token, or at 0 for
+                tokenizers without one). Deep prompts replace the same slots.
             deep: prompts for layers 1..len(deep) (each ``[*Sd, n, text_width]``), replacing the
                 slots before those blocks.
-            return_tokens: also return every token after ln_final + projection.
-            truncate: run only up to the longest EOT in the batch. Exact under the causal mask.
+            return_tokens: also return every token after the final norm + projection.
+            truncate: run only up to the longest EOT in the batch where that is exact (causal
+                towers pooled at the EOT); bidirectional towers always run the full length.
 
         Returns:
             TextFeatures with batch shape the broadcast of the inputs' batch shapes.
         """
+        key_mask = self.text.key_mask(tokens) if self.text.needs_key_mask else None
         return self.forward_text_embeds(
             self.embed_tokens(tokens), self.eot_index(tokens), ctx=ctx, positions=positions, deep=deep,
-            return_tokens=return_tokens, truncate=truncate,
+            return_tokens=return_tokens, truncate=truncate, key_mask=key_mask,
         )
 
     def forward_text_embeds(
@@ -295,9 +284,12 @@ class Backbone(nn.Module):
         deep: Sequence[torch.Tensor] | None = None,
         return_tokens: bool = False,
         truncate: bool = True,
+        key_mask: torch.Tensor | None = None,
     ) -> TextFeatures:
         """Lower seam of :meth:`forward_text`: start from word embeddings ``[*S, T, W]`` (without
-        positional embedding) and EOT indices ``[*S]``; same prompt arguments."""
+        positional embedding) and EOT indices ``[*S]``; same prompt arguments. ``key_mask``
+        ``[*S, T]`` (True = attend) is used by towers that mask padding; default: positions up to
+        the EOT."""
         deep = list(deep or [])
         if ctx is not None:
             if ctx.shape[-1] != self.text_width:
@@ -306,7 +298,8 @@ class Backbone(nn.Module):
                     f"{self.text_width} of {self.arch!r}"
                 )
             if positions is None:
-                positions = torch.arange(1, 1 + ctx.shape[-2], device=embeds.device)
+                start = self.text_start
+                positions = torch.arange(start, start + ctx.shape[-2], device=embeds.device)
         if deep and positions is None:
             raise ValueError("deep text prompts need `positions` or a shallow `ctx` to define their slots")
         if len(deep) > self.text_layers - 1:
@@ -319,6 +312,8 @@ class Backbone(nn.Module):
             shapes.append(ctx.shape[:-2])
         if positions is not None:
             shapes.append(positions.shape[:-1])
+        if key_mask is not None:
+            shapes.append(key_mask.shape[:-1])
         shapes += [d.shape[:-2] for d in deep]
         batch = _broadcast_batch(*shapes)
 
@@ -328,31 +323,31 @@ class Backbone(nn.Module):
         if positions is not None:
             pos_f = _flat(positions, batch, 1)  # [S, n]
         seq_len = x.shape[1]
-        run_len = int(eot_f.max().item()) + 1 if truncate and eot_f.numel() else seq_len
-        if pos_f is not None and pos_f.numel() and int(pos_f.max().item()) >= run_len:
+        end = int(eot_f.max().item()) + 1 if eot_f.numel() else seq_len
+        if pos_f is not None and pos_f.numel() and int(pos_f.max().item()) >= end:
             raise ValueError(
                 f"a prompt slot (position {int(pos_f.max())}) lies after the end-of-text token "
-                f"(longest EOT at {run_len - 1}); put the placeholders before EOT"
+                f"(longest EOT at {end - 1}); put the placeholders before EOT"
             )
+        run_len = end if truncate and self.text.truncatable else seq_len
         x = x[:, :run_len]
         if ctx is not None:
             x = self._place(x, _flat(ctx, batch, 2).to(x.dtype), pos_f)
-
-        t = self._text
-        x = x + t.positional_embedding[:run_len].to(x.dtype)
-        mask = t.attn_mask
-        mask = mask[:run_len, :run_len] if mask is not None else None
-        batch_first = getattr(t.transformer, "batch_first", True)
-        for i, block in enumerate(t.transformer.resblocks):
-            if 1 <= i <= len(deep):
-                x = self._place(x, _flat(deep[i - 1], batch, 2).to(x.dtype), pos_f)
-            if batch_first:
-                x = block(x, attn_mask=mask)
+        mask_f = None
+        if self.text.needs_key_mask:
+            if key_mask is None:
+                mask_f = torch.arange(run_len, device=x.device) <= eot_f.unsqueeze(-1)  # [S, T']
             else:
-                x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
-        x = t.ln_final(x)  # [S, T', W]
-        pooled = _project(x[torch.arange(x.shape[0], device=x.device), eot_f], t.text_projection)
-        tokens = _project(x, t.text_projection) if return_tokens else None
+                mask_f = _flat(key_mask, batch, 1)[:, :run_len]
+        deep_f = [_flat(d, batch, 2) for d in deep]
+
+        def before_block(i: int, h: torch.Tensor) -> torch.Tensor:
+            if 1 <= i <= len(deep_f):
+                return self._place(h, deep_f[i - 1].to(h.dtype), pos_f)
+            return h
+
+        pooled, hidden = self.text.encode(x, eot_f, mask_f, before_block)
+        tokens = self.text.project(hidden) if return_tokens else None
         return TextFeatures(
             pooled=pooled.reshape(*batch, -1),
             tokens=tokens.reshape(*batch, *tokens.shape[1:]) if tokens is not None else None,
@@ -394,17 +389,18 @@ class Backbone(nn.Module):
             images: ``[B, 3, H, W]`` preprocessed images.
             prompts: shallow visual prompt ``[n, vision_width]`` (one set) or ``[P, n, vision_width]``
                 (P sets; every image is encoded once per set and outputs gain a P axis). Inserted
-                after the positional embedding, before ln_pre.
+                after the positional embedding, before the pre-block norm.
             deep: prompts for layers 1..len(deep), each ``[n, W]`` or ``[P, n, W]``, replacing the
                 prompt slots before those blocks.
-            position: "after_patches" (MaPLe / VPT / IVLP) or "after_cls" (UPT).
-            return_tokens: also return every non-CLS token after ln_post + projection.
+            position: "after_patches" (MaPLe / VPT / IVLP) or "after_cls" (UPT): after the prefix
+                tokens (class token and registers; at 0 for towers without them).
+            return_tokens: also return every non-prefix token after the final norm + projection.
         """
         if position not in ("after_patches", "after_cls"):
             raise ValueError(
                 f"visual prompt position {position!r} unknown; use 'after_patches' or 'after_cls'"
             )
-        v = self.clip.visual
+        tower = self.vision
         deep = list(deep or [])
         if deep and prompts is None:
             raise ValueError("deep visual prompts need shallow `prompts` to define their slots")
@@ -414,15 +410,11 @@ class Backbone(nn.Module):
                 f"{self.vision_layers} layers (at most {self.vision_layers - 1} deep prompts)"
             )
         B = images.shape[0]
-        x = v.conv1(images.to(self.dtype))  # [B, W, gh, gw]
-        x = x.reshape(B, x.shape[1], -1).permute(0, 2, 1)  # [B, G, W]
-        cls = v.class_embedding.view(1, 1, -1).expand(B, -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # [B, 1+G, W]
-        x = v.patch_dropout(x)
+        x, aux = tower.embed(images)  # [B, prefix + G, W]
 
         n_sets: int | None = None
         n = 0
-        start = 1 if position == "after_cls" else x.shape[1]
+        start = tower.n_prefix if position == "after_cls" else x.shape[1]
         if prompts is not None:
             if prompts.shape[-1] != self.vision_width:
                 raise ValueError(
@@ -437,10 +429,10 @@ class Backbone(nn.Module):
             n = prompts.shape[-2]
             p = self._expand_visual(prompts, B, n_sets).to(x.dtype)  # [B*P, n, W]
             x = torch.cat([x[:, :start], p, x[:, start:]], dim=1)
-        x = v.ln_pre(x)
+        x = tower.pre(x)
 
-        batch_first = getattr(v.transformer, "batch_first", True)
-        for i, block in enumerate(v.transformer.resblocks):
+        run = tower.runner(aux, start, n)
+        for i in range(self.vision_layers):
             if 1 <= i <= len(deep):
                 d = self._expand_visual(deep[i - 1], B, n_sets).to(x.dtype)
                 if d.shape[1] != n:
@@ -448,20 +440,18 @@ class Backbone(nn.Module):
                         f"deep visual prompt for layer {i} has {d.shape[1]} tokens, the shallow prompt {n}"
                     )
                 x = torch.cat([x[:, :start], d, x[:, start + n:]], dim=1)
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            x = run(i, x)
 
-        if return_tokens or not v.final_ln_after_pool:
-            x = v.ln_post(x)
-            pooled = x[:, 0]
-        else:
-            pooled = v.ln_post(x[:, 0])
-        pooled = _project(pooled, v.proj)
-        tokens = _project(x[:, 1:], v.proj) if return_tokens else None
+        # the tower pools over its own tokens; prompts acted through attention
+        own = torch.cat([x[:, :start], x[:, start + n:]], dim=1) if n else x
+        pooled = tower.pool(own)
+        tokens = tower.tokens(x)[:, tower.n_prefix:] if return_tokens else None
         lead = (B, n_sets) if n_sets is not None else (B,)
+        first = start - tower.n_prefix
         return VisionFeatures(
             pooled=pooled.reshape(*lead, -1),
             tokens=tokens.reshape(*lead, *tokens.shape[1:]) if tokens is not None else None,
-            prompt_slice=slice(start - 1, start - 1 + n),
+            prompt_slice=slice(first, first + n),
         )
 
     @staticmethod

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from .clip import Backbone, Preprocess
+from .families import build_tokenizer, prepare_model_cfg
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,6 @@ def resolve_arch(arch: str | os.PathLike | Mapping[str, Any]) -> tuple[str, dict
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
         raise ValueError(f"architecture {name!r}: config lacks {missing}; expected an open_clip model config")
-    if "timm_model_name" in cfg["vision_cfg"] or "hf_model_name" in cfg["text_cfg"]:
-        raise ValueError(
-            f"architecture {name!r} uses a timm or Hugging Face tower; promptalign needs open_clip's "
-            "own ViT image tower and CLIP text transformer"
-        )
     return name, cfg, pre
 
 
@@ -118,11 +114,10 @@ def _build_model(cfg: dict[str, Any]) -> torch.nn.Module:
 
 def _tokenizer(name: str, cfg: dict[str, Any]):
     oc = _open_clip()
-    if oc.get_model_config(name) is not None:
+    hf = "hf_tokenizer_name" in cfg["text_cfg"] or "hf_model_name" in cfg["text_cfg"]
+    if oc.get_model_config(name) is not None and not hf:
         return oc.get_tokenizer(name)
-    if "hf_tokenizer_name" in cfg["text_cfg"]:
-        raise ValueError(f"architecture {name!r} needs a Hugging Face tokenizer, which is not supported")
-    return oc.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
+    return build_tokenizer(cfg)  # families.py: HF tokenizer (hub id or local dir) or CLIP BPE
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -274,6 +269,8 @@ def load_backbone(
                 + (f"; {shipped_name!r} ships its own weights: leave weights unset (None, or "
                    f"backbone.weights=null in a config)" if shipped_name else "")
             )
+    # families.py: timm_model_kwargs (small timm towers), no HF LM download under CLIP weights
+    cfg = prepare_model_cfg(cfg, weights_given=weights_path is not None)
     model = _build_model(cfg)
     if weights_path is not None:
         load_weights_file(model, weights_path, arch=name)

@@ -107,6 +107,7 @@ class ALIGN(PromptMethod):
         ).tokens
         rest = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx).tokens
         tokens = torch.stack([first] + [rest] * (self.config.n_sets - 1))  # [N, K, T]
+        self.period_tokens = self.backbone.token_count(".")
         self.register_buffer("tokens", tokens, persistent=False)
 
     def encode_classes(self) -> dict[str, torch.Tensor]:
@@ -119,7 +120,9 @@ class ALIGN(PromptMethod):
         if self.config.token_window == "own":
             mask = pos <= out.eot.unsqueeze(-1)  # [N, K, T]
         else:
-            window = out.eot[0] - 1  # [K]: positions 0 .. eot(prompt 0) - 2
+            # [K]: positions 0 .. eot(prompt 0) - 1 - tail, tail = the template's final "." in
+            # tokens (1 for CLIP's BPE; 0 where the tokenizer drops punctuation, e.g. SigLIP's)
+            window = out.eot[0] - self.period_tokens
             mask = (pos < window.unsqueeze(-1)).unsqueeze(0).expand(out.eot.shape[0], -1, -1)
         L = int(mask.sum(-1).max())
         return {

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 ClassPosition = Literal["end", "middle", "front"]
 PLACEHOLDER = "X"
+ALT_PLACEHOLDER = "Y"  # a second one-token word: where the two renderings differ are the slots
 
 
 @dataclass
@@ -49,25 +50,28 @@ def build_class_prompts(
         )
     if class_position != "end" and template != "{}.":
         raise ValueError("class_position 'middle'/'front' work with the plain template '{}.'")
-    texts, positions = [], []
-    for name in classnames:
-        name_len = backbone.token_count(name)
-        if class_position == "end":
-            ctx = " ".join([PLACEHOLDER] * n_ctx)
-            texts.append(f"{ctx} {template.format(name)}".strip())
-            positions.append(list(range(1, 1 + n_ctx)))
-        elif class_position == "front":
-            texts.append(f"{name} {' '.join([PLACEHOLDER] * n_ctx)}.")
-            positions.append(list(range(1 + name_len, 1 + name_len + n_ctx)))
-        else:
-            half = n_ctx // 2
-            left, right = " ".join([PLACEHOLDER] * half), " ".join([PLACEHOLDER] * (n_ctx - half))
-            texts.append(f"{left} {name} {right}.".strip())
-            positions.append(
-                list(range(1, 1 + half)) + list(range(1 + half + name_len, 1 + name_len + n_ctx))
-            )
-    tokens = backbone.tokenize(texts)
-    pos = torch.tensor(positions, dtype=torch.long, device=tokens.device).reshape(len(texts), n_ctx)
+    def render(ph: str) -> list[str]:
+        texts = []
+        for name in classnames:
+            if class_position == "end":
+                texts.append(f"{' '.join([ph] * n_ctx)} {template.format(name)}".strip())
+            elif class_position == "front":
+                texts.append(f"{name} {' '.join([ph] * n_ctx)}.")
+            else:
+                half = n_ctx // 2
+                left, right = " ".join([ph] * half), " ".join([ph] * (n_ctx - half))
+                texts.append(f"{left} {name} {right}.".strip())
+        return texts
+
+    tokens = backbone.tokenize(render(PLACEHOLDER))
+    pos = _slots(tokens, backbone.tokenize(render(ALT_PLACEHOLDER)), n_ctx, classnames)
+    first = torch.arange(backbone.text_start, backbone.text_start + n_ctx, device=pos.device)
+    if class_position == "end" and not bool((pos == first).all()):
+        raise ValueError(
+            f"the placeholder {PLACEHOLDER!r} is not one token of this tokenizer (slots found at "
+            f"{pos[0].tolist()}, expected {first.tolist()}): the text prompt cannot start at "
+            f"position {backbone.text_start}"
+        )
     eot = backbone.eot_index(tokens)
     too_long = [c for c, e, p in zip(classnames, eot.tolist(), pos.tolist()) if p and max(p) >= e]
     if too_long:
@@ -78,6 +82,22 @@ def build_class_prompts(
     return ClassPrompts(tokens=tokens, positions=pos)
 
 
+def _slots(tokens: torch.Tensor, alt: torch.Tensor, n_ctx: int, classnames: Sequence[str]) -> torch.Tensor:
+    """Context slots located through the model's own tokenizer, whatever its layout (start token
+    or not, BPE or SentencePiece): the positions where the prompts rendered with two different
+    placeholder words differ. ``[K, n_ctx]``"""
+    diff = tokens != alt  # [K, T]
+    bad = [c for c, k in zip(classnames, diff.sum(-1).tolist()) if k != n_ctx]
+    if bad:
+        raise ValueError(
+            f"prompts for classes {bad[:5]} do not show {n_ctx} separate placeholder tokens after "
+            f"tokenization ({PLACEHOLDER!r} / {ALT_PLACEHOLDER!r} must each be one token of the "
+            "model's tokenizer and the prompt must fit its context length); shorten the class names"
+        )
+    pos = torch.arange(tokens.shape[-1], device=tokens.device).expand_as(tokens)
+    return pos[diff].reshape(len(classnames), n_ctx)
+
+
 def phrase_init(backbone: Backbone, phrase: str, n: int) -> torch.Tensor:
     """Word embeddings of the first ``n`` tokens of ``phrase`` (CoOp/MaPLe init). ``[n, W]``"""
     count = backbone.token_count(phrase)
@@ -86,17 +106,17 @@ def phrase_init(backbone: Backbone, phrase: str, n: int) -> torch.Tensor:
             f"init phrase {phrase!r} has {count} tokens, fewer than the {n} context tokens"
         )
     with torch.no_grad():
-        return backbone.embed_tokens(backbone.tokenize([phrase]))[0, 1 : 1 + n].float().clone()
+        start = backbone.text_start  # 1 after a start token (CLIP), 0 without (SigLIP)
+        return backbone.embed_tokens(backbone.tokenize([phrase]))[0, start:start + n].float().clone()
 
 
 def remaining_words(backbone: Backbone, phrase: str, n: int) -> str:
     """The part of ``phrase`` after its first ``n`` tokens, kept as literal text (MaPLe/ALIGN)."""
     words = phrase.split()
-    # CLIP BPE keeps common words whole; fall back to decoding when a word splits
+    # common words are single tokens; fall back to decoding the model's tokens when one splits
     if len(words) >= n and all(backbone.token_count(w) == 1 for w in words[:n]):
         return " ".join(words[n:])
-    tok = backbone.tokenizer.encode(phrase)[n:]
-    return backbone.tokenizer.decode(tok).strip()
+    return backbone.decode_after(phrase, n)
 
 
 def normal_init(
