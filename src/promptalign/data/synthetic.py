@@ -46,18 +46,24 @@ SIZES = {"small": 0.13, "large": 0.24}  # radius as a fraction of the image side
 COUNTS = {1: "one", 2: "two", 3: "three"}
 BACKGROUNDS = ("plain", "striped", "dotted", "checkered")
 STYLES = ("filled", "outline", "sketch")
+RELATIONS = ("above", "below", "left of", "right of")
 IMAGE_SIZE = 48
 _PLURAL = {"cross": "crosses"}
 
 
 @dataclass(frozen=True)
 class Scene:
+    """What one image shows. ``extra`` (rich world only) is a second, different object:
+    ``(shape, colour, relation)``, where ``relation`` places the main group relative to it
+    (one of :data:`RELATIONS`: "above" means the main shapes are drawn above the extra one)."""
+
     shape: str
     colour: str
     size: str
     count: int
     background: str
     style: str
+    extra: tuple[str, str, str] | None = None
 
 
 def sample_scene(rng: np.random.Generator, *, shapes: Sequence[str] = SHAPES,
@@ -82,6 +88,96 @@ def caption(scene: Scene) -> str:
     if scene.style == "sketch":
         return f"a sketch of {body}"
     return body
+
+
+# ----------------------------------------------------------------- the rich caption distribution
+# Alt-text is not a fixed template: the same scene is described with varying word order, synonyms,
+# number words or digits, omitted attributes, and other objects beside the one of interest. The
+# "rich" mode samples such captions (and, in part of the scenes, a second object in a spatial
+# relation) so that a prompt like "a red circle" is a plausible but imperfect query: zero-shot
+# transfer works, and learned context has something to add. Every word stays true to the image:
+# colour, shape, count and (when drawn) the second object and relation are always named; size,
+# background and the filled style may be left out; outline and sketch styles are always named.
+COLOUR_WORDS = {"red": ("red", "red", "red", "scarlet"), "green": ("green", "green", "green", "emerald"),
+                "blue": ("blue", "blue", "blue", "navy"), "yellow": ("yellow", "yellow", "yellow", "golden"),
+                "purple": ("purple", "purple", "purple", "violet"),
+                "orange": ("orange", "orange", "orange", "amber")}
+SHAPE_WORDS = {"circle": ("circle", "circle", "disc"), "square": ("square", "square", "box"),
+               "triangle": ("triangle",), "star": ("star",), "cross": ("cross", "cross", "plus sign"),
+               "diamond": ("diamond", "diamond", "rhombus"), "hexagon": ("hexagon",), "heart": ("heart",)}
+SIZE_WORDS = {"small": ("small", "small", "tiny", "little"), "large": ("large", "large", "big", "huge")}
+COUNT_WORDS = {1: ("a", "a", "one", "a single"), 2: ("two", "two", "2", "a pair of"), 3: ("three", "three", "3")}
+BACKGROUND_WORDS = {"plain": ("plain", "plain", "blank"), "striped": ("striped", "striped", "stripy"),
+                    "dotted": ("dotted", "dotted", "polka-dot"), "checkered": ("checkered", "checkered", "checkerboard")}
+RELATION_WORDS = {"above": ("above", "over"), "below": ("below", "under", "beneath"),
+                  "left of": ("to the left of", "next to", "beside"),
+                  "right of": ("to the right of", "next to", "beside")}
+CAPTION_MODES = ("plain", "rich")
+
+
+def sample_scene_rich(rng: np.random.Generator, *, extra_prob: float = 0.35) -> Scene:
+    """A scene of the rich world: :func:`sample_scene`, plus with probability ``extra_prob`` a second
+    object of another shape and colour in a spatial relation (see :class:`Scene`)."""
+    scene = sample_scene(rng)
+    if rng.uniform() >= extra_prob:
+        return scene
+    shape = str(rng.choice([s for s in SHAPES if s != scene.shape]))
+    colour = str(rng.choice([c for c in COLOURS if c != scene.colour]))
+    return Scene(scene.shape, scene.colour, scene.size, scene.count, scene.background, scene.style,
+                 (shape, colour, str(rng.choice(RELATIONS))))
+
+
+def _plural(word: str) -> str:
+    if word.endswith(("ss", "x", "s")):
+        return word + "es"
+    if word == "plus sign":
+        return "plus signs"
+    return word + "s"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption_rich(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption drawn from the rich distribution for ``scene`` (``rng`` picks the wording only)."""
+    pick = lambda options: str(options[int(rng.integers(len(options)))])
+    colour, noun, size = pick(COLOUR_WORDS[scene.colour]), pick(SHAPE_WORDS[scene.shape]), pick(SIZE_WORDS[scene.size])
+    det = pick(COUNT_WORDS[scene.count])
+    plural = scene.count > 1
+    if plural:
+        noun = _plural(noun)
+    with_size = rng.uniform() < 0.7
+    solid = scene.style == "filled" and rng.uniform() < 0.2
+    adjectives = [size, colour] if with_size else [colour]
+    order = int(rng.integers(4))
+    if order == 1 and with_size:  # "a red small circle": attribute order varies
+        adjectives = adjectives[::-1]
+    if solid:
+        adjectives.insert(0, "solid")
+    if order == 2:  # "a circle that is small and red" / "two circles in red"
+        verb = "that are" if plural else "that is"
+        tail = f"{verb} {' and '.join(adjectives)}" if len(adjectives) > 1 or rng.uniform() < 0.5 else f"in {colour}"
+        phrase = f"{det} {noun} {tail}"
+    else:
+        phrase = f"{det} {' '.join(adjectives)} {noun}"
+    if det == "a":
+        phrase = _article(phrase.split(" ", 1)[1]) + " " + phrase.split(" ", 1)[1]
+    if scene.extra is not None:
+        shape2, colour2, relation = scene.extra
+        other = pick(SHAPE_WORDS[shape2])
+        other = f"{pick(COLOUR_WORDS[colour2])} {other}"
+        phrase = f"{phrase} {pick(RELATION_WORDS[relation])} {_article(other)} {other}"
+    if rng.uniform() < 0.65:
+        bg = pick(BACKGROUND_WORDS[scene.background])
+        phrase = f"{phrase} {pick(('on', 'on', 'against'))} {_article(bg)} {bg} {pick(('background', 'background', 'backdrop'))}"
+    if scene.style == "outline":
+        phrase = pick(("an outline of {}", "the outline of {}", "{} drawn in outline", "a line drawing of {}")).format(phrase)
+    elif scene.style == "sketch":
+        phrase = pick(("a sketch of {}", "a rough sketch of {}", "a noisy drawing of {}", "a sketch of {}")).format(phrase)
+    elif rng.uniform() < 0.2:
+        phrase = pick(("a picture of {}", "an image of {}", "there is {}")).format(phrase)
+    return phrase
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -118,6 +214,40 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, style: str, colour: tuple[int, ...],
+                cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
+    pts = _polygon(shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)) if shape not in ("heart",) else 0.0)
+    if style == "filled":
+        draw.polygon(pts, fill=colour)
+    elif style == "outline":
+        draw.polygon(pts, outline=colour, width=2)
+    else:  # sketch: jittered strokes in the shape's colour
+        for _ in range(2):
+            jit = [(x + float(rng.normal(0, 0.9)), y + float(rng.normal(0, 0.9))) for x, y in pts]
+            draw.line(jit + [jit[0]], fill=colour, width=1)
+
+
+_RELATION_SCALE = 0.75  # shapes of two-object scenes are drawn smaller so each group fits its half
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
+def _relation_boxes(relation: str, size: int) -> tuple[Box, Box]:
+    """(main box, extra box): the halves of the image that ``relation`` puts the two groups in."""
+    h = size / 2
+    top, bottom, left, right = (0, 0, size, h), (0, h, size, size), (0, 0, h, size), (h, 0, size, size)
+    boxes = {"above": (top, bottom), "below": (bottom, top), "left of": (left, right), "right of": (right, left)}
+    if relation not in boxes:
+        raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
+    return boxes[relation]
+
+
+def _position(rng: np.random.Generator, box: Box, r: float) -> tuple[float, float]:
+    x0, y0, x1, y1 = box
+    lo, hi = np.array([x0 + r + 1, y0 + r + 1]), np.array([max(x0 + r + 1, x1 - r - 1), max(y0 + r + 1, y1 - r - 1)])
+    cx, cy = (float(v) for v in lo + (hi - lo) * rng.uniform(0, 1, 2))
+    return cx, cy
+
+
 def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
     """Draw ``scene``; ``rng`` supplies positions, jitter and noise."""
     base = int(rng.integers(200, 245))
@@ -140,17 +270,20 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Im
                     draw.rectangle([x, y, x + step - 1, y + step - 1], fill=pattern)
     colour = tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[scene.colour], rng.integers(-18, 18, 3)))
     r = SIZES[scene.size] * size * float(rng.uniform(0.85, 1.15))
-    for _ in range(scene.count):
-        cx, cy = (float(v) for v in rng.uniform(r + 1, size - r - 1, 2))
-        pts = _polygon(scene.shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)) if scene.shape not in ("heart",) else 0.0)
-        if scene.style == "filled":
-            draw.polygon(pts, fill=colour)
-        elif scene.style == "outline":
-            draw.polygon(pts, outline=colour, width=2)
-        else:  # sketch: jittered strokes in the shape's colour
-            for _ in range(2):
-                jit = [(x + float(rng.normal(0, 0.9)), y + float(rng.normal(0, 0.9))) for x, y in pts]
-                draw.line(jit + [jit[0]], fill=colour, width=1)
+    if scene.extra is None:
+        for _ in range(scene.count):
+            cx, cy = (float(v) for v in rng.uniform(r + 1, size - r - 1, 2))
+            _draw_shape(draw, scene.shape, scene.style, colour, cx, cy, r, rng)
+    else:  # two groups in the two halves the relation names, drawn a quarter smaller to fit
+        main_box, extra_box = _relation_boxes(scene.extra[2], size)
+        for _ in range(scene.count):
+            cx, cy = _position(rng, main_box, _RELATION_SCALE * r)
+            _draw_shape(draw, scene.shape, scene.style, colour, cx, cy, _RELATION_SCALE * r, rng)
+        extra_colour = tuple(int(np.clip(c + d, 0, 255))
+                             for c, d in zip(COLOURS[scene.extra[1]], rng.integers(-18, 18, 3)))
+        r2 = _RELATION_SCALE * SIZES["small"] * size * float(rng.uniform(0.85, 1.15))
+        cx, cy = _position(rng, extra_box, r2)
+        _draw_shape(draw, scene.extra[0], scene.style, extra_colour, cx, cy, r2, rng)
     if scene.style == "sketch":
         arr = np.asarray(img).astype(np.int16)
         arr = arr + rng.normal(0, 14, arr.shape).astype(np.int16)
@@ -162,14 +295,28 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def caption_pairs(seed: int, start: int, n: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
-    """``n`` (image, caption) pairs of the pretraining stream: uint8 ``[n, size, size, 3]``."""
+def caption_pairs(seed: int, start: int, n: int, size: int = IMAGE_SIZE, *,
+                  mode: str = "plain") -> tuple[np.ndarray, list[str]]:
+    """``n`` (image, caption) pairs of the pretraining stream: uint8 ``[n, size, size, 3]``.
+
+    ``mode="plain"`` (the shipped model's stream): one object kind per scene, one fixed caption
+    template. ``mode="rich"``: :func:`sample_scene_rich` scenes (a second object in a relation in
+    part of them) with :func:`caption_rich` captions, whose wording comes from its own generator,
+    so pair ``i`` is a function of ``(seed, start + i)`` alone in both modes.
+    """
+    if mode not in CAPTION_MODES:
+        raise ValueError(f"unknown caption mode {mode!r}; expected one of {CAPTION_MODES}")
     images, captions = np.empty((n, size, size, 3), dtype=np.uint8), []
     for i in range(n):
         rng = scene_rng(seed, start + i)
-        scene = sample_scene(rng)
-        images[i] = np.asarray(render(scene, rng, size))
-        captions.append(caption(scene))
+        if mode == "plain":
+            scene = sample_scene(rng)
+            images[i] = np.asarray(render(scene, rng, size))
+            captions.append(caption(scene))
+        else:
+            scene = sample_scene_rich(rng)
+            images[i] = np.asarray(render(scene, rng, size))
+            captions.append(caption_rich(scene, np.random.default_rng([seed, start + i, 1])))
     return images, captions
 
 
