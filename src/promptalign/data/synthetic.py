@@ -4,7 +4,10 @@ Every scene is drawn deterministically from (seed, index) with PIL: a shape kind
 a count (1-3), a background texture and a rendering style (filled, outline, noisy sketch), plus a
 caption describing it ("two small red triangles on a striped background"; "a sketch of ...").
 The tiny CLIP shipped with promptalign was pretrained contrastively on these pairs
-(``scripts/pretrain_tiny_clip.py``).
+(``scripts/pretrain_tiny_clip.py``). ``caption_pairs(..., mode="rich")`` gives a richer stream
+for stronger models: varied word order, synonyms, digits, optional attributes, and in part of the
+scenes a second object in a spatial relation that the renderer draws ("two red stars above a blue
+circle"); the default ``mode="plain"`` stream is unchanged.
 
 Downstream few-shot tasks are registered like any dataset and use the same split / few-shot /
 base-new machinery; their images are rendered to PNG files under the data root on first use:
