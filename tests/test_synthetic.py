@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from promptalign.data import load_dataset
 from promptalign.data.synthetic import (
@@ -15,6 +16,7 @@ from promptalign.data.synthetic import (
     SHAPE_WORDS,
     SHAPES,
     SIZE_WORDS,
+    SIZES,
     TASKS,
     Scene,
     caption,
@@ -187,3 +189,19 @@ def test_the_relation_in_the_caption_is_the_one_drawn(relation):
         (mx, my), (ex, ey) = _centre(img, COLOURS["red"]), _centre(img, COLOURS["blue"])
         expect = {"above": my < ey - 8, "below": my > ey + 8, "left of": mx < ex - 8, "right of": mx > ex + 8}
         assert expect[relation], (relation, (mx, my), (ex, ey))
+
+
+def test_fine_grained_size_task_has_twins_that_differ_in_size_alone(tmp_path):
+    ds = load_dataset("synthetic_size_shapes", tmp_path, shots=2, seed=1)
+    assert ds.num_classes == len(SIZES) * len(SHAPES) == 16
+    assert sorted(ds.classnames) == sorted(f"{z} {s}" for z in SIZES for s in SHAPES)
+    counts = np.bincount([r.label for r in ds.test], minlength=16)
+    assert (counts == TASKS["size_shapes"].test).all()
+    # the drawn size is the class's: large-class images have more foreground than small-class ones
+    areas: dict[str, list[int]] = {z: [] for z in SIZES}
+    for r in ds.test[::5]:
+        img = np.asarray(Image.open(ds.image_root / r.path).convert("RGB"))
+        areas[r.classname.split()[0]].append(int(_foreground(img).sum()))
+    assert np.median(areas["large"]) > 1.8 * np.median(areas["small"])
+    base = load_dataset("synthetic_size_shapes", tmp_path, shots=2, seed=1, subsample="base")
+    assert {c.split()[0] for c in base.classnames} == set(SIZES)  # base mixes both sizes

@@ -16,7 +16,9 @@ base-new machinery; their images are rendered to PNG files under the data root o
 * ``synthetic_colour_shapes``: colour x shape (6 x 8 = 48 classes; base / new 24 / 24), with the
   class order shuffled once so base and new both mix colours and shapes;
 * ``synthetic_shapes_sketch``, ``synthetic_colour_shapes_sketch``: test-only, the same classes in
-  the noisy sketch style (domain shift for generalisation and cross-task transfer).
+  the noisy sketch style (domain shift for generalisation and cross-task transfer);
+* ``synthetic_size_shapes``: fine-grained size x shape (2 x 8 = 16 classes, base / new 8 / 8), each
+  class with a twin that differs in size alone ("small star" / "large star"), any colour.
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ class Scene:
 
 
 def sample_scene(rng: np.random.Generator, *, shapes: Sequence[str] = SHAPES,
-                 colours: Sequence[str] = tuple(COLOURS), styles: Sequence[str] = STYLES) -> Scene:
+                 colours: Sequence[str] = tuple(COLOURS), styles: Sequence[str] = STYLES,
+                 sizes: Sequence[str] = tuple(SIZES)) -> Scene:
     return Scene(
         shape=str(rng.choice(shapes)),
         colour=str(rng.choice(colours)),
-        size=str(rng.choice(tuple(SIZES))),
+        size=str(rng.choice(sizes)),
         count=int(rng.integers(1, 4)),
         background=str(rng.choice(BACKGROUNDS)),
         style=str(rng.choice(styles)),
@@ -326,15 +329,16 @@ def caption_pairs(seed: int, start: int, n: int, size: int = IMAGE_SIZE, *,
 # --------------------------------------------------------------------------- downstream tasks
 @dataclass(frozen=True)
 class Task:
-    classes: tuple[tuple[str, str | None], ...]  # (shape, colour or None)
+    # (shape, colour or None) or (shape, colour or None, size or None): a None attribute varies
+    classes: tuple[tuple[str | None, ...], ...]
     styles: tuple[str, ...]
     train: int
     val: int
     test: int
     seed: int
 
-    def classname(self, shape: str, colour: str | None) -> str:
-        return f"{colour} {shape}" if colour else shape
+    def classname(self, shape: str, colour: str | None, size: str | None = None) -> str:
+        return " ".join(w for w in (size, colour, shape) if w)
 
 
 def _colour_shape_classes() -> tuple[tuple[str, str], ...]:
@@ -343,11 +347,19 @@ def _colour_shape_classes() -> tuple[tuple[str, str], ...]:
     return tuple(pairs[i] for i in order)
 
 
+def _size_shape_classes() -> tuple[tuple[str, None, str], ...]:
+    triples = [(s, None, z) for z in SIZES for s in SHAPES]
+    order = np.random.default_rng(2025).permutation(len(triples))  # base / new both mix sizes and shapes
+    return tuple(triples[i] for i in order)
+
+
 TASKS = {
     "shapes": Task(tuple((s, None) for s in SHAPES), ("filled", "outline"), 24, 4, 25, 11),
     "colour_shapes": Task(_colour_shape_classes(), ("filled", "outline"), 20, 4, 12, 12),
     "shapes_sketch": Task(tuple((s, None) for s in SHAPES), ("sketch",), 0, 0, 25, 13),
     "colour_shapes_sketch": Task(_colour_shape_classes(), ("sketch",), 0, 0, 12, 14),
+    # fine-grained: each class has a twin that differs only in size ("small star" / "large star")
+    "size_shapes": Task(_size_shape_classes(), ("filled", "outline"), 20, 4, 20, 15),
 }
 
 
@@ -358,14 +370,15 @@ def generate_task(task: Task, folder: Path) -> None:
     try:
         split: dict[str, list] = {"train": [], "val": [], "test": []}
         index = 0
-        for label, (shape, colour) in enumerate(task.classes):
-            name = task.classname(shape, colour)
+        for label, (shape, colour, *rest) in enumerate(task.classes):
+            size = rest[0] if rest else None
+            name = task.classname(shape, colour, size)
             for part in ("train", "val", "test"):
                 for i in range(getattr(task, part)):
                     rng = scene_rng(task.seed, index)
                     index += 1
                     scene = sample_scene(rng, shapes=(shape,), colours=(colour,) if colour else tuple(COLOURS),
-                                         styles=task.styles)
+                                         styles=task.styles, sizes=(size,) if size else tuple(SIZES))
                     rel = f"{label:02d}/{part}_{i:03d}.png"
                     (tmp / "images" / f"{label:02d}").mkdir(parents=True, exist_ok=True)
                     render(scene, rng).save(tmp / "images" / rel)
@@ -411,3 +424,4 @@ _register("synthetic_shapes", "shapes", False)
 _register("synthetic_colour_shapes", "colour_shapes", False)
 _register("synthetic_shapes_sketch", "shapes_sketch", True)
 _register("synthetic_colour_shapes_sketch", "colour_shapes_sketch", True)
+_register("synthetic_size_shapes", "size_shapes", False)
