@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from promptalign.data import load_dataset
 from promptalign.data.synthetic import (
+    BACKGROUND_WORDS,
+    COLOUR_WORDS,
     COLOURS,
+    RELATION_WORDS,
+    RELATIONS,
+    SHAPE_WORDS,
     SHAPES,
+    SIZE_WORDS,
+    SIZES,
     TASKS,
     Scene,
     caption,
     caption_pairs,
+    caption_rich,
     render,
     sample_scene,
+    sample_scene_rich,
     scene_rng,
 )
 
@@ -87,3 +97,111 @@ def test_tasks_are_balanced_and_registered(tmp_path):
     # generated once: a second load reads the same files
     again = load_dataset("synthetic_colour_shapes", tmp_path, shots=4, seed=1)
     assert again.train == ds.train
+
+
+# ------------------------------------------------------------------------ the rich caption mode
+def test_rich_mode_is_deterministic_and_leaves_the_plain_stream_alone():
+    a_img, a_cap = caption_pairs(3, 100, 30, mode="rich")
+    b_img, b_cap = caption_pairs(3, 100, 30, mode="rich")
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap
+    c_img, c_cap = caption_pairs(4, 100, 30, mode="rich")
+    assert not np.array_equal(a_img, c_img) and a_cap != c_cap
+    # pair i depends on (seed, start + i) only, as in the plain stream
+    d_img, d_cap = caption_pairs(3, 110, 5, mode="rich")
+    assert np.array_equal(a_img[10:15], d_img) and a_cap[10:15] == d_cap
+    # the default stream is the plain one, and the rich one is a different distribution
+    p_img, p_cap = caption_pairs(3, 100, 30)
+    q_img, q_cap = caption_pairs(3, 100, 30, mode="plain")
+    assert np.array_equal(p_img, q_img) and p_cap == q_cap and p_cap != a_cap
+    assert all(c == caption(sample_scene(scene_rng(3, 100 + i))) for i, c in enumerate(p_cap))
+    with pytest.raises(ValueError, match="'fancy'"):
+        caption_pairs(3, 0, 1, mode="fancy")
+
+
+def test_single_object_scenes_render_as_in_the_plain_world():
+    s = Scene("star", "green", "large", 2, "dotted", "outline")
+    assert s.extra is None
+    a = np.asarray(render(s, scene_rng(5, 0)))
+    b = np.asarray(render(Scene("star", "green", "large", 2, "dotted", "outline", None), scene_rng(5, 0)))
+    assert np.array_equal(a, b)
+
+
+def _words(options: dict) -> dict[str, str]:
+    return {w: k for k, ws in options.items() for w in ws}
+
+
+def _shape_forms() -> dict[str, str]:
+    """Every singular and plural word of each shape ("plus sign" written "plus_sign")."""
+    forms = {}
+    for shape, words in SHAPE_WORDS.items():
+        for w in words:
+            w = w.replace(" ", "_")
+            forms[w] = forms[w + ("es" if w.endswith(("s", "x")) else "s")] = shape
+    return forms
+
+
+def test_rich_captions_name_what_is_drawn_and_nothing_else():
+    colour_of, shape_of = _words(COLOUR_WORDS), _shape_forms()
+    seen_extra = seen_synonym = seen_order = seen_digit = 0
+    for i in range(400):
+        rng = scene_rng(0, i)
+        s = sample_scene_rich(rng)
+        c = caption_rich(s, np.random.default_rng([0, i, 1]))
+        words = c.replace("plus sign", "plus_sign").split()
+        colours = [colour_of[w] for w in words if w in colour_of]
+        shapes = [shape_of[w] for w in words if w in shape_of]
+        drawn_colours = [s.colour] + ([s.extra[1]] if s.extra else [])
+        drawn_shapes = [s.shape] + ([s.extra[0]] if s.extra else [])
+        assert colours == drawn_colours, (c, s)  # every drawn colour, in order, and no other
+        assert shapes == drawn_shapes, (c, s)
+        assert ("sketch" in c or "noisy drawing" in c) == (s.style == "sketch"), c
+        assert ("outline" in c or "line drawing" in c) == (s.style == "outline"), c
+        count_words = {1: {"a", "an", "one", "single"}, 2: {"two", "2", "pair"}, 3: {"three", "3"}}
+        assert count_words[s.count] & set(words), c
+        for other in (set(count_words) - {s.count}):
+            assert not (count_words[other] - {"a", "an"}) & set(words), c
+        size_words = _words(SIZE_WORDS)
+        assert all(size_words[w] == s.size for w in words if w in size_words), c
+        bg_words = _words(BACKGROUND_WORDS)
+        assert all(bg_words[w] == s.background for w in words if w in bg_words), c
+        if s.extra:
+            seen_extra += 1
+            assert any(f" {w} " in c for w in RELATION_WORDS[s.extra[2]]), c
+        seen_synonym += any(w in colour_of and w not in COLOURS for w in words)
+        seen_order += " that " in c or " in " + s.colour in c
+        seen_digit += any(w in ("2", "3") for w in words)
+    # the distribution really varies: relations, synonyms, word order and digits all occur
+    assert 80 < seen_extra < 220 and seen_synonym > 40 and seen_order > 40 and seen_digit > 20
+
+
+def _centre(img: np.ndarray, rgb) -> tuple[float, float]:
+    ys, xs = np.mgrid[: img.shape[0], : img.shape[1]]
+    mask = np.abs(img.astype(int) - np.array(rgb)).sum(-1) < 90
+    assert mask.sum() > 15
+    return xs[mask].mean(), ys[mask].mean()
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+def test_the_relation_in_the_caption_is_the_one_drawn(relation):
+    for seed in range(5):
+        s = Scene("square", "red", "large", 1, "plain", "filled", ("circle", "blue", relation))
+        img = np.asarray(render(s, scene_rng(seed, 7)))
+        (mx, my), (ex, ey) = _centre(img, COLOURS["red"]), _centre(img, COLOURS["blue"])
+        expect = {"above": my < ey - 8, "below": my > ey + 8, "left of": mx < ex - 8, "right of": mx > ex + 8}
+        assert expect[relation], (relation, (mx, my), (ex, ey))
+
+
+def test_fine_grained_size_task_has_twins_that_differ_in_size_alone(tmp_path):
+    ds = load_dataset("synthetic_size_shapes", tmp_path, shots=2, seed=1)
+    assert ds.num_classes == len(SIZES) * len(SHAPES) == 16
+    assert sorted(ds.classnames) == sorted(f"{z} {s}" for z in SIZES for s in SHAPES)
+    counts = np.bincount([r.label for r in ds.test], minlength=16)
+    assert (counts == TASKS["size_shapes"].test).all()
+    # the drawn size is the class's: large-class images have more foreground than small-class ones
+    areas: dict[str, list[int]] = {z: [] for z in SIZES}
+    for r in ds.test[::5]:
+        img = np.asarray(Image.open(ds.image_root / r.path).convert("RGB"))
+        areas[r.classname.split()[0]].append(int(_foreground(img).sum()))
+    assert np.median(areas["large"]) > 1.8 * np.median(areas["small"])
+    base = load_dataset("synthetic_size_shapes", tmp_path, shots=2, seed=1, subsample="base")
+    assert {c.split()[0] for c in base.classnames} == set(SIZES)  # base mixes both sizes
