@@ -153,7 +153,8 @@ class ALIGN(PromptMethod):
         L = classes["tokens"].shape[2]
         ids = self.tokens[..., :L].transpose(0, 1)  # [K, N, L]
         ctx = torch.zeros_like(ids, dtype=torch.bool)
-        ctx[..., 1:1 + cfg.n_ctx] = True  # the context placeholders follow SOS
+        start = self.backbone.text_start  # the context placeholders follow SOS (if any)
+        ctx[..., start : start + cfg.n_ctx] = True
         return ExplainFeatures(
             "hierarchical_ot", out.pooled, classes["global"],
             options={"beta": cfg.beta, "eps": cfg.eps, "eps_token": cfg.eps_token,

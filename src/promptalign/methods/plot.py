@@ -136,7 +136,8 @@ class PLOT(PromptMethod):
         for i, phrase in enumerate(phrases[: ctx.shape[0]]):
             k = min(n, bb.token_count(phrase))
             with torch.no_grad():
-                ctx[i, :k] = bb.embed_tokens(bb.tokenize([phrase]))[0, 1:1 + k].float()
+                start = bb.text_start  # after a start token (CLIP), 0 without one (SigLIP)
+                ctx[i, :k] = bb.embed_tokens(bb.tokenize([phrase]))[0, start : start + k].float()
 
     def on_classnames_changed(self) -> None:
         p = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx, template=self.class_template)
