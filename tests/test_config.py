@@ -152,3 +152,11 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path, capsys, args, messa
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_method_refusing_its_options_is_a_config_error(tiny):
+    from promptalign.engine.build import build_method
+
+    cfg = apply_overrides(RunConfig(), ["method.name=zeroshot", "method.options.template=no slot"])
+    with pytest.raises(ConfigError, match=r"method.options \(zeroshot\): .*no '\{\}' placeholder"):
+        build_method(cfg, CLASSES, "cpu", backbone=tiny)

@@ -104,7 +104,13 @@ def build_method(
         else load_backbone(cfg.backbone.arch, cfg.backbone.weights, device=device)
     )
     torch.manual_seed(cfg.run.seed)  # prompt initialisation
-    return create_method(spec.name, bb, classnames, config=spec.build()).to(device)
+    try:
+        method = create_method(spec.name, bb, classnames, config=spec.build())
+    except ConfigError:
+        raise
+    except ValueError as e:  # a method's own check of its options (one line for the CLI)
+        raise ConfigError(f"method.options ({spec.name}): {e}") from e
+    return method.to(device)
 
 
 def build_optimizer(

@@ -1,17 +1,22 @@
 """The method base: config, the four roles, caching, state, and the registry entry points.
 
-A method is one file holding a frozen config dataclass (defaults = the published settings,
-optimiser preset included) and a :class:`PromptMethod` subclass registered with
-``@METHODS.register(name)``. Its roles:
+A method is one file holding a frozen config dataclass (defaults = the published settings, its
+``optim`` the published optimisation settings) and a :class:`PromptMethod` subclass registered
+with ``@METHODS.register(name)``; the registry imports the file on first use. Its roles, and the
+hooks a method overrides:
 
-* prompter: the learnable tokens (parameters created in ``__init__``) and where they go;
+* prompter: the learnable tokens, created in ``__init__`` (shared pieces in
+  :mod:`.prompts`: ``build_class_prompts``, ``phrase_init``, ``check_depth``, ``CoupledPrompts``);
+  ``on_classnames_changed()`` rebuilds class-dependent buffers (tokenised prompts);
 * frozen encoder: the :class:`~promptalign.backbone.Backbone` it is given;
-* scorer: ``forward_with_text`` turns image features and the class-side features into logits
-  (cosine, OT, hierarchical OT);
-* objective: :meth:`PromptMethod.training_step` - cross-entropy plus any configured regularisers.
+* class side: ``encode_classes() -> Any`` (cached during evaluation);
+* image side + scorer: ``forward_with_text(images, classes) -> MethodOutput``, scoring with a
+  head from :mod:`.heads` (cosine, OT over prompt sets, hierarchical OT);
+* objective: ``loss_terms(out, batch) -> {name: weighted term}`` - cross-entropy plus the
+  configured regularisers by default; a method adds a term by overriding it and calling super.
 
-The trainer (one for all methods) only calls ``trainable_parameters``, ``training_step``,
-``logits`` and the state functions.
+The one trainer calls only ``trainable_parameters``, ``training_step`` (not overridden: the sum of
+``loss_terms``), ``logits``, ``optim_preset`` and the state functions.
 """
 
 from __future__ import annotations

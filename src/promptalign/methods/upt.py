@@ -60,8 +60,7 @@ class UPT(PromptMethod):
         self.register_buffer("tokens", p.tokens, persistent=False)
 
     def mixed_prompt(self) -> torch.Tensor:
-        """The unified prompt after the transformer layer: one sequence of 2n tokens, ``[2n, Wt]``.
-        """
+        """The unified prompt after the transformer layer: 2n tokens mixed. ``[2n, Wt]``"""
         return self.mixer(self.unified.unsqueeze(0))[0]
 
     def encode_classes(self) -> tuple[torch.Tensor, torch.Tensor]:
