@@ -203,6 +203,75 @@ def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, arch: str
     model.load_state_dict(sd, strict=True)
 
 
+_OPENAI_LAYOUT = ("token_embedding.weight", "positional_embedding", "text_projection", "logit_scale",
+                  "ln_final.weight")
+
+
+def _peek_tensors(path: Path) -> dict[str, torch.dtype] | None:
+    """Key -> dtype of a weights file without reading its data (safetensors header, or a
+    memory-mapped weights-only torch file); None when it cannot be read that way (the real load
+    then reports the problem)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 - "F16", "F32"
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("constants.pkl") for n in z.namelist()):
+                    return None  # TorchScript: refused by read_state_dict
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any failure is reported by the real load
+        return None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        return None
+    out = {str(k).removeprefix("module."): v.dtype for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return out
+
+
+def openai_quickgelu_reason(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is a state dict of OpenAI's released CLIP (trained with QuickGELU), or None.
+
+    OpenAI's files use the top-level CLIP key layout (``visual.*``, ``transformer.*``,
+    ``token_embedding``, ``positional_embedding``, ``text_projection``, ``logit_scale``), which
+    open_clip's own CLIP checkpoints share, so the layout alone does not decide it. What only
+    OpenAI's files carry (see open_clip's ``build_model_from_openai_state_dict`` and
+    ``convert_weights_to_lp``): the JIT-era entries ``input_resolution`` / ``context_length`` /
+    ``vocab_size``, or OpenAI's partial fp16 storage (attention / linear weights fp16, LayerNorms
+    fp32).
+    """
+    keys = _peek_tensors(Path(path))
+    if not keys or not all(k in keys for k in _OPENAI_LAYOUT) or not any(k.startswith("visual.") for k in keys):
+        return None
+    extra = [k for k in _OPENAI_EXTRA_KEYS if k in keys]
+    if extra:
+        return f"it holds the OpenAI JIT-era entries {extra}"
+    attn = next((k for k in keys if k.startswith("transformer.resblocks.") and k.endswith("attn.in_proj_weight")), None)
+    half = {torch.float16, "F16"}
+    if attn is not None and keys[attn] in half and keys["ln_final.weight"] not in half:
+        return "it stores OpenAI's partial fp16 layout (attention weights fp16, LayerNorms fp32)"
+    return None
+
+
+def _switch_on_quickgelu(cfg: dict[str, Any], name: str, path: Path) -> None:
+    """QuickGELU for OpenAI-released weights loaded under an arch without it (logged)."""
+    reason = openai_quickgelu_reason(path)
+    if reason is None or cfg.get("quick_gelu", False):
+        return
+    cfg["quick_gelu"] = True
+    log.warning(
+        "%s is an OpenAI CLIP state dict (%s): OpenAI trained with QuickGELU, so it is switched on "
+        "for architecture %r (as %r would); nn.GELU would move the logits by a few per cent",
+        path, reason, name, f"{name}-quickgelu",
+    )
+
+
 def load_backbone(
     arch: str | os.PathLike | Mapping[str, Any],
     weights: str | os.PathLike | None = None,
@@ -261,6 +330,7 @@ def load_backbone(
         elif Path(weights).is_file():
             weights_path = Path(weights)
             weights_label = str(weights_path)
+            _switch_on_quickgelu(cfg, name, weights_path)
         else:
             tags = list_pretrained(name) if not isinstance(arch, Mapping) else []
             raise FileNotFoundError(

@@ -1,12 +1,21 @@
 """Image transforms resolved from the backbone's preprocessing (never from dataset configs).
 
-train: RandomResizedCrop(scale 0.08-1) + horizontal flip; test: resize the shorter side +
-center crop; both with the backbone's interpolation and mean/std.
+train: RandomResizedCrop(scale 0.08-1) + horizontal flip (as open_clip trains, whatever the
+resize mode); test: open_clip's evaluation resize for the weights' ``resize_mode``
+(``open_clip.transform.image_transform``):
+
+* "shortest": scale the image so it covers the target (shorter side to the target), center crop;
+* "longest": scale it so it fits inside the target (longer side to the target), center crop or
+  pad with black to the target size;
+* "squash": resize to the target size, ignoring the aspect ratio.
+
+All with the backbone's interpolation and mean/std.
 """
 
 from __future__ import annotations
 
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from ..backbone import Preprocess
 
@@ -15,6 +24,39 @@ _INTERP = {
     "bilinear": T.InterpolationMode.BILINEAR,
     "nearest": T.InterpolationMode.NEAREST,
 }
+RESIZE_MODES = ("shortest", "longest", "squash")
+
+
+class ResizeKeepRatio:
+    """Scale a PIL image by one factor so that it covers (``longest=False``) or fits inside
+    (``longest=True``) ``size`` = (height, width); the rounding follows open_clip's."""
+
+    def __init__(self, size: tuple[int, int], longest: bool, interpolation: T.InterpolationMode):
+        self.size, self.longest, self.interpolation = tuple(size), longest, interpolation
+
+    def __call__(self, img):
+        h, w = img.size[1], img.size[0]
+        rh, rw = h / self.size[0], w / self.size[1]
+        ratio = max(rh, rw) if self.longest else min(rh, rw)
+        return TF.resize(img, [round(h / ratio), round(w / ratio)], interpolation=self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, longest={self.longest})"
+
+
+def eval_resize(pre: Preprocess, interp: T.InterpolationMode) -> list:
+    """The resize + crop/pad steps of the evaluation pipeline for ``pre.resize_mode``."""
+    size = tuple(pre.image_size)
+    if pre.resize_mode == "squash":
+        return [T.Resize(size, interpolation=interp)]
+    if pre.resize_mode == "longest":
+        # CenterCrop pads with 0 (black) where the image is smaller than the target
+        return [ResizeKeepRatio(size, longest=True, interpolation=interp), T.CenterCrop(size)]
+    if pre.resize_mode == "shortest":
+        first = (T.Resize(size[0], interpolation=interp) if size[0] == size[1]
+                 else ResizeKeepRatio(size, longest=False, interpolation=interp))
+        return [first, T.CenterCrop(size)]
+    raise ValueError(f"resize_mode {pre.resize_mode!r} unknown; use one of {list(RESIZE_MODES)}")
 
 
 def build_transform(pre: Preprocess, train: bool) -> T.Compose:
@@ -27,4 +69,4 @@ def build_transform(pre: Preprocess, train: bool) -> T.Compose:
     if train:
         return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=interp),
                           T.RandomHorizontalFlip(), *norm])
-    return T.Compose([T.Resize(min(size), interpolation=interp), T.CenterCrop(size), *norm])
+    return T.Compose([*eval_resize(pre, interp), *norm])
