@@ -98,7 +98,13 @@ class ALIGN(PromptMethod):
         ).tokens
         rest = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx).tokens
         tokens = torch.stack([first] + [rest] * (self.config.n_sets - 1))  # [N, K, T]
-        self.period_tokens = self.backbone.token_count(".")
+        # end of the class name in prompt 0: the same prompt without the final "." (however the
+        # tokenizer renders it: one token in CLIP's BPE, none where punctuation is stripped)
+        bare_template = f"{suffix} {{}}" if suffix else "{}"
+        bare = build_class_prompts(
+            self.backbone, self.classnames, self.config.n_ctx, template=bare_template
+        ).tokens
+        self.register_buffer("name_end", self.backbone.eot_index(bare), persistent=False)  # [K]
         self.register_buffer("tokens", tokens, persistent=False)
 
     def encode_classes(self) -> dict[str, torch.Tensor]:
@@ -111,9 +117,7 @@ class ALIGN(PromptMethod):
         if self.config.token_window == "own":
             mask = pos <= out.eot.unsqueeze(-1)  # [N, K, T]
         else:
-            # [K]: positions 0 .. eot(prompt 0) - 1 - tail, tail = the template's final "." in
-            # tokens (1 for CLIP's BPE; 0 where the tokenizer drops punctuation, e.g. SigLIP's)
-            window = out.eot[0] - self.period_tokens
+            window = self.name_end  # [K]: positions 0 .. the class name's last token (CLIP: eot - 2)
             mask = (pos < window.unsqueeze(-1)).unsqueeze(0).expand(out.eot.shape[0], -1, -1)
         L = int(mask.sum(-1).max())
         return {
