@@ -16,7 +16,8 @@ Two forms (``form``):
 * "released" (preset ``reference``): the released code's semantics - transported similarity added
   to the cost (beta = 1), logit = scale * <T, s> (token level only moves the plan), text token
   window = positions 0 .. eot(prompt 0) - 2 for every prompt of a class (so "." and EOT are left
-  out for prompt 0 and included for the shorter prompts n >= 1), Sinkhorn eps 0.1, <= 100
+  out for prompt 0 and included for the shorter prompts n >= 1; for any tokenizer: through the
+  last token of prompt 0's class name), Sinkhorn eps 0.1, <= 100
   iterations, tolerance 1e-2. Deviations kept on purpose: fp32 (fp16 kernels underflow, see the
   spec) and the tolerance is on the L1 marginal error per problem, not the released code's mean
   change of the row scaling over a pair's batch.
