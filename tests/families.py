@@ -134,8 +134,23 @@ def family_config(family: str, tmp: Path) -> dict:
                 "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
                              "hf_model_pretrained": False, "hf_pooler_type": "mean_pooler",
                              "hf_proj_type": "mlp", "context_length": 32}}
+    if family == "nllb_siglip":  # nllb-clip-base-siglip: SigLIP's timm tower + NLLB (M2M100) encoder
+        folder = roberta_tokenizer_and_model(tmp / "nllb")  # same specials as NLLB: <s> 0, <pad> 1, </s> 2
+        from transformers import M2M100Config
+
+        M2M100Config(vocab_size=400, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, scale_embedding=True,
+                     ).save_pretrained(str(folder))
+        return {"embed_dim": 32, "custom_text": True, "init_logit_bias": -10,
+                "vision_cfg": _timm("vit_base_patch16_siglip_224", timm_pool="map", timm_proj="none"),
+                "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
+                             "hf_model_pretrained": False, "hf_pooler_type": "cls_pooler",
+                             "hf_proj_type": "linear", "context_length": 32}}
     raise KeyError(family)
 
 
-FAMILIES = ("clip", "siglip", "siglip2", "eva02", "pe", "vit_registers", "hf_roberta", "hf_mt5")
-NEEDS_TRANSFORMERS = {"siglip", "siglip2", "hf_roberta", "hf_mt5"}
+FAMILIES = (
+    "clip", "siglip", "siglip2", "eva02", "pe", "vit_registers", "hf_roberta", "hf_mt5", "nllb_siglip",
+)
+NEEDS_TRANSFORMERS = {"siglip", "siglip2", "hf_roberta", "hf_mt5", "nllb_siglip"}

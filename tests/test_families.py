@@ -87,6 +87,7 @@ def test_nothing_hard_codes_widths_or_lengths(bb):
 EXPECTED_LAYOUT = {  # (start, end id == pad id) per family tokenizer
     "clip": (1, False), "eva02": (1, False), "pe": (1, False), "vit_registers": (1, False),
     "siglip": (0, True), "siglip2": (0, False), "hf_roberta": (1, False), "hf_mt5": (0, False),
+    "nllb_siglip": (1, False),
 }
 
 
@@ -138,6 +139,18 @@ def test_text_tokens_window_and_deep_prompts(bb):
     if bb.text.pool == "eot":
         idx = out.eot[..., None, None].expand(-1, -1, 1, bb.embed_dim)
         torch.testing.assert_close(out.tokens.gather(2, idx)[:, :, 0], out.pooled)
+
+
+def test_align_released_token_window_ends_at_the_class_name(bb):
+    """The released window drops what follows the class name (CLIP: "." and EOT; SigLIP, whose
+    tokenizer strips punctuation: only EOS), whatever the tokenizer."""
+    m = create_method("align", bb, CLASSES, preset="reference", **small_config("align"))
+    with torch.no_grad():
+        window = m.encode_classes()["mask"][:, 0].sum(-1)  # [K] tokens in prompt 0's window
+    for k, name in enumerate(CLASSES):
+        name_tok = bb.tokenize([f"a {name}"])[0]  # the name after a word, as in the prompt
+        last_of_name = name_tok[int(bb.eot_index(name_tok)) - 1]
+        assert m.tokens[0, k, int(window[k]) - 1] == last_of_name
 
 
 def test_hugging_face_deep_prompt_hooks_are_removed(built):

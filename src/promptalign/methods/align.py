@@ -16,7 +16,8 @@ Two forms (``form``):
 * "released" (preset ``reference``): the released code's semantics - transported similarity added
   to the cost (beta = 1), logit = scale * <T, s> (token level only moves the plan), text token
   window = positions 0 .. eot(prompt 0) - 2 for every prompt of a class (so "." and EOT are left
-  out for prompt 0 and included for the shorter prompts n >= 1), Sinkhorn eps 0.1, <= 100
+  out for prompt 0 and included for the shorter prompts n >= 1; for any tokenizer: through the last token of prompt 0's
+  class name), Sinkhorn eps 0.1, <= 100
   iterations. Deviations kept on purpose: fp32 (fp16 kernels underflow, see the spec) and the
   stopping rule is per problem, on its L1 column-marginal error, with tolerance 1e-5 instead of the
   released code's mean |change of the row scaling| < 1e-2 over the whole call's batch. The
@@ -107,7 +108,13 @@ class ALIGN(PromptMethod):
         ).tokens
         rest = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx).tokens
         tokens = torch.stack([first] + [rest] * (self.config.n_sets - 1))  # [N, K, T]
-        self.period_tokens = self.backbone.token_count(".")
+        # end of the class name in prompt 0: the same prompt without the final "." (however the
+        # tokenizer renders it: one token in CLIP's BPE, none where punctuation is stripped)
+        bare_template = f"{suffix} {{}}" if suffix else "{}"
+        bare = build_class_prompts(
+            self.backbone, self.classnames, self.config.n_ctx, template=bare_template
+        ).tokens
+        self.register_buffer("name_end", self.backbone.eot_index(bare), persistent=False)  # [K]
         self.register_buffer("tokens", tokens, persistent=False)
 
     def encode_classes(self) -> dict[str, torch.Tensor]:
@@ -120,9 +127,7 @@ class ALIGN(PromptMethod):
         if self.config.token_window == "own":
             mask = pos <= out.eot.unsqueeze(-1)  # [N, K, T]
         else:
-            # [K]: positions 0 .. eot(prompt 0) - 1 - tail, tail = the template's final "." in
-            # tokens (1 for CLIP's BPE; 0 where the tokenizer drops punctuation, e.g. SigLIP's)
-            window = out.eot[0] - self.period_tokens
+            window = self.name_end  # [K]: positions 0 .. the class name's last token (CLIP: eot - 2)
             mask = (pos < window.unsqueeze(-1)).unsqueeze(0).expand(out.eot.shape[0], -1, -1)
         L = int(mask.sum(-1).max())
         return {
