@@ -184,6 +184,21 @@ def test_single_prompt_methods_get_patch_cosines_with_the_class_feature(shapes):
             assert c.prompt_plan is None and c.heat is None
 
 
+@pytest.mark.parametrize("name", promptalign.list_methods())
+def test_every_method_can_be_explained(shapes, name):
+    """Registry-driven: OT methods through their hook, the rest through their image-tower tokens."""
+    m = _method(name, shapes)
+    x = images_for(shapes, 1, seed=8)
+    ex = explain_images(m, x, topk=2)
+    with torch.no_grad():
+        logits = m.logits(x)
+    assert "forward_image" not in vars(m.backbone)
+    for c in ex.images[0].classes:
+        assert _close(c.logit, float(logits[0, c.index]), float(logits.abs().max()))
+        assert c.patch_cosine.shape[-2:] == (6, 6) and np.isfinite(c.patch_cosine).all()
+        assert (c.prompt_plan is not None) == hasattr(m, "explain_features")
+
+
 def test_bad_requests_are_explain_errors(shapes):
     coop = _method("coop", shapes, n_ctx=4)
     x = images_for(shapes, 1)

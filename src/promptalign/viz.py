@@ -86,14 +86,17 @@ def _decomposition_panel(ax, c: ClassExplanation) -> None:
         shown = f"\n(8 of {len(pairs)} pairs, by T)"
     y = np.arange(len(labels))
     ax.barh(y, g, color="tab:blue", label="global cosine")
-    ax.barh(y, t, color="tab:orange", label="token OT")
+    has_token = bool(np.any(c.logit_token != 0))
+    if has_token:
+        ax.barh(y, t, color="tab:orange", label="token OT")
     ax.set_yticks(y, labels, fontsize=6)
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.5)
     ax.tick_params(axis="x", labelsize=6)
     extra = f" + other {c.logit_extra:.2f}" if c.logit_extra else ""
-    ax.set_title(f"logit {c.logit:.2f} = global {c.logit_global.sum():.2f} + token "
-                 f"{c.logit_token.sum():.2f}{extra}{shown}", fontsize=7)
+    token = f" + token {c.logit_token.sum():.2f}" if has_token else ""
+    ax.set_title(f"logit {c.logit:.2f} = global {c.logit_global.sum():.2f}{token}{extra}{shown}",
+                 fontsize=7)
     ax.legend(fontsize=6, loc="lower right")
 
 
@@ -135,7 +138,8 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
         rows.append((c, maps, maps_kind))
     ncols = max(4, max(len(r[1]) for r in rows))
     panel = 1.35
-    fig = plt.figure(figsize=(ncols * panel, len(rows) * 2 * panel * 1.15 + 0.5), layout="constrained")
+    fig = plt.figure(figsize=(max(ncols * panel, 10.0), len(rows) * 2 * panel * 1.15 + 0.5),
+                     layout="constrained")
     subs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
     for sub, (c, maps, (kind, pm, pn)) in zip(subs, rows):
         top, bottom = sub.subfigures(2, 1, height_ratios=[1.25, 1])
