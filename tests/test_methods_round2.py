@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from conftest import images_for
+from data_fixtures import make_json_dataset
+from safetensors.torch import load_file
 
+import promptalign
+from promptalign.config import RunConfig, apply_overrides
+from promptalign.engine import train
 from promptalign.methods import create_method
 from promptalign.methods.base import cosine_logits
 
@@ -265,15 +272,6 @@ def test_trainer_hooks_build_the_cache_search_on_val_and_aggregate_prompts(tmp_p
     """fit_before_training / select_on_validation / on_epoch_end are called by the one trainer:
     the saved Tip-Adapter cache has shots x classes keys and its alpha/beta are the val choice;
     PromptSRC's saved prompts are the Gaussian aggregate."""
-    import json
-
-    import promptalign
-    from promptalign.config import RunConfig, apply_overrides
-    from promptalign.engine import train
-    from safetensors.torch import load_file
-
-    from data_fixtures import make_json_dataset
-
     make_json_dataset(tmp_path / "data", "oxford_pets")
     torch.manual_seed(0)
     bb = promptalign.load_backbone("pa-tiny-vit")
