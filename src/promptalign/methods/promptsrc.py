@@ -95,7 +95,7 @@ class PromptSRCConfig(IVLPConfig):
     optim: OptimPreset = OptimPreset(lr=0.0025, batch_size=4, epochs=20)
     PRESETS = {
         # configs/trainers/PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml
-        "few_shot": {"gpa_mean": 30.0, "gpa_std": 30.0, "optim": {"epochs": 50}},
+        "fewshot": {"gpa_mean": 30.0, "gpa_std": 30.0, "optim": {"epochs": 50}},
         # same file, the setting for StanfordCars, Flowers102, FGVCAircraft, DTD and EuroSAT
         "few_shot_fine_grained": {"gpa_mean": 45.0, "gpa_std": 5.0, "optim": {"epochs": 50}},
         # vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml
