@@ -142,7 +142,7 @@ def test_method_registry_loads_on_first_use():
         (["method.options.regularizers=n"], "unknown regularizer"),
         (["optim.epochs=-5"], "optim.epochs"),
         (["optim=3"], "optim: expected a mapping"),
-        (["--workers", "-1"], "data.workers"),
+        (["--workers", "-1"], "--workers"),
         (["--preset", "nope"], "method.preset"),
     ],
 )

@@ -172,8 +172,12 @@ def _check_names(protocol: str, methods: Sequence[str], datasets: Sequence[str],
         raise ConfigError(f"protocol {protocol!r} unknown; use one of {', '.join(PROTOCOLS)}")
     known_methods, known_data = list_methods(), list_datasets()
     for m in methods:
-        if m not in known_methods:
+        if split_recipe(m)[0] not in known_methods:
             raise ConfigError(f"unknown method {m!r} (--methods); choose from {', '.join(known_methods)}")
+        try:
+            recipe_stages(m)
+        except ValueError as e:
+            raise ConfigError(f"--methods {m}: {e}") from None
     for d in [*datasets, *(targets or ())]:
         if d not in known_data and not Path(d).expanduser().exists():
             raise ConfigError(f"unknown dataset {d!r}: neither a registered dataset "
@@ -186,7 +190,7 @@ def _check_names(protocol: str, methods: Sequence[str], datasets: Sequence[str],
         raise ConfigError("--seeds: give at least one seed")
     for o in overrides:
         head = o.split("=", 1)[0]
-        if ":" in head and head.split(":", 1)[0] not in known_methods:
+        if ":" in head and split_recipe(head.split(":", 1)[0])[0] not in known_methods:
             raise ConfigError(f"override {o!r} is for method {head.split(':', 1)[0]!r}, which does not "
                               f"exist; methods: {', '.join(known_methods)}")
 

@@ -183,6 +183,16 @@ def check_fields(cls: type, data: Any, prefix: str = "") -> dict[str, Any]:
         raise ConfigError(
             f"unknown key(s) {[where + u for u in unknown]}; allowed: {[where + n for n in names]}"
         )
+    for f in dataclasses.fields(cls):  # a default of a richer subclass (e.g. an iteration
+        default = f.default  # budget's optimiser settings) types its field
+        tp = hints[f.name]
+        if (
+            dataclasses.is_dataclass(default)
+            and isinstance(tp, type)
+            and isinstance(default, tp)
+            and type(default) is not tp
+        ):
+            hints[f.name] = type(default)
     return {k: check_value(where + k, hints[k], v) for k, v in data.items()}
 
 
