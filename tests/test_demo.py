@@ -64,3 +64,12 @@ def test_demo_outputs_and_same_numbers_for_the_same_seed(tmp_path, shapes_root):
     assert (tmp_path / "a" / "coop-seed1" / "config.yaml").is_file()
     assert json.loads((tmp_path / "a" / "results.json").read_text())["rows"][0]["method"] == "zeroshot"
     assert "| coop |" in (tmp_path / "a" / "results.md").read_text()
+
+
+def test_demo_numbers_do_not_depend_on_the_progress_bar_or_workers(tmp_path, shapes_root):
+    """Issue 12 item 2: the bar's extra iter(loader) and the worker count changed the results."""
+    small = {"methods": [{"name": "coop", "options": {"n_ctx": 4}}], "epochs": 1}
+    a = run_demo(tmp_path / "a", spec=small, progress=True, workers=0, data_root=shapes_root)
+    b = run_demo(tmp_path / "b", spec=small, progress=False, workers=2, data_root=shapes_root)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a.rows) == strip(b.rows)
