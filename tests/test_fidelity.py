@@ -170,7 +170,10 @@ def test_benchmark_runs_plot_two_stage_recipe(tmp_path, data_root):
     s = run_benchmark("base2new", methods=["plot@two_stage"], datasets=["synthetic_colour_shapes"], seeds=[1],
                       data_root=data_root, out=tmp_path / "b", overrides=overrides, backbone=bb)
     assert not s.failed and len(s.ran) == 1
-    job = tmp_path / "b" / "base2new" / "jobs" / "synthetic_colour_shapes" / "plot@two_stage" / "shots16-seed1"
+    # a job's folder is named by its key and the fingerprint of its resolved config
+    (job,) = (tmp_path / "b" / "base2new" / "jobs" / "synthetic_colour_shapes" / "plot@two_stage").glob(
+        "shots16-seed1-*"
+    )
     c1, c2 = load_yaml(job / "run-stage1" / "config.yaml"), load_yaml(job / "run-stage2" / "config.yaml")
     assert c1.method.options["stage"] == "visual" and c1.method.init_from is None
     assert c2.method.options["stage"] == "joint" and c2.method.init_from == str(job / "run-stage1")
