@@ -1,8 +1,8 @@
 """Every bad input of issue 12's list answered in one line: exit status 2, exactly one line on
 stderr that names the offending input, and no traceback.
 
-Each row builds its inputs in a fresh folder and runs the command line in-process; the rows marked
-xfail are validated in the config classes (the core branch) and become passes once it is merged.
+Each row builds its inputs in a fresh folder and runs the command line in-process; config values
+(lr, batch size, epochs, method options) are checked by the config classes themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from PIL import Image
 
 from promptalign.cli import main
 
-XFAIL_CORE = pytest.mark.xfail(reason="validated in config classes by the core branch", strict=False)
 
 
 def _noise(path: Path, seed: int) -> None:
@@ -187,7 +186,7 @@ def row_benchmark_fewshot_zero_shots(t: Path):
              "--seeds", "1", "--data-root", str(t / "data"), "--out", str(t / "b")], "--shots 0")
 
 
-# core's config-value rows: validated in the config classes on the core branch
+# config-value rows: validated in the config classes
 def row_lr_negative(t: Path):
     return _train(_folder(t / "d"), t / "run", "optim.lr=-1"), "optim.lr"
 
@@ -225,9 +224,8 @@ ROWS = [
     row_predict_empty_folder, row_predict_only_unreadable_images,
     row_csv_duplicate_paths_conflicting_labels, row_csv_label_out_of_range, row_csv_without_split_file, row_out_is_the_csv_folder,
     row_corrupt_image_names_the_cli_setting, row_benchmark_typo, row_benchmark_fewshot_zero_shots,
-    *(pytest.param(r, marks=XFAIL_CORE) for r in (row_lr_negative, row_batch_size_zero,
-                                                   row_optim_not_a_section, row_unknown_method_option,
-                                                   row_epochs_negative)),
+    row_lr_negative, row_batch_size_zero, row_optim_not_a_section, row_unknown_method_option,
+    row_epochs_negative,
 ]
 
 
@@ -248,10 +246,7 @@ def test_bad_input_is_one_line_exit_2(row, tmp_path, capsys, monkeypatch, reques
         kwargs["run_dir"] = request.getfixturevalue("run_dir")
     argv, name = row(tmp_path, **kwargs)
     capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors exit from inside main
-        code = e.code
+    code = main(argv)  # usage errors too return their exit code
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2, err
@@ -297,7 +292,6 @@ def test_broken_pipe_in_process_returns_quietly(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-@XFAIL_CORE
 def test_redirected_stderr_gets_no_progress_bar(tmp_path, capsys):
     """stderr that is not a terminal gets no carriage-return progress output (the bar is switched
     off when stderr is not a TTY; the command line never forces it on)."""

@@ -528,13 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        # argparse binds a trailing nargs="*" positional right after a leading positional
-        # (benchmark PROTOCOL); KEY=VALUE overrides given after the options arrive here
-        if getattr(args, "overrides", None) is None or not all("=" in e for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
+    try:  # a usage error (or --help) ends parsing with its exit code, returned like any other
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # argparse binds a trailing nargs="*" positional right after a leading positional
+            # (benchmark PROTOCOL); KEY=VALUE overrides given after the options arrive here
+            if getattr(args, "overrides", None) is None or not all("=" in e for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = list(args.overrides) + extra
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbone.towers import UnsupportedTower
 from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
 
@@ -200,9 +201,21 @@ class CLIPLoRA(PromptMethod):
         self.on_classnames_changed()
 
     def _blocks(self, tower: str) -> nn.ModuleList:
-        if tower == "vision":
-            return self.backbone.clip.visual.transformer.resblocks
-        return self.backbone._text.transformer.resblocks
+        """The residual blocks of open_clip's own transformer in ``tower``; other tower types
+        (timm, Hugging Face) have no packed q/k/v ``nn.MultiheadAttention`` to adapt."""
+        adapter = self.backbone.vision if tower == "vision" else self.backbone.text
+        module = getattr(adapter, "v", None) if tower == "vision" else getattr(adapter, "src", None)
+        blocks = getattr(getattr(module, "transformer", None), "resblocks", None)
+        if blocks is None:
+            raise UnsupportedTower(
+                tower,
+                f"open_clip transformer blocks with nn.MultiheadAttention for CLIP-LoRA "
+                f"({getattr(adapter, 'kind', type(adapter).__name__)} tower)",
+                "use a model whose towers are open_clip's own (e.g. ViT-B-16), or "
+                "method.options.encoders=vision/text for the tower that has them",
+                arch=self.backbone.arch,
+            )
+        return blocks
 
     @property
     def optim_preset(self) -> OptimPreset:
