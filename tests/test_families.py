@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from families import FAMILIES, HAS_TRANSFORMERS, NEEDS_TRANSFORMERS, family_config
-from test_methods import small_config
+from conftest import small_config
 
 import promptalign
 from promptalign.backbone.towers import UnsupportedTower
@@ -188,7 +188,12 @@ def test_visual_prompts_position_tokens_and_rotary_alignment(bb):
 @pytest.mark.parametrize("name", list_methods())
 def test_every_method_forward_backward(bb, name):
     torch.manual_seed(0)
-    m = create_method(name, bb, CLASSES, **small_config(name)).train()
+    native = bb.vision.kind == "open_clip ViT" and bb.text.kind == "open_clip text transformer"
+    try:
+        m = create_method(name, bb, CLASSES, **small_config(name)).train()
+    except UnsupportedTower as e:  # a method may need a seam only open_clip's own towers have
+        assert not native and "missing seam" in str(e), str(e)
+        return
     x, y = _images(bb, 2), torch.tensor([0, 2])
     out = m.training_step((x, y))
     assert torch.isfinite(out["loss"])
