@@ -398,10 +398,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 line += f" (floor {c.entropy['prompt_floor_ratio']:.3f})"
             if "token" in c.entropy:
                 m, n = c.dominant_pairs(1)[0]
-                mass = c.word_mass[n][m]
-                words = sorted(zip(c.tokens[n].words, mass), key=lambda t: -t[1])[:3]
-                line += (f"; token plans {c.entropy['token'].mean():.3f}; top words (v{m}-t{n}) "
-                         + ", ".join(f"{w} {x:.3f}" for w, x in words))
+                cos = c.word_cosine[n][m]
+                words = sorted(zip(c.tokens[n].words, cos), key=lambda t: -t[1])[:3]
+                line += (f"; token plans {c.entropy['token'].mean():.3f} of uniform; best-matched words "
+                         f"(pair v{m}-t{n}, cosine) " + ", ".join(f"{w} {x:.2f}" for w, x in words))
             print(line)
         print(f"  wrote {png} and {out / (stem + '.json')}")
     for level, value in res.summary().items():

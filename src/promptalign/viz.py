@@ -46,11 +46,12 @@ def _overlay(ax, image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
     h, w = image.shape[:2]
     ax.imshow(image, interpolation="bilinear", extent=(0, w, h, 0))
     norm = Normalize(vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-12)
-    cm = plt.get_cmap(cmap)
-    rgba = cm(norm(heat))
-    rgba[..., 3] = 0.1 + 0.75 * np.clip(norm(heat), 0, 1)
-    ax.imshow(rgba, interpolation="nearest", extent=(0, w, h, 0))
-    im = ScalarMappable(norm=norm, cmap=cm)
+    # a spotlight: high values leave the picture as it is, low values darken it (colour-neutral,
+    # so coloured objects stay recognisable)
+    shade = np.zeros(heat.shape + (4,))
+    shade[..., 3] = 0.85 * (1.0 - np.clip(norm(heat), 0, 1))
+    ax.imshow(shade, interpolation="nearest", extent=(0, w, h, 0))
+    im = ScalarMappable(norm=norm, cmap=plt.get_cmap("gray"))
     ax.set_xticks([])
     ax.set_yticks([])
     return im
@@ -125,7 +126,9 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
         if c.heat is not None:
             m, n = c.dominant_pairs(1)[0]
             real = [i for i, _ in enumerate(c.tokens[n].tokens)]
-            maps = [(c.heat[m, n, i], c.tokens[n].tokens[i]) for i in real]
+            # in units of the uniform plan's mass per (patch, token), 1 / (J L_n)
+            uniform = 1.0 / (c.token_plans.shape[2] * len(real))
+            maps = [(c.heat[m, n, i] / uniform, c.tokens[n].tokens[i], c.heat[m, n, i].sum()) for i in real]
             maps_kind = ("token", m, n)
         else:
             M, N = c.patch_cosine.shape[:2]
@@ -133,7 +136,7 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
             for m in range(M):
                 n = int(np.argmax(c.prompt_plan[m])) if c.prompt_plan is not None else 0
                 label = f"v{m}-t{n}" if (M > 1 or N > 1) else "patch cosine"
-                maps.append((c.patch_cosine[m, n], label))
+                maps.append((c.patch_cosine[m, n], label, None))
             maps_kind = ("cosine", None, None)
         rows.append((c, maps, maps_kind))
     ncols = max(4, max(len(r[1]) for r in rows))
@@ -160,24 +163,28 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
         else:
             head[3].axis("off")
         axes = bottom.subplots(1, ncols, squeeze=False)[0]
-        vals = np.stack([mp for mp, _ in maps])
-        vmin, vmax = (0.0, float(vals.max())) if kind == "token" else (float(vals.min()), float(vals.max()))
+        vals = np.stack([mp for mp, _, _ in maps])
+        vmin, vmax = (0.0, 2.0) if kind == "token" else (float(vals.min()), float(vals.max()))
         cmap = "inferno" if kind == "token" else "viridis"
         im = None
-        for ax, (mp, label) in zip(axes, maps):
+        for ax, (mp, label, total) in zip(axes, maps):
             im = _overlay(ax, ex.image, mp, vmin, vmax, cmap)
             if kind == "token":
-                ax.set_title(f"{label}\n{mp.sum():.3f} on patches", fontsize=7)
+                ax.set_title(f"{label}\n{total:.3f} on patches", fontsize=7)
             else:
                 ax.set_title(label, fontsize=7)
         for ax in axes[len(maps):]:
             ax.axis("off")
-        what = (f"token-level plan of pair v{pm}-t{pn} (mass per patch for each text token; "
-                f"entropy {c.entropy['token'][pm, pn]:.3f} of uniform)") if kind == "token" \
+        what = (f"token-level plan of pair v{pm}-t{pn}: mass per patch for each text token, bright = "
+                f"2x the uniform plan's or more; entropy {c.entropy['token'][pm, pn]:.3f} of uniform") \
+            if kind == "token" \
             else "cosine of each patch token with the class feature"
         bottom.suptitle(what, fontsize=8)
         if im is not None:
-            bottom.colorbar(im, ax=list(axes[:len(maps)]), shrink=0.8, pad=0.01)
+            cb = bottom.colorbar(im, ax=list(axes[:len(maps)]), shrink=0.8, pad=0.01)
+            cb.ax.tick_params(labelsize=6)
+            if kind == "token":
+                cb.set_label("x uniform", fontsize=6)
     fig.suptitle(f"{method}: {Path(ex.path).name}   top: "
                  + ", ".join(f"{n} ({p:.2f})" for n, p in ex.top), fontsize=9)
     return _save(fig, path, dpi)
