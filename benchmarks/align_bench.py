@@ -98,15 +98,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", default=None, help="default ViT-B-16 on CUDA, pa-tiny-vit on CPU")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None,
-                   help="autocast dtype; default fp16 on CUDA, none on CPU")
+    p.add_argument(
+        "--amp",
+        choices=["none", "bf16", "fp16"],
+        default=None,
+        help="autocast dtype; default fp16 on CUDA, none on CPU",
+    )
     p.add_argument("--train-classes", type=int, nargs="+", default=None)
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--eval-images", type=int, default=None)
     p.add_argument("--eval-classes", type=int, default=None)
     p.add_argument("--ot-images", type=int, default=None)
     p.add_argument("--ot-classes", type=int, default=None)
-    p.add_argument("--ot-l", type=int, default=12, help="text tokens per prompt in the OT-alone run")
+    p.add_argument(
+        "--ot-l", type=int, default=12, help="text tokens per prompt in the OT-alone run"
+    )
     p.add_argument("--sets", type=int, default=4, help="M = N")
     p.add_argument("--imagenet-images", type=int, default=50_000)
     p.add_argument("--loader-images", type=int, default=None, help="default 512 GPU, 64 CPU")
@@ -132,15 +138,28 @@ def main() -> None:
     depth = min(9, bb.vision_layers, bb.text_layers)
     size = bb.preprocess.image_size
     result: dict = {
-        "bench": "align", "device": torch.cuda.get_device_name(device) if gpu
-        else f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "arch": arch,
-        "amp": amp, "M": args.sets, "N": args.sets, "depth": depth, "train_batch": args.train_batch,
+        "bench": "align",
+        "device": torch.cuda.get_device_name(device)
+        if gpu
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "arch": arch,
+        "amp": amp,
+        "M": args.sets,
+        "N": args.sets,
+        "depth": depth,
+        "train_batch": args.train_batch,
     }
 
     def method_for(k: int, form: str, backend: str):
         m = promptalign.create_method(
-            "align", bb, [f"class {i}" for i in range(k)], preset="reference" if form == "released"
-            else None, n_sets=args.sets, depth=depth, backend=backend,
+            "align",
+            bb,
+            [f"class {i}" for i in range(k)],
+            preset="reference" if form == "released" else None,
+            n_sets=args.sets,
+            depth=depth,
+            backend=backend,
         )
         return m.to(device)
 
@@ -167,8 +186,9 @@ def main() -> None:
                 result[f"{key}_peak_gb"] = _peak(device, step)
                 del m
         L = 12  # ViT-B/16 class prompts of ALIGN: ~8-16 tokens
-        result[f"train_K{k}_fused_plans_gb_vitb16_L12"] = fused_plan_bytes(
-            args.train_batch, args.sets, args.sets, 198, k, L) / 1e9
+        result[f"train_K{k}_fused_plans_gb_vitb16_L12"] = (
+            fused_plan_bytes(args.train_batch, args.sets, args.sets, 198, k, L) / 1e9
+        )
 
     # ---- evaluation: method.logits with class features cached (as the evaluator does)
     x = images(eval_b)
@@ -188,7 +208,8 @@ def main() -> None:
             del m
     result["loader_workers"] = args.workers
     result["loader_images_per_s"] = loader_images_per_s(
-        bb.preprocess, args.loader_images or (512 if gpu else 64), args.workers, eval_b)
+        bb.preprocess, args.loader_images or (512 if gpu else 64), args.workers, eval_b
+    )
 
     # ---- token-level OT alone: synthetic features with ViT-B/16 shapes, fp16 / fp32 features
     J, D, L, M = 198, 512, args.ot_l, args.sets
@@ -198,18 +219,27 @@ def main() -> None:
     lengths = torch.randint(max(1, L // 2), L + 1, (ot_k, M), generator=g).to(device)
     for form in forms:
         for be in backends:
-            kw = {"text_lengths": lengths, "form": form, "backend": be, "tol": 1e-3, "max_iter": 100}
+            kw = {
+                "text_lengths": lengths,
+                "form": form,
+                "backend": be,
+                "tol": 1e-3,
+                "max_iter": 100,
+            }
             with torch.no_grad():
                 t = _time(lambda kw=kw: hierarchical_ot(*feats, **kw), device, args.repeat)
                 res = hierarchical_ot(*feats, **kw)
             key = f"ot_{ot_b}x{ot_k}_L{L}_{form}_{be}"
             result[f"{key}_s"] = t
             result[f"{key}_token_mean_iter"] = round(res.token_stats.mean_iter.item(), 2)
-            result[f"{key}_peak_gb"] = _peak(
-                device, lambda kw=kw: hierarchical_ot(*feats, **kw)) if gpu else None
+            result[f"{key}_peak_gb"] = (
+                _peak(device, lambda kw=kw: hierarchical_ot(*feats, **kw)) if gpu else None
+            )
     if "fused" in backends:
         for name in [k[: -len("_torch_s")] for k in result if k.endswith("_torch_s")]:
-            result[f"{name}_torch_over_fused"] = result[f"{name}_torch_s"] / result[f"{name}_fused_s"]
+            result[f"{name}_torch_over_fused"] = (
+                result[f"{name}_torch_s"] / result[f"{name}_fused_s"]
+            )
     print(json.dumps(result))
 
 

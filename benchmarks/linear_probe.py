@@ -26,7 +26,9 @@ PENALTIES = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 
 @torch.no_grad()
 def _features(bb, ds, records, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    images = ImageDataset(ds.name, ds.image_root, records, build_transform(bb.preprocess, train=False))
+    images = ImageDataset(
+        ds.name, ds.image_root, records, build_transform(bb.preprocess, train=False)
+    )
     feats, labels = [], []
     for b in make_loader(images, batch, train=False):
         feats.append(F.normalize(bb.encode_image(b["image"]).float(), dim=-1))
@@ -34,7 +36,9 @@ def _features(bb, ds, records, batch: int = 256) -> tuple[torch.Tensor, torch.Te
     return torch.cat(feats), torch.cat(labels)
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, k: int, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit(
+    x: torch.Tensor, y: torch.Tensor, k: int, penalty: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.zeros(x.shape[1], k, requires_grad=True)
     b = torch.zeros(k, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
@@ -72,13 +76,26 @@ def main() -> None:
                 test = _features(bb, ds, ds.test)
             xtr, ytr = _features(bb, ds, ds.train)
             xva, yva = _features(bb, ds, ds.val)
-            scores = {pen: _acc(xva, yva, *_fit(xtr, ytr, ds.num_classes, pen)) for pen in PENALTIES}
+            scores = {
+                pen: _acc(xva, yva, *_fit(xtr, ytr, ds.num_classes, pen)) for pen in PENALTIES
+            }
             best = max(PENALTIES, key=lambda pen: (scores[pen], pen))
             w, b = _fit(xtr, ytr, ds.num_classes, best)
-            print(json.dumps({"dataset": a.dataset, "arch": a.arch, "shots": shots, "seed": seed,
-                              "penalty": best, "val_accuracy": round(scores[best], 2),
-                              "train_accuracy": round(_acc(xtr, ytr, w, b), 2),
-                              "test_accuracy": round(_acc(*test, w, b), 2)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "dataset": a.dataset,
+                        "arch": a.arch,
+                        "shots": shots,
+                        "seed": seed,
+                        "penalty": best,
+                        "val_accuracy": round(scores[best], 2),
+                        "train_accuracy": round(_acc(xtr, ytr, w, b), 2),
+                        "test_accuracy": round(_acc(*test, w, b), 2),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

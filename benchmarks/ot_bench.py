@@ -47,7 +47,9 @@ def _time(fn, device, repeat: int) -> float:
     return statistics.median(times)
 
 
-def _released_sinkhorn(K: torch.Tensor, u: torch.Tensor, v: torch.Tensor, max_iter: int) -> torch.Tensor:
+def _released_sinkhorn(
+    K: torch.Tensor, u: torch.Tensor, v: torch.Tensor, max_iter: int
+) -> torch.Tensor:
     """The released code's Sinkhorn: host sync (`.item()`) every iteration, threshold 1e-2."""
     r = torch.ones_like(u)
     c = torch.ones_like(v)
@@ -77,8 +79,10 @@ def released_pair_loop(ig, it, tg, tt, lengths, eps, max_iter, pairs):
         s = ig[b] @ tg[k].t()  # [M, N]
         cost = (1 - s) + tok_sim
         T = _released_sinkhorn(
-            torch.exp(-cost / eps)[None], torch.full((1, M), 1.0 / M, device=it.device),
-            torch.full((1, N), 1.0 / N, device=it.device), max_iter,
+            torch.exp(-cost / eps)[None],
+            torch.full((1, M), 1.0 / M, device=it.device),
+            torch.full((1, N), 1.0 / N, device=it.device),
+            max_iter,
         )[0]
         out.append((T * s).sum())
     return torch.stack(out)
@@ -96,8 +100,12 @@ def main() -> None:
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--iters", type=int, default=20, help="fixed iterations per level")
-    p.add_argument("--early-tol", type=float, default=1e-3, help="marginal error for the early-stop runs")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="feature dtype")
+    p.add_argument(
+        "--early-tol", type=float, default=1e-3, help="marginal error for the early-stop runs"
+    )
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="feature dtype"
+    )
     p.add_argument("--budget-gb", type=float, default=4.0, help="memory budget of the torch path")
     p.add_argument("--loop-pairs", type=int, default=None, help="pairs timed in the per-pair loop")
     p.add_argument("--repeat", type=int, default=3)
@@ -112,21 +120,36 @@ def main() -> None:
     mk = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dtype)
     ig, it, tg, tt = mk(B, M, D), mk(B, M, J, D), mk(K, N, D), mk(K, N, L, D)
     lengths = torch.randint(max(1, L // 2), L + 1, (K,), generator=g).to(device)
-    common = dict(text_lengths=lengths, eps=args.eps, normalize=False, memory_budget=int(args.budget_gb * 1e9))
+    common = dict(
+        text_lengths=lengths, eps=args.eps, normalize=False, memory_budget=int(args.budget_gb * 1e9)
+    )
     fixed = dict(common, max_iter=args.iters, tol=0.0, check_every=args.iters)
     early = dict(common, max_iter=100, tol=args.early_tol, check_every=5)
 
     result: dict = {
-        "bench": "hierarchical_ot_forward", "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "B": B, "K": K, "M": M, "N": N, "J": J, "L": L, "D": D, "eps": args.eps,
-        "iters_per_level": args.iters, "dtype": args.dtype, "torch": torch.__version__,
+        "bench": "hierarchical_ot_forward",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "B": B,
+        "K": K,
+        "M": M,
+        "N": N,
+        "J": J,
+        "L": L,
+        "D": D,
+        "eps": args.eps,
+        "iters_per_level": args.iters,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
     }
 
     n_pairs = args.loop_pairs or (200 if device.type == "cuda" else 40)
     pairs = [(i % B, (i * 7) % K) for i in range(n_pairs)]
     with torch.no_grad():
-        t_loop = _time(lambda: released_pair_loop(ig, it, tg, tt, lengths, args.eps, 100, pairs), device, 1)
+        t_loop = _time(
+            lambda: released_pair_loop(ig, it, tg, tt, lengths, args.eps, 100, pairs), device, 1
+        )
     result["per_pair_loop_s_per_pair"] = t_loop / n_pairs
     result["per_pair_loop_s_extrapolated"] = t_loop / n_pairs * B * K
     result["per_pair_loop_pairs_timed"] = n_pairs
@@ -139,7 +162,9 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
             with torch.no_grad():
-                t = _time(lambda: hierarchical_ot(ig, it, tg, tt, backend=be, **kw), device, args.repeat)
+                t = _time(
+                    lambda: hierarchical_ot(ig, it, tg, tt, backend=be, **kw), device, args.repeat
+                )
                 res = hierarchical_ot(ig, it, tg, tt, backend=be, **kw)
             key = f"{be}_{name}"
             scores[key] = res.score
@@ -152,7 +177,9 @@ def main() -> None:
             result[f"{key}_token_max_iter"] = int(res.token_stats.max_iter)
             result[f"{key}_token_converged"] = round(res.token_stats.converged.item(), 4)
             if device.type == "cuda":
-                result[f"{key}_peak_mem_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
+                result[f"{key}_peak_mem_gb"] = (
+                    torch.cuda.max_memory_allocated(device) - base
+                ) / 1e9
     if "fused_fixed_s" in result:
         result["fused_vs_torch_fixed"] = result["torch_fixed_s"] / result["fused_fixed_s"]
         result["fused_vs_torch_early"] = result["torch_early_s"] / result["fused_early_s"]

@@ -23,8 +23,9 @@ import torch
 
 def load(name: str, src: str):
     path = Path(src) / "promptalign" / "ot"
-    spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
-                                                  submodule_search_locations=[str(path)])
+    spec = importlib.util.spec_from_file_location(
+        name, path / "__init__.py", submodule_search_locations=[str(path)]
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
@@ -47,8 +48,10 @@ def main() -> None:
     mods = {"old": load("ot_old", args.old), "new": load("ot_new", args.new)}
     g = torch.Generator().manual_seed(0)
     B, M, J, D, K, N, L = args.images, 4, 198, 512, args.classes, 4, args.l
-    feats = [torch.randn(*s, generator=g).to(device, dtype)
-             for s in [(B, M, D), (B, M, J, D), (K, N, D), (K, N, L, D)]]
+    feats = [
+        torch.randn(*s, generator=g).to(device, dtype)
+        for s in [(B, M, D), (B, M, J, D), (K, N, D), (K, N, L, D)]
+    ]
     lengths = torch.randint(max(1, L // 2), L + 1, (K, N), generator=g).to(device)
 
     def sync():
@@ -57,7 +60,9 @@ def main() -> None:
 
     def train(mod):
         fs = [f.clone().requires_grad_(True) for f in feats]
-        mod.hierarchical_ot(*fs, text_lengths=lengths, tol=1e-3, max_iter=100).score.sum().backward()
+        mod.hierarchical_ot(
+            *fs, text_lengths=lengths, tol=1e-3, max_iter=100
+        ).score.sum().backward()
 
     def ev(mod):
         with torch.no_grad():

@@ -33,12 +33,18 @@ DEPTH_FIELDS = ("depth", "text_depth", "vision_depth")
 def fitted_overrides(name: str, layers: int) -> dict:
     """Clamp every prompt-depth field (and those of a wrapped base method) to ``layers``."""
     fields = {f.name: f for f in dataclasses.fields(METHODS.get(name).config_class)}
-    out = {k: min(fields[k].default, layers) for k in DEPTH_FIELDS
-           if k in fields and isinstance(fields[k].default, int)}
+    out = {
+        k: min(fields[k].default, layers)
+        for k in DEPTH_FIELDS
+        if k in fields and isinstance(fields[k].default, int)
+    }
     if "base_options" in fields and "base" in fields:
         base = METHODS.get(fields["base"].default).config_class
-        out["base_options"] = {f.name: min(f.default, layers) for f in dataclasses.fields(base)
-                               if f.name in DEPTH_FIELDS and isinstance(f.default, int)}
+        out["base_options"] = {
+            f.name: min(f.default, layers)
+            for f in dataclasses.fields(base)
+            if f.name in DEPTH_FIELDS and isinstance(f.default, int)
+        }
     return out
 
 
@@ -86,12 +92,18 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", default=None, help="default ViT-B-16 on CUDA, pa-tiny-vit on CPU")
     p.add_argument("--classes", type=int, default=None, help="default 100 on CUDA, 10 on CPU")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None,
-                   help="default fp16 on CUDA, none on CPU")
+    p.add_argument(
+        "--amp",
+        choices=["none", "bf16", "fp16"],
+        default=None,
+        help="default fp16 on CUDA, none on CPU",
+    )
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 GPU, 2 CPU)")
     p.add_argument("--compile", action="store_true", help="also time the compiled step")
-    p.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead"')
+    p.add_argument(
+        "--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead"'
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -105,9 +117,15 @@ def main() -> None:
     layers = min(bb.vision_layers, bb.text_layers)
     size = bb.preprocess.image_size
     result: dict = {
-        "bench": "train_step_ms_per_image", "device": torch.cuda.get_device_name(device) if gpu
-        else f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "arch": arch,
-        "amp": amp, "K": K, "compile_mode": args.compile_mode if args.compile else None,
+        "bench": "train_step_ms_per_image",
+        "device": torch.cuda.get_device_name(device)
+        if gpu
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "arch": arch,
+        "amp": amp,
+        "K": K,
+        "compile_mode": args.compile_mode if args.compile else None,
     }
     classes = [f"class {i}" for i in range(K)]
     g = torch.Generator().manual_seed(args.seed)
@@ -115,6 +133,7 @@ def main() -> None:
 
     def ctx():
         return torch.autocast(device.type, dtype=dtype, enabled=amp != "none")
+
     registered = promptalign.list_methods()  # also imports every method file
     for name in args.methods or registered:
         torch.manual_seed(args.seed)
@@ -132,8 +151,9 @@ def main() -> None:
         entry = {"batch": batch}
         variants = {"eager": _Step(method)}
         if args.compile:
-            variants["compiled"] = compile_step(_Step(method), "on", device=device,
-                                                compile_mode=args.compile_mode)
+            variants["compiled"] = compile_step(
+                _Step(method), "on", device=device, compile_mode=args.compile_mode
+            )
         for label, step in variants.items():
             warm, ms = _time_step(step, x, y, opt, scaler, ctx, steps, device)
             entry[f"{label}_warmup_s"] = warm

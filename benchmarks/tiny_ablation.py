@@ -47,10 +47,21 @@ from linear_probe import PENALTIES, _acc, _features, _fit  # the sibling script
 def run_method(method: str, shots: int, a: argparse.Namespace, bb, out: Path) -> float:
     """Train ``method`` (or just evaluate, for zero-shot) and return its test accuracy in %."""
     cfg = make_preset(method, "fewshot")
-    cfg = apply_overrides(cfg, {"data.dataset": a.dataset, "data.root": a.data_root, "data.shots": shots,
-                                "data.workers": 0, "run.seed": a.seed, "run.progress": False,
-                                "run.device": "cpu", "optim.epochs": a.epochs,
-                                "optim.batch_size": a.batch_size, "optim.eval_batch_size": 256})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "data.dataset": a.dataset,
+            "data.root": a.data_root,
+            "data.shots": shots,
+            "data.workers": 0,
+            "run.seed": a.seed,
+            "run.progress": False,
+            "run.device": "cpu",
+            "optim.epochs": a.epochs,
+            "optim.batch_size": a.batch_size,
+            "optim.eval_batch_size": 256,
+        },
+    )
     cfg = apply_overrides(cfg, list(a.override))
     cfg = dataclasses.replace(cfg, backbone=BackboneConfig(a.arch, a.weights))
     return float(train(cfg, out / f"{method}-{shots}shots", backbone=bb).metrics["accuracy"])
@@ -68,18 +79,29 @@ def linear_probe(shots: int, a: argparse.Namespace, bb) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="pa-tiny-shapes", help="architecture name or open_clip JSON config")
-    p.add_argument("--weights", default=None, help="weights file (default: the shipped tiny-shapes)")
+    p.add_argument(
+        "--arch", default="pa-tiny-shapes", help="architecture name or open_clip JSON config"
+    )
+    p.add_argument(
+        "--weights", default=None, help="weights file (default: the shipped tiny-shapes)"
+    )
     p.add_argument("--dataset", default="synthetic_colour_shapes")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--out", default=None, help="folder for the run folders (default: a temporary one)")
+    p.add_argument(
+        "--out", default=None, help="folder for the run folders (default: a temporary one)"
+    )
     p.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--probe-shots", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--override", nargs="*", default=[], help="extra dotted overrides, e.g. method.options.n_ctx=4")
+    p.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="extra dotted overrides, e.g. method.options.n_ctx=4",
+    )
     a = p.parse_args()
     if a.weights is None and a.arch == "pa-tiny-shapes":
         a.arch = "tiny-shapes"
@@ -94,20 +116,30 @@ def main() -> None:
     probe = linear_probe(a.probe_shots, a, bb)
     top = max(a.shots)
     rising = all(coop[x] < coop[y] for x, y in zip(a.shots, a.shots[1:]))
-    print(json.dumps({
-        "arch": a.arch, "weights": a.weights, "dataset": a.dataset, "seed": a.seed,
-        "text_layers": len(bb.clip.transformer.resblocks), "text_width": bb.clip.transformer.width,
-        "chance": round(chance, 2), "zeroshot": round(zs, 2),
-        "coop": {str(s): round(v, 2) for s, v in coop.items()},
-        f"probe_{a.probe_shots}": round(probe, 2),
-        "targets": {
-            "zeroshot_ge_5x_chance": zs >= 5 * chance,
-            "zeroshot_le_probe_minus_10": zs <= probe - 10,
-            f"coop_{top}_ge_zeroshot_plus_5": coop[top] >= zs + 5,
-            "coop_rising": rising,
-        },
-        "seconds": round(time.perf_counter() - t0, 1),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "arch": a.arch,
+                "weights": a.weights,
+                "dataset": a.dataset,
+                "seed": a.seed,
+                "text_layers": len(bb.clip.transformer.resblocks),
+                "text_width": bb.clip.transformer.width,
+                "chance": round(chance, 2),
+                "zeroshot": round(zs, 2),
+                "coop": {str(s): round(v, 2) for s, v in coop.items()},
+                f"probe_{a.probe_shots}": round(probe, 2),
+                "targets": {
+                    "zeroshot_ge_5x_chance": zs >= 5 * chance,
+                    "zeroshot_le_probe_minus_10": zs <= probe - 10,
+                    f"coop_{top}_ge_zeroshot_plus_5": coop[top] >= zs + 5,
+                    "coop_rising": rising,
+                },
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -44,10 +43,20 @@ MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 # flags added after the shipped model; they enter the file's metadata only when not at their
 # default, so the default command still writes the shipped bytes
-ARCH_FLAGS = {"text_layers": ("text_cfg", "layers"), "text_width": ("text_cfg", "width"),
-              "text_heads": ("text_cfg", "heads"), "vision_layers": ("vision_cfg", "layers"),
-              "vision_width": ("vision_cfg", "width"), "embed_dim": (None, "embed_dim")}
-NEW_DEFAULTS = {**{k: None for k in ARCH_FLAGS}, "captions": "plain", "init_image": None, "lock_image": False}
+ARCH_FLAGS = {
+    "text_layers": ("text_cfg", "layers"),
+    "text_width": ("text_cfg", "width"),
+    "text_heads": ("text_cfg", "heads"),
+    "vision_layers": ("vision_cfg", "layers"),
+    "vision_width": ("vision_cfg", "width"),
+    "embed_dim": (None, "embed_dim"),
+}
+NEW_DEFAULTS = {
+    **{k: None for k in ARCH_FLAGS},
+    "captions": "plain",
+    "init_image": None,
+    "lock_image": False,
+}
 
 
 def model_config(args: argparse.Namespace) -> dict | None:
@@ -60,8 +69,10 @@ def model_config(args: argparse.Namespace) -> dict | None:
         if value is not None:
             (cfg[tower] if tower else cfg)[key] = value
     if cfg["text_cfg"]["width"] % cfg["text_cfg"]["heads"]:
-        raise SystemExit(f"--text-width {cfg['text_cfg']['width']} is not divisible by --text-heads "
-                         f"{cfg['text_cfg']['heads']}; choose a width that is a multiple of the heads")
+        raise SystemExit(
+            f"--text-width {cfg['text_cfg']['width']} is not divisible by --text-heads "
+            f"{cfg['text_cfg']['heads']}; choose a width that is a multiple of the heads"
+        )
     return cfg
 
 
@@ -71,8 +82,10 @@ def init_image_tower(model: torch.nn.Module, path: str) -> None:
     own = {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}
     bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if bad:
-        raise SystemExit(f"--init-image {path}: its image tower does not match this architecture "
-                         f"({bad[:5]}); use the same --vision-* flags as the model that wrote it")
+        raise SystemExit(
+            f"--init-image {path}: its image tower does not match this architecture "
+            f"({bad[:5]}); use the same --vision-* flags as the model that wrote it"
+        )
     with torch.no_grad():
         for k, v in model.state_dict().items():
             if k in sd:
@@ -88,19 +101,33 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--captions", choices=CAPTION_MODES, default="plain",
-                   help="caption distribution of the pool (see promptalign.data.synthetic.caption_pairs)")
-    p.add_argument("--text-layers", type=int, default=None, help="text transformer depth (shipped: 3)")
-    p.add_argument("--text-width", type=int, default=None, help="text transformer width (shipped: 48)")
+    p.add_argument(
+        "--captions",
+        choices=CAPTION_MODES,
+        default="plain",
+        help="caption distribution of the pool (see promptalign.data.synthetic.caption_pairs)",
+    )
+    p.add_argument(
+        "--text-layers", type=int, default=None, help="text transformer depth (shipped: 3)"
+    )
+    p.add_argument(
+        "--text-width", type=int, default=None, help="text transformer width (shipped: 48)"
+    )
     p.add_argument("--text-heads", type=int, default=None, help="text attention heads (shipped: 4)")
     p.add_argument("--vision-layers", type=int, default=None, help="ViT depth (shipped: 4)")
     p.add_argument("--vision-width", type=int, default=None, help="ViT width (shipped: 96)")
-    p.add_argument("--embed-dim", type=int, default=None, help="joint embedding width (shipped: 64)")
-    p.add_argument("--init-image", default=None, help="weights file whose image tower starts training")
+    p.add_argument(
+        "--embed-dim", type=int, default=None, help="joint embedding width (shipped: 64)"
+    )
+    p.add_argument(
+        "--init-image", default=None, help="weights file whose image tower starts training"
+    )
     p.add_argument("--lock-image", action="store_true", help="keep the image tower frozen (LiT)")
     args = p.parse_args()
     if args.lock_image and not args.init_image:
-        raise SystemExit("--lock-image needs --init-image FILE (a frozen random image tower learns nothing)")
+        raise SystemExit(
+            "--lock-image needs --init-image FILE (a frozen random image tower learns nothing)"
+        )
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -123,19 +150,34 @@ def main() -> None:
     locked = None
     if args.lock_image:  # the frozen tower's features of the fixed pool, computed once
         with torch.no_grad():
-            locked = torch.cat([F.normalize(bb.encode_image((pool[i:i + 500].float() / 255 - MEAN) / STD), dim=-1)
-                                for i in range(0, args.pool, 500)])  # [P, D]
-        print(f"encoded the pool with the locked image tower in {time.time() - t0:.0f} s", flush=True)
+            locked = torch.cat(
+                [
+                    F.normalize(
+                        bb.encode_image((pool[i : i + 500].float() / 255 - MEAN) / STD), dim=-1
+                    )
+                    for i in range(0, args.pool, 500)
+                ]
+            )  # [P, D]
+        print(
+            f"encoded the pool with the locked image tower in {time.time() - t0:.0f} s", flush=True
+        )
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     g = torch.Generator().manual_seed(args.seed)
     warmup = max(1, args.steps // 20)
     for step in range(args.steps):
-        lr = args.lr * (step + 1) / warmup if step < warmup else \
-            args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (args.steps - warmup)))
+        lr = (
+            args.lr * (step + 1) / warmup
+            if step < warmup
+            else args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (args.steps - warmup)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, args.pool, (args.batch,), generator=g)
@@ -159,11 +201,18 @@ def main() -> None:
             model.logit_scale.clamp_(0, math.log(100))
         if step % 100 == 0 or step == args.steps - 1:
             acc = (logits.argmax(-1) == target).float().mean().item()
-            print(f"step {step} loss {loss.item():.3f} acc {acc:.3f} lr {lr:.2e} {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step} loss {loss.item():.3f} acc {acc:.3f} lr {lr:.2e} {time.time() - t0:.0f}s",
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    meta = {k: str(v) for k, v in vars(args).items() if k != "out" and (k not in NEW_DEFAULTS or NEW_DEFAULTS[k] != v)}
+    meta = {
+        k: str(v)
+        for k, v in vars(args).items()
+        if k != "out" and (k not in NEW_DEFAULTS or NEW_DEFAULTS[k] != v)
+    }
     if args.init_image:
         meta["init_image"] = Path(args.init_image).name
     meta.update(torch=torch.__version__)  # no timings: the file must be reproducible byte for byte

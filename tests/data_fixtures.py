@@ -13,25 +13,70 @@ WNID_NAMES = ["tench", "goldfish", "great white shark", "tiger shark"]
 
 # (folder, image dir, split file, raw class names as they appear in the split file)
 JSON_DATASETS = {
-    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json",
-                   ["airplanes", "Faces", "Leopards", "Motorbikes", "dalmatian"]),
-    "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json",
-                    ["abyssinian", "american_bulldog", "beagle", "bengal", "boxer"]),
-    "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json",
-                      ["2000 AM General Hummer SUV", "2012 Acura RL Sedan", "2012 Audi R8 Coupe"]),
-    "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
-                       ["pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "rose"]),
-    "food101": ("food-101", "images", "split_zhou_Food101.json", ["apple_pie", "baby_back_ribs", "baklava"]),
-    "sun397": ("sun397", "SUN397", "split_zhou_SUN397.json", ["abbey", "airplane_cabin", "airport_terminal"]),
-    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json", ["banded", "blotchy", "braided"]),
-    "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json",
-                ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "SeaLake"]),
-    "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
-               ["Apply_Eye_Makeup", "PlayingCello", "Basketball"]),
+    "caltech101": (
+        "caltech-101",
+        "101_ObjectCategories",
+        "split_zhou_Caltech101.json",
+        ["airplanes", "Faces", "Leopards", "Motorbikes", "dalmatian"],
+    ),
+    "oxford_pets": (
+        "oxford_pets",
+        "images",
+        "split_zhou_OxfordPets.json",
+        ["abyssinian", "american_bulldog", "beagle", "bengal", "boxer"],
+    ),
+    "stanford_cars": (
+        "stanford_cars",
+        "",
+        "split_zhou_StanfordCars.json",
+        ["2000 AM General Hummer SUV", "2012 Acura RL Sedan", "2012 Audi R8 Coupe"],
+    ),
+    "oxford_flowers": (
+        "oxford_flowers",
+        "jpg",
+        "split_zhou_OxfordFlowers.json",
+        ["pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "rose"],
+    ),
+    "food101": (
+        "food-101",
+        "images",
+        "split_zhou_Food101.json",
+        ["apple_pie", "baby_back_ribs", "baklava"],
+    ),
+    "sun397": (
+        "sun397",
+        "SUN397",
+        "split_zhou_SUN397.json",
+        ["abbey", "airplane_cabin", "airport_terminal"],
+    ),
+    "dtd": (
+        "dtd",
+        "images",
+        "split_zhou_DescribableTextures.json",
+        ["banded", "blotchy", "braided"],
+    ),
+    "eurosat": (
+        "eurosat",
+        "2750",
+        "split_zhou_EuroSAT.json",
+        ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "SeaLake"],
+    ),
+    "ucf101": (
+        "ucf101",
+        "UCF-101-midframes",
+        "split_zhou_UCF101.json",
+        ["Apply_Eye_Makeup", "PlayingCello", "Basketball"],
+    ),
 }
 EXPECTED_NAMES = {
     "caltech101": ["airplane", "face", "leopard", "motorbike", "dalmatian"],
-    "eurosat": ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road", "Sea or Lake"],
+    "eurosat": [
+        "Annual Crop Land",
+        "Forest",
+        "Herbaceous Vegetation Land",
+        "Highway or Road",
+        "Sea or Lake",
+    ],
     "ucf101": ["Apply Eye Makeup", "Playing Cello", "Basketball"],
     "oxford_pets": ["abyssinian", "american bulldog", "beagle", "bengal", "boxer"],
     "food101": ["apple pie", "baby back ribs", "baklava"],
@@ -53,8 +98,11 @@ def make_json_dataset(root: Path, name: str) -> None:
     for label, cname in enumerate(classes):
         for split, count in SPLIT_SIZES.items():
             for i in range(count):
-                sub = "cars_train" if name == "stanford_cars" and split != "test" else (
-                    "cars_test" if name == "stanford_cars" else cname.replace(" ", "_"))
+                sub = (
+                    "cars_train"
+                    if name == "stanford_cars" and split != "test"
+                    else ("cars_test" if name == "stanford_cars" else cname.replace(" ", "_"))
+                )
                 rel = f"{sub}/{label:02d}_{split}_{i}.jpg"
                 image(base / rel, n)
                 n += 1
@@ -82,16 +130,26 @@ def make_imagenet_variants(root: Path) -> None:
     (v2 / "classnames.txt").write_text(names)
     for label in range(len(WNIDS)):
         for i in range(2):
-            image(v2 / "imagenetv2-matched-frequency-format-val" / str(label) / f"{i}.jpeg", label * 10 + i)
-    for folder, image_dir, wnids in (("imagenet-sketch", "images", WNIDS),
-                                     ("imagenet-adversarial", "imagenet-a", WNIDS[1:]),
-                                     ("imagenet-rendition", "imagenet-r", WNIDS[:3])):
+            image(
+                v2 / "imagenetv2-matched-frequency-format-val" / str(label) / f"{i}.jpeg",
+                label * 10 + i,
+            )
+    for folder, image_dir, wnids in (
+        ("imagenet-sketch", "images", WNIDS),
+        ("imagenet-adversarial", "imagenet-a", WNIDS[1:]),
+        ("imagenet-rendition", "imagenet-r", WNIDS[:3]),
+    ):
         d = root / folder
         d.mkdir(parents=True, exist_ok=True)
         (d / "classnames.txt").write_text(names)
         for w in wnids:
             for i in range(3):
-                image(d / image_dir / w / f"{i}.png" if folder == "imagenet-sketch" else d / image_dir / w / f"{i}.jpg", i)
+                image(
+                    d / image_dir / w / f"{i}.png"
+                    if folder == "imagenet-sketch"
+                    else d / image_dir / w / f"{i}.jpg",
+                    i,
+                )
 
 
 AIRCRAFT = ["707-320", "727-200", "A300B4", "Cessna 172", "DC-3"]

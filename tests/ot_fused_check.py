@@ -54,8 +54,9 @@ def main() -> None:
     grads = {}
     for be, chunk in (("torch", None), ("fused", None), ("fused_chunk1", 1)):
         feats = [x.requires_grad_(True) for x in features(device, torch.float32, seed=1)]
-        res = hierarchical_ot(*feats, backend=be.split("_")[0], domain="kernel", class_chunk=chunk,
-                              **fixed)
+        res = hierarchical_ot(
+            *feats, backend=be.split("_")[0], domain="kernel", class_chunk=chunk, **fixed
+        )
         w = torch.linspace(-1, 1, B * K, device=device).view(B, K)  # a non-uniform upstream grad
         (res.score * w).sum().backward()
         grads[be] = [x.grad for x in feats]
@@ -72,7 +73,9 @@ def main() -> None:
     out["early_score"] = diff(fus.score, ref.score)
     out["early_mean_iter"] = [fus.token_stats.mean_iter.item(), ref.token_stats.mean_iter.item()]
     out["early_max_iter"] = [int(fus.token_stats.max_iter), int(ref.token_stats.max_iter)]
-    few = hierarchical_ot(*feats, backend="fused", text_lengths=lengths, eps=0.2, tol=1e-9, max_iter=2)
+    few = hierarchical_ot(
+        *feats, backend="fused", text_lengths=lengths, eps=0.2, tol=1e-9, max_iter=2
+    )
     out["few_converged"] = few.token_stats.converged.item()
     out["few_max_iter"] = int(few.token_stats.max_iter)
 
@@ -80,8 +83,9 @@ def main() -> None:
     full = hierarchical_ot(*feats, backend="fused", class_chunk=None, **early)
     one = hierarchical_ot(*feats, backend="fused", class_chunk=1, **early)
     ig, it, tg, tt = feats
-    part = hierarchical_ot(ig[1:], it[1:], tg[1:], tt[1:], backend="fused",
-                           **{**early, "text_lengths": lengths[1:]})
+    part = hierarchical_ot(
+        ig[1:], it[1:], tg[1:], tt[1:], backend="fused", **{**early, "text_lengths": lengths[1:]}
+    )
     out["chunk_score"] = diff(one.score, full.score)
     out["chunk_distance"] = diff(one.token_distance, full.token_distance)
     out["subset_score"] = diff(part.score, full.score[1:, 1:])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images_for
 from test_methods import build
 
 from promptalign.accel import compile_step, resolve_amp
+
+from conftest import images_for
 
 
 def test_resolve_amp_auto_follows_the_device():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import promptalign
+
 from conftest import assert_rel_close, images_for
 
 CLASSES = ["dog", "golden retriever", "sea lion", "a"]
@@ -117,10 +118,14 @@ def test_vision_prompt_shapes_and_sets(backbone):
     assert many.pooled.shape == (2, 4, D)
     assert many.tokens.shape == (2, 4, G + 3, D)
     for m in range(4):
-        single = backbone.forward_image(x, prompts[m], deep=[d[m] for d in deep], return_tokens=True)
+        single = backbone.forward_image(
+            x, prompts[m], deep=[d[m] for d in deep], return_tokens=True
+        )
         assert_rel_close(many.pooled[:, m], single.pooled)
         assert_rel_close(many.tokens[:, m], single.tokens)
-    after_cls = backbone.forward_image(x, prompts, deep=deep, position="after_cls", return_tokens=True)
+    after_cls = backbone.forward_image(
+        x, prompts, deep=deep, position="after_cls", return_tokens=True
+    )
     assert after_cls.prompt_slice == slice(0, 3)
     # prompts carry no positional embedding and attention is permutation-equivariant, so the
     # insertion point only permutes the output tokens; the CLS output is unchanged
@@ -199,7 +204,12 @@ def test_wrong_prompt_width_names_both_widths(tiny):
     with pytest.raises(ValueError, match=f"{tiny.vision_width}"):
         tiny.forward_image(images_for(tiny, 1), torch.randn(2, 3))
     with pytest.raises(ValueError, match="at most"):
-        tiny.forward_image(images_for(tiny, 1), torch.randn(2, tiny.vision_width),
-                           deep=[torch.randn(2, tiny.vision_width)] * tiny.vision_layers)
+        tiny.forward_image(
+            images_for(tiny, 1),
+            torch.randn(2, tiny.vision_width),
+            deep=[torch.randn(2, tiny.vision_width)] * tiny.vision_layers,
+        )
     with pytest.raises(ValueError, match="position"):
-        tiny.forward_image(images_for(tiny, 1), torch.randn(2, tiny.vision_width), position="before")
+        tiny.forward_image(
+            images_for(tiny, 1), torch.randn(2, tiny.vision_width), position="before"
+        )

@@ -20,11 +20,12 @@ from PIL import Image
 from promptalign.cli import main
 
 
-
 def _noise(path: Path, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    Image.fromarray(torch.randint(0, 256, (20, 20, 3), generator=g, dtype=torch.uint8).numpy()).save(path)
+    Image.fromarray(
+        torch.randint(0, 256, (20, 20, 3), generator=g, dtype=torch.uint8).numpy()
+    ).save(path)
 
 
 def _folder(root: Path) -> Path:
@@ -37,9 +38,27 @@ def _folder(root: Path) -> Path:
 
 
 def _train(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--out", str(out), "--method", "coop", "--dataset", str(data), "--arch", "tiny-shapes",
-            "--device", "cpu", "--workers", "0", "--no-progress", "--shots", "2", "optim.epochs=1",
-            "optim.batch_size=2", *extra]
+    return [
+        "train",
+        "--out",
+        str(out),
+        "--method",
+        "coop",
+        "--dataset",
+        str(data),
+        "--arch",
+        "tiny-shapes",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--shots",
+        "2",
+        "optim.epochs=1",
+        "optim.batch_size=2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +66,27 @@ def run_dir(tmp_path_factory) -> Path:
     """A trained run (zero-shot: no training steps) for the predict rows."""
     t = tmp_path_factory.mktemp("run")
     data = _folder(t / "data")
-    assert main(["train", "--out", str(t / "run"), "--method", "zeroshot", "--dataset", str(data),
-                 "--arch", "tiny-shapes", "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(t / "run"),
+                "--method",
+                "zeroshot",
+                "--dataset",
+                str(data),
+                "--arch",
+                "tiny-shapes",
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return t / "run"
 
 
@@ -59,14 +97,34 @@ class NotATensor:
 
 def row_weights_file_not_weights_only(t: Path):
     torch.save({"w": NotATensor()}, t / "evil.pt")
-    return (["train", "--out", str(t / "run"), "--method", "coop", "--dataset", str(_folder(t / "d")),
-             "--arch", "pa-tiny-vit", "--weights", str(t / "evil.pt"), "--device", "cpu", "--workers", "0",
-             "--no-progress"], "evil.pt")
+    return (
+        [
+            "train",
+            "--out",
+            str(t / "run"),
+            "--method",
+            "coop",
+            "--dataset",
+            str(_folder(t / "d")),
+            "--arch",
+            "pa-tiny-vit",
+            "--weights",
+            str(t / "evil.pt"),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        "evil.pt",
+    )
 
 
 def row_weights_file_missing(t: Path):
-    return (_train(_folder(t / "d"), t / "run", "--weights", str(t / "nowhere.safetensors")),
-            "nowhere.safetensors")
+    return (
+        _train(_folder(t / "d"), t / "run", "--weights", str(t / "nowhere.safetensors")),
+        "nowhere.safetensors",
+    )
 
 
 def row_workers_negative(t: Path):
@@ -82,7 +140,15 @@ def row_unknown_preset(t: Path):
 
 
 def row_unknown_method(t: Path):
-    return ["train", "--out", str(t / "run"), "--method", "coopp", "--dataset", str(_folder(t / "d"))], "coopp"
+    return [
+        "train",
+        "--out",
+        str(t / "run"),
+        "--method",
+        "coopp",
+        "--dataset",
+        str(_folder(t / "d")),
+    ], "coopp"
 
 
 def row_cuda_without_gpu(t: Path):
@@ -176,14 +242,48 @@ def row_corrupt_image_names_the_cli_setting(t: Path):
 
 
 def row_benchmark_typo(t: Path):
-    return (["benchmark", "base2new", "--methods", "coop", "zeroshot", "--datasets", "synthetic_shapes",
-             "--seeds", "1", "2", "--data-root", str(t / "data"), "--out", str(t / "b"), "optim.lrr=0.1"],
-            "optim.lrr")
+    return (
+        [
+            "benchmark",
+            "base2new",
+            "--methods",
+            "coop",
+            "zeroshot",
+            "--datasets",
+            "synthetic_shapes",
+            "--seeds",
+            "1",
+            "2",
+            "--data-root",
+            str(t / "data"),
+            "--out",
+            str(t / "b"),
+            "optim.lrr=0.1",
+        ],
+        "optim.lrr",
+    )
 
 
 def row_benchmark_fewshot_zero_shots(t: Path):
-    return (["benchmark", "fewshot", "--methods", "coop", "--datasets", "synthetic_shapes", "--shots", "0",
-             "--seeds", "1", "--data-root", str(t / "data"), "--out", str(t / "b")], "--shots 0")
+    return (
+        [
+            "benchmark",
+            "fewshot",
+            "--methods",
+            "coop",
+            "--datasets",
+            "synthetic_shapes",
+            "--shots",
+            "0",
+            "--seeds",
+            "1",
+            "--data-root",
+            str(t / "data"),
+            "--out",
+            str(t / "b"),
+        ],
+        "--shots 0",
+    )
 
 
 # config-value rows: validated in the config classes
@@ -217,21 +317,41 @@ def _refuse_writes(monkeypatch, code: int, reason: str) -> None:
 
 
 ROWS = [
-    row_weights_file_not_weights_only, row_weights_file_missing, row_workers_negative, row_shots_zero,
-    row_unknown_preset, row_unknown_method, row_cuda_without_gpu, row_out_is_a_file,
-    row_out_is_the_dataset_folder, row_out_inside_the_dataset_folder, row_out_read_only,
-    row_out_write_denied_midway, row_disk_full, row_predict_topk_negative, row_predict_topk_zero,
-    row_predict_empty_folder, row_predict_only_unreadable_images,
-    row_csv_duplicate_paths_conflicting_labels, row_csv_label_out_of_range, row_csv_without_split_file, row_out_is_the_csv_folder,
-    row_corrupt_image_names_the_cli_setting, row_benchmark_typo, row_benchmark_fewshot_zero_shots,
-    row_lr_negative, row_batch_size_zero, row_optim_not_a_section, row_unknown_method_option,
+    row_weights_file_not_weights_only,
+    row_weights_file_missing,
+    row_workers_negative,
+    row_shots_zero,
+    row_unknown_preset,
+    row_unknown_method,
+    row_cuda_without_gpu,
+    row_out_is_a_file,
+    row_out_is_the_dataset_folder,
+    row_out_inside_the_dataset_folder,
+    row_out_read_only,
+    row_out_write_denied_midway,
+    row_disk_full,
+    row_predict_topk_negative,
+    row_predict_topk_zero,
+    row_predict_empty_folder,
+    row_predict_only_unreadable_images,
+    row_csv_duplicate_paths_conflicting_labels,
+    row_csv_label_out_of_range,
+    row_csv_without_split_file,
+    row_out_is_the_csv_folder,
+    row_corrupt_image_names_the_cli_setting,
+    row_benchmark_typo,
+    row_benchmark_fewshot_zero_shots,
+    row_lr_negative,
+    row_batch_size_zero,
+    row_optim_not_a_section,
+    row_unknown_method_option,
     row_epochs_negative,
 ]
 
 
 def _id(row) -> str:
     fn = row.values[0] if hasattr(row, "values") else row
-    return fn.__name__[len("row_"):]
+    return fn.__name__[len("row_") :]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=_id)
@@ -257,7 +377,9 @@ def test_bad_input_is_one_line_exit_2(row, tmp_path, capsys, monkeypatch, reques
 
 
 # ----------------------------------------------------------------------------- not errors
-def test_predict_header_matches_the_real_k_and_a_bad_image_does_not_abort(run_dir, tmp_path, capsys):
+def test_predict_header_matches_the_real_k_and_a_bad_image_does_not_abort(
+    run_dir, tmp_path, capsys
+):
     _noise(tmp_path / "imgs" / "ok.png", 3)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
     _noise(tmp_path / "imgs" / "z.png", 4)
@@ -266,16 +388,26 @@ def test_predict_header_matches_the_real_k_and_a_bad_image_does_not_abort(run_di
     out = cap.out.splitlines()
     assert out[0].split() == ["image", "top-2"]  # 2 classes: k is 2, whatever --topk asked
     body = "\n".join(out[2:])
-    assert "ok.png" in body and "z.png" in body and "broken.png" in body and "unreadable image" in body
-    expected = (f"promptalign predict: warning: 1 of 3 image(s) unreadable, reported in their rows "
-                f"(first: {tmp_path / 'imgs' / 'broken.png'})")
+    assert (
+        "ok.png" in body and "z.png" in body and "broken.png" in body and "unreadable image" in body
+    )
+    expected = (
+        f"promptalign predict: warning: 1 of 3 image(s) unreadable, reported in their rows "
+        f"(first: {tmp_path / 'imgs' / 'broken.png'})"
+    )
     assert cap.err.strip().splitlines() == [expected]
 
 
 def test_list_into_a_closed_pipe_is_quiet():
     """`promptalign list backbones | head -1` must not print a BrokenPipeError."""
-    proc = subprocess.run(f"{sys.executable} -m promptalign.cli list backbones | head -1", shell=True,
-                          check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
+    proc = subprocess.run(
+        f"{sys.executable} -m promptalign.cli list backbones | head -1",
+        shell=True,
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": "src"},
+    )
     assert proc.stdout.strip() and "Error" not in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -303,8 +435,19 @@ def test_redirected_stderr_gets_no_progress_bar(tmp_path, capsys):
 def test_split_file_flag_sets_data_split_file(tmp_path):
     from promptalign.cli import _train_config, build_parser
 
-    args = build_parser().parse_args(["train", "--out", "x", "--method", "coop", "--dataset", "l.csv",
-                                      "--split-file", "split.json"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--out",
+            "x",
+            "--method",
+            "coop",
+            "--dataset",
+            "l.csv",
+            "--split-file",
+            "split.json",
+        ]
+    )
     assert _train_config(args).data.split_file == "split.json"
 
 
@@ -319,6 +462,15 @@ def test_csv_with_split_file_trains_through_the_cli(tmp_path, capsys):
             split["train" if i < 2 else "test"].append([f"{c}{i}.png", label, c])
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "split.json").write_text(json.dumps(split))
-    assert main(_train(tmp_path / "list.csv", tmp_path / "out" / "run", "--split-file",
-                       str(tmp_path / "split.json"))) == 0
+    assert (
+        main(
+            _train(
+                tmp_path / "list.csv",
+                tmp_path / "out" / "run",
+                "--split-file",
+                str(tmp_path / "split.json"),
+            )
+        )
+        == 0
+    )
     assert "on 2 images" in capsys.readouterr().out

@@ -10,8 +10,16 @@ import promptalign
 from promptalign.benchmark import make_jobs, run_benchmark
 from promptalign.cli import main
 
-OVERRIDES = ["backbone.arch=tiny-shapes", "backbone.weights=null", "run.device=cpu", "data.workers=0",
-             "optim.epochs=1", "optim.batch_size=32", "optim.eval_batch_size=256", "maple:method.options.depth=2"]
+OVERRIDES = [
+    "backbone.arch=tiny-shapes",
+    "backbone.weights=null",
+    "run.device=cpu",
+    "data.workers=0",
+    "optim.epochs=1",
+    "optim.batch_size=32",
+    "optim.eval_batch_size=256",
+    "maple:method.options.depth=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +28,15 @@ def bb():
 
 
 def test_base2new_interrupted_and_resumed_without_redoing_jobs(tmp_path, bb):
-    kw = {"methods": ["coop", "maple"], "datasets": ["synthetic_colour_shapes"], "seeds": [1, 2],
-              "data_root": str(tmp_path / "data"), "out": tmp_path / "bench", "overrides": OVERRIDES, "backbone": bb}
+    kw = {
+        "methods": ["coop", "maple"],
+        "datasets": ["synthetic_colour_shapes"],
+        "seeds": [1, 2],
+        "data_root": str(tmp_path / "data"),
+        "out": tmp_path / "bench",
+        "overrides": OVERRIDES,
+        "backbone": bb,
+    }
     done = []
 
     def stop_after_two(job, result):
@@ -44,10 +59,20 @@ def test_base2new_interrupted_and_resumed_without_redoing_jobs(tmp_path, bb):
 
 
 def test_fewshot_tables_plots_and_failures(tmp_path, bb, capsys):
-    s = run_benchmark("fewshot", methods=["coop", "zeroshot"], datasets=["synthetic_colour_shapes", "dtd"],
-                      seeds=[1, 2], shots=[1, 2], data_root=str(tmp_path / "data"), out=tmp_path / "bench",
-                      overrides=OVERRIDES, backbone=bb)
-    assert len(s.ran) == 8 and len(s.failed) == 8  # dtd is not under the root: its jobs fail, the others run
+    s = run_benchmark(
+        "fewshot",
+        methods=["coop", "zeroshot"],
+        datasets=["synthetic_colour_shapes", "dtd"],
+        seeds=[1, 2],
+        shots=[1, 2],
+        data_root=str(tmp_path / "data"),
+        out=tmp_path / "bench",
+        overrides=OVERRIDES,
+        backbone=bb,
+    )
+    assert (
+        len(s.ran) == 8 and len(s.failed) == 8
+    )  # dtd is not under the root: its jobs fail, the others run
     assert all("dtd" in k for k in s.failed)
     assert all("\n" not in e and "dtd" in e for e in s.failed.values())
     out = tmp_path / "bench" / "fewshot"
@@ -60,9 +85,17 @@ def test_fewshot_tables_plots_and_failures(tmp_path, bb, capsys):
 
 
 def test_domain_generalisation_jobs_evaluate_targets(tmp_path, bb):
-    s = run_benchmark("domain_generalisation", methods=["coop"], datasets=["synthetic_colour_shapes"], seeds=[1],
-                      targets=["synthetic_colour_shapes_sketch"], data_root=str(tmp_path / "data"),
-                      out=tmp_path / "bench", overrides=OVERRIDES, backbone=bb)
+    s = run_benchmark(
+        "domain_generalisation",
+        methods=["coop"],
+        datasets=["synthetic_colour_shapes"],
+        seeds=[1],
+        targets=["synthetic_colour_shapes_sketch"],
+        data_root=str(tmp_path / "data"),
+        out=tmp_path / "bench",
+        overrides=OVERRIDES,
+        backbone=bb,
+    )
     assert not s.failed
     result = json.loads(next((tmp_path / "bench").rglob("result.json")).read_text())["result"]
     assert set(result) == {"accuracy", "synthetic_colour_shapes_sketch"}
@@ -78,16 +111,37 @@ def test_job_matrix():
 
 
 def test_cli_benchmark(tmp_path, capsys):
-    code = main(["benchmark", "base2new", "--methods", "zeroshot", "--datasets", "synthetic_shapes", "--seeds", "1",
-                 "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "b"), *OVERRIDES])
+    code = main(
+        [
+            "benchmark",
+            "base2new",
+            "--methods",
+            "zeroshot",
+            "--datasets",
+            "synthetic_shapes",
+            "--seeds",
+            "1",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "b"),
+            *OVERRIDES,
+        ]
+    )
     assert code == 0
     assert "| zeroshot | synthetic_shapes |" in capsys.readouterr().out
 
 
 def test_rerun_with_other_settings_does_not_reuse_old_results(tmp_path, bb):
     """Issue 12 item 3: a re-run with optim.epochs=3 after epochs=2 reported the old job."""
-    kw = {"methods": ["coop"], "datasets": ["synthetic_shapes"], "seeds": [1], "data_root": str(tmp_path / "data"),
-              "out": tmp_path / "bench", "backbone": bb}
+    kw = {
+        "methods": ["coop"],
+        "datasets": ["synthetic_shapes"],
+        "seeds": [1],
+        "data_root": str(tmp_path / "data"),
+        "out": tmp_path / "bench",
+        "backbone": bb,
+    }
     base = [o for o in OVERRIDES if not o.startswith("optim.epochs")]
     first = run_benchmark("base2new", overrides=[*base, "optim.epochs=1"], **kw)
     assert len(first.ran) == 1
@@ -101,18 +155,27 @@ def test_rerun_with_other_settings_does_not_reuse_old_results(tmp_path, bb):
     assert epochs == [1, 2]
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"overrides": ["optim.lrr=0.1"]}, "optim.lrr"),
-    ({"methods": ["cop"]}, "unknown method 'cop'"),
-    ({"datasets": ["synthetic_shapez"]}, "unknown dataset 'synthetic_shapez'"),
-    ({"overrides": ["mapel:optim.lr=0.1"]}, "'mapel', which does not exist"),
-    ({"overrides": ["method.options.n_ctxx=3"]}, "n_ctxx"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"overrides": ["optim.lrr=0.1"]}, "optim.lrr"),
+        ({"methods": ["cop"]}, "unknown method 'cop'"),
+        ({"datasets": ["synthetic_shapez"]}, "unknown dataset 'synthetic_shapez'"),
+        ({"overrides": ["mapel:optim.lr=0.1"]}, "'mapel', which does not exist"),
+        ({"overrides": ["method.options.n_ctxx=3"]}, "n_ctxx"),
+    ],
+)
 def test_typos_fail_once_before_any_job_runs(tmp_path, kw, match):
     from promptalign.config import ConfigError
 
-    args = {"methods": ["coop", "zeroshot"], "datasets": ["synthetic_shapes"], "seeds": [1, 2],
-                "data_root": str(tmp_path / "data"), "out": tmp_path / "bench", "overrides": OVERRIDES}
+    args = {
+        "methods": ["coop", "zeroshot"],
+        "datasets": ["synthetic_shapes"],
+        "seeds": [1, 2],
+        "data_root": str(tmp_path / "data"),
+        "out": tmp_path / "bench",
+        "overrides": OVERRIDES,
+    }
     args.update(kw)
     if "overrides" in kw:
         args["overrides"] = OVERRIDES + kw["overrides"]
@@ -122,11 +185,26 @@ def test_typos_fail_once_before_any_job_runs(tmp_path, kw, match):
 
 
 def test_cli_benchmark_typo_is_one_line_and_zero_shots_is_clear(tmp_path, capsys):
-    common = ["--datasets", "synthetic_shapes", "--seeds", "1", "2", "--data-root", str(tmp_path / "data"),
-              "--out", str(tmp_path / "b"), *OVERRIDES]
-    assert main(["benchmark", "base2new", "--methods", "coop", "zeroshot", *common, "optim.lrr=1"]) == 2
+    common = [
+        "--datasets",
+        "synthetic_shapes",
+        "--seeds",
+        "1",
+        "2",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "b"),
+        *OVERRIDES,
+    ]
+    assert (
+        main(["benchmark", "base2new", "--methods", "coop", "zeroshot", *common, "optim.lrr=1"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "optim.lrr" in err
     assert main(["benchmark", "fewshot", "--methods", "coop", "--shots", "0", *common]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["promptalign benchmark: error: --shots 0: shots per class must be >= 1"]
+    assert err.strip().splitlines() == [
+        "promptalign benchmark: error: --shots 0: shots per class must be >= 1"
+    ]

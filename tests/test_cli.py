@@ -13,7 +13,9 @@ from promptalign.cli import main
 
 
 def test_help_runs_as_console_command():
-    out = subprocess.run([sys.executable, "-m", "promptalign.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "promptalign.cli", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "selfcheck" in out.stdout
 
 
@@ -49,8 +51,21 @@ def test_shipped_model_name_means_its_own_weights():
     parse = build_parser().parse_args
     cfg = _train_config(parse(["train", "--out", "x", "--method", "coop", "--arch", "tiny-shapes"]))
     assert cfg.backbone.arch == "tiny-shapes" and cfg.backbone.weights is None
-    cfg = _train_config(parse(["train", "--out", "x", "--method", "coop", "--arch", "tiny-shapes",
-                               "--weights", "my.safetensors"]))
+    cfg = _train_config(
+        parse(
+            [
+                "train",
+                "--out",
+                "x",
+                "--method",
+                "coop",
+                "--arch",
+                "tiny-shapes",
+                "--weights",
+                "my.safetensors",
+            ]
+        )
+    )
     assert cfg.backbone.weights == "my.safetensors"
     cfg = _train_config(parse(["train", "--out", "x", "--method", "coop", "--arch", "ViT-B-16"]))
     assert cfg.backbone.weights == "openai"

@@ -25,7 +25,14 @@ from promptalign.data import (
 )
 from promptalign.data.base import get_reader
 
-from data_fixtures import AIRCRAFT, EXPECTED_NAMES, JSON_DATASETS, SPLIT_SIZES, WNID_NAMES, image, make_all
+from data_fixtures import (
+    AIRCRAFT,
+    EXPECTED_NAMES,
+    JSON_DATASETS,
+    WNID_NAMES,
+    image,
+    make_all,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,10 @@ def root(tmp_path_factory) -> Path:
 
 
 EXPECTED = {  # name: (classes, train, val, test)
-    **{n: (len(c[3]), len(c[3]) * 6, len(c[3]) * 3, len(c[3]) * 2) for n, c in JSON_DATASETS.items()},
+    **{
+        n: (len(c[3]), len(c[3]) * 6, len(c[3]) * 3, len(c[3]) * 2)
+        for n, c in JSON_DATASETS.items()
+    },
     "imagenet": (4, 28, 8, 8),
     "fgvc_aircraft": (5, 30, 15, 10),
     "imagenetv2": (4, 0, 0, 8),
@@ -125,7 +135,9 @@ def test_base_new_odd_class_count_and_shared_sample(root, tmp_path):
     assert base.classnames == full.classnames[:3] and new.classnames == full.classnames[3:]
     assert {r.label for r in new.train} == {0, 1} and {r.label for r in new.test} == {0, 1}
     # base and new come from the one all-class sample
-    assert {r.path for r in base.train} | {r.path for r in new.train} == {r.path for r in full.train}
+    assert {r.path for r in base.train} | {r.path for r in new.train} == {
+        r.path for r in full.train
+    }
     assert len(base.test) == 3 * 2 and len(new.test) == 2 * 2
 
 
@@ -135,7 +147,9 @@ def test_test_only_dataset_base_new(root):
     assert {r.label for r in new.test} == {0, 1}
 
 
-def test_cache_is_portable_json_outside_the_data_and_survives_moving_the_root(tmp_path, monkeypatch):
+def test_cache_is_portable_json_outside_the_data_and_survives_moving_the_root(
+    tmp_path, monkeypatch
+):
     from promptalign.data.base import default_cache_dir
 
     cache_root = tmp_path / "cache"
@@ -188,7 +202,10 @@ def test_added_class_folder_samples_afresh_with_correct_labels(tmp_path):
     assert len(first.train) == 8
     _imagefolder(tmp_path / "shapes", ["blue", "green", "purple", "red", "yellow"])
     second = load_custom_dataset(tmp_path / "shapes", shots=2, seed=1)
-    assert second.classnames == ["blue", "green", "purple", "red", "yellow"] and len(second.train) == 10
+    assert (
+        second.classnames == ["blue", "green", "purple", "red", "yellow"]
+        and len(second.train) == 10
+    )
     for r in second.train:  # every label matches the folder the image is in
         assert r.path.split("/")[1] == second.classnames[r.label]
 
@@ -203,12 +220,16 @@ def test_changed_split_file_samples_afresh(tmp_path):
             split["train" if i < 3 else "test"].append([rel, label, c])
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "split.json").write_text(json.dumps(split))
-    a = load_custom_dataset(tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=2, seed=1)
+    a = load_custom_dataset(
+        tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=2, seed=1
+    )
     assert {r.path for r in a.train} <= {p for p, _, _ in split["train"]}
     # a corrected split file: other images in train; the sample must come from the new file
     split["train"], split["test"] = split["test"] + split["train"][:1], split["train"][1:]
     (tmp_path / "split.json").write_text(json.dumps(split))
-    b = load_custom_dataset(tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=2, seed=1)
+    b = load_custom_dataset(
+        tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=2, seed=1
+    )
     assert {r.path for r in b.train} <= {p for p, _, _ in split["train"]}
     assert {r.path for r in b.train} != {r.path for r in a.train}
 
@@ -225,7 +246,9 @@ def test_corrupt_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="promptalign.data.base"):
         again = load_dataset("dtd", tmp_path / "d", shots=2, seed=1, cache_dir=tmp_path / "c")
     assert again.train == first.train
-    assert any(str(cache) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert any(
+        str(cache) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
+    )
     assert json.loads(cache.read_text())["key"]["seed"] == 1  # rebuilt
 
 
@@ -341,7 +364,9 @@ def test_custom_csv_and_split_file(tmp_path):
     evaluation = load_custom_dataset(tmp_path / "list.csv")
     assert evaluation.classnames == ["red", "blue"] and len(evaluation.test) == 8
     (tmp_path / "split.json").write_text(json.dumps(split))
-    ds = load_custom_dataset(tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=1, seed=2)
+    ds = load_custom_dataset(
+        tmp_path / "list.csv", split_file=tmp_path / "split.json", shots=1, seed=2
+    )
     assert (len(ds.train), len(ds.test)) == (2, 2)
     split["test"].append(["img/unlisted.jpg", 0, "red"])
     (tmp_path / "split.json").write_text(json.dumps(split))
@@ -417,7 +442,9 @@ def test_training_order_and_augmentation_independent_of_workers_and_extra_iter(t
     data = _textured(tmp_path)
     ref = _two_epochs(data, workers=0, extra_iter=False)
     assert sorted(sum((i for i, _ in ref[: len(ref) // 2]), [])) == list(range(len(data)))
-    assert [i for i, _ in ref[: len(ref) // 2]] != [i for i, _ in ref[len(ref) // 2:]]  # epochs differ
+    assert [i for i, _ in ref[: len(ref) // 2]] != [
+        i for i, _ in ref[len(ref) // 2 :]
+    ]  # epochs differ
     g0 = torch.get_rng_state()
     for workers, extra in ((0, True), (2, False), (2, True)):
         got = _two_epochs(data, workers=workers, extra_iter=extra)
@@ -447,7 +474,9 @@ def test_training_without_a_train_split_says_how_to_fix(tmp_path):
     (tmp_path / "list.csv").write_text("a.png,0,cat\n")
     ds = load_custom_dataset(tmp_path / "list.csv", shots=1)
     data = ImageDataset(ds.name, ds.image_root, ds.train, build_transform(_pre(), train=True))
-    with pytest.raises(DatasetError, match=r"list: no training images.*--split-file / data.split_file"):
+    with pytest.raises(
+        DatasetError, match=r"list: no training images.*--split-file / data.split_file"
+    ):
         make_loader(data, 4, train=True, seed=1)
 
 
@@ -458,19 +487,26 @@ def test_skipped_paths_travel_with_the_batches_from_workers(tmp_path):
     ds = load_dataset("dtd", tmp_path)
     victim = ds.image_root / ds.test[2].path
     victim.write_bytes(b"not an image")
-    lenient = ImageDataset(ds.name, ds.image_root, ds.test, build_transform(_pre(), train=False),
-                           skip_corrupt=True)
+    lenient = ImageDataset(
+        ds.name, ds.image_root, ds.test, build_transform(_pre(), train=False), skip_corrupt=True
+    )
     batches = list(make_loader(lenient, batch_size=4, train=False, workers=2))
     assert sum((b["skipped_paths"] for b in batches), []) == [str(victim)]
     assert lenient.skipped == []  # read in worker processes: the batches carry the paths
 
 
-@pytest.mark.parametrize("text, match", [
-    ("a.png,0,x\nb.png,1,y\na.png,1,y\n", r"list.csv: 'a.png' is listed with conflicting labels 0 and 1 \(rows 1 and 3\)"),
-    ("a.png,0,x\na.png,0,x\n", r"'a.png' is listed twice \(rows 1 and 2\)"),
-    ("path,label\na.png,0\nb.png,5\n", r"list.csv:3: label 5 is out of range"),
-    ("a.png,0,x\nb.png,0,y\n", r"list.csv:2: label 0 is named 'y' here and 'x' in row 1"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            "a.png,0,x\nb.png,1,y\na.png,1,y\n",
+            r"list.csv: 'a.png' is listed with conflicting labels 0 and 1 \(rows 1 and 3\)",
+        ),
+        ("a.png,0,x\na.png,0,x\n", r"'a.png' is listed twice \(rows 1 and 2\)"),
+        ("path,label\na.png,0\nb.png,5\n", r"list.csv:3: label 5 is out of range"),
+        ("a.png,0,x\nb.png,0,y\n", r"list.csv:2: label 0 is named 'y' here and 'x' in row 1"),
+    ],
+)
 def test_bad_csv_rows_are_named(tmp_path, text, match):
     (tmp_path / "list.csv").write_text(text)
     with pytest.raises(DatasetError, match=match):

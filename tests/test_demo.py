@@ -26,7 +26,9 @@ def shapes_root(tmp_path_factory):
 
 def test_shipped_model_loads_through_the_weights_path_and_is_small():
     bb = promptalign.load_backbone("tiny-shapes")
-    assert bb.weights.endswith("tiny-shapes.safetensors") and Path(bb.weights).stat().st_size <= 10e6
+    assert (
+        bb.weights.endswith("tiny-shapes.safetensors") and Path(bb.weights).stat().st_size <= 10e6
+    )
     assert bb.preprocess.image_size == (48, 48)
     again = promptalign.load_backbone("pa-tiny-shapes", weights=bb.weights)
     tok = bb.tokenize(["a red circle"])
@@ -37,7 +39,9 @@ def test_zero_shot_is_far_above_chance(shapes_root):
     bb = promptalign.load_backbone("tiny-shapes")
     ds = load_dataset("synthetic_colour_shapes", shapes_root)
     m = promptalign.create_method("zeroshot", bb, ds.classnames, template=ds.template)
-    data = ImageDataset(ds.name, ds.image_root, ds.test, build_transform(bb.preprocess, train=False))
+    data = ImageDataset(
+        ds.name, ds.image_root, ds.test, build_transform(bb.preprocess, train=False)
+    )
     acc = evaluate(m, data, batch_size=256)["accuracy"]
     assert acc >= 3 * 100 / ds.num_classes, acc
 
@@ -46,15 +50,32 @@ def test_pretraining_script_is_reproducible(tmp_path):
     digests = []
     for i in range(2):
         out = tmp_path / f"w{i}.safetensors"
-        res = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain_tiny_clip.py"), "--out", str(out),
-                              "--pool", "256", "--steps", "3", "--batch", "32"], capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "pretrain_tiny_clip.py"),
+                "--out",
+                str(out),
+                "--pool",
+                "256",
+                "--steps",
+                "3",
+                "--batch",
+                "32",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
 
 
 def test_demo_outputs_and_same_numbers_for_the_same_seed(tmp_path, shapes_root):
-    small = {"methods": [{"name": "zeroshot"}, {"name": "coop", "options": {"n_ctx": 4}}], "epochs": 1}
+    small = {
+        "methods": [{"name": "zeroshot"}, {"name": "coop", "options": {"n_ctx": 4}}],
+        "epochs": 1,
+    }
     a = run_demo(tmp_path / "a", spec=small, progress=False, data_root=shapes_root)
     b = run_demo(tmp_path / "b", spec=small, progress=False, data_root=shapes_root)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
@@ -62,7 +83,9 @@ def test_demo_outputs_and_same_numbers_for_the_same_seed(tmp_path, shapes_root):
     for f in ("results.md", "results.json", "results.png"):
         assert (tmp_path / "a" / f).is_file()
     assert (tmp_path / "a" / "coop-seed1" / "config.yaml").is_file()
-    assert json.loads((tmp_path / "a" / "results.json").read_text())["rows"][0]["method"] == "zeroshot"
+    assert (
+        json.loads((tmp_path / "a" / "results.json").read_text())["rows"][0]["method"] == "zeroshot"
+    )
     assert "| coop |" in (tmp_path / "a" / "results.md").read_text()
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_methods import small_config
 
 import promptalign
 from promptalign.cli import main
@@ -26,7 +27,6 @@ from promptalign.methods.explainable import plan_entropy_ratio
 
 from conftest import assert_rel_close, images_for
 from data_fixtures import make_json_dataset
-from test_methods import small_config
 
 CLASSES = ["red circle", "blue square", "green zorbluxian", "tree"]
 ALIGN_FORMS = {
@@ -61,7 +61,10 @@ def test_align_plans_have_the_right_marginals_and_rebuild_the_logits(shapes, for
     for b, im in enumerate(ex.images):
         assert [c.index for c in im.classes] == logits[b].argsort(descending=True).tolist()
         for c in im.classes:
-            assert _close(c.logit, float(logits[b, c.index]), scale), (c.logit, float(logits[b, c.index]))
+            assert _close(c.logit, float(logits[b, c.index]), scale), (
+                c.logit,
+                float(logits[b, c.index]),
+            )
             # prompt level: rows exactly 1/M, columns 1/N within the Sinkhorn tolerance
             M, N = c.prompt_plan.shape
             assert M == N == 3
@@ -95,8 +98,9 @@ def test_token_plans_match_the_ot_module_token_distance(shapes):
         f = m.explain_features(x)
         idx = torch.arange(len(CLASSES))
         mine = hierarchical_plans(f, idx)
-        ref = hierarchical_ot(f.image_global, f.image_tokens, f.text_global, f.text_tokens, f.text_mask,
-                              **f.options)
+        ref = hierarchical_ot(
+            f.image_global, f.image_tokens, f.text_global, f.text_tokens, f.text_mask, **f.options
+        )
     assert_rel_close(mine["token_term"], ref.token_distance, 1e-5)
     assert_rel_close(mine["plan"], ref.prompt_plan, 1e-5)
     assert_rel_close(mine["logits"], f.logit_scale * ref.score, 1e-5)
@@ -116,15 +120,19 @@ def test_heat_maps_cover_the_image_grid_and_hold_the_transported_mass(shapes):
         patch_mass = c.token_plans[:, :, :G, :].sum(2)  # visual prompts sit after the patches
         np.testing.assert_allclose(c.heat.sum((-2, -1)), patch_mass, atol=1e-7)
         # ... which with the prompt-token mass is the column's whole mass
-        np.testing.assert_allclose(c.heat.sum((-2, -1)) + c.prompt_token_mass,
-                                   c.token_plans.sum(2), atol=1e-7)
+        np.testing.assert_allclose(
+            c.heat.sum((-2, -1)) + c.prompt_token_mass, c.token_plans.sum(2), atol=1e-7
+        )
         # all maps of a pair together: the G patch rows, 1/J each
         np.testing.assert_allclose(c.heat.sum((2, 3, 4)), G / J, atol=1e-6)
         for n in range(N):  # word masses regroup the same token masses
-            np.testing.assert_allclose(c.word_mass[n].sum(-1), c.token_plans[:, n].sum((-2, -1)), atol=1e-6)
+            np.testing.assert_allclose(
+                c.word_mass[n].sum(-1), c.token_plans[:, n].sum((-2, -1)), atol=1e-6
+            )
             # mass x cosine per word adds up to the transported similarity <T_hat, S> = 1 - distance
-            np.testing.assert_allclose((c.word_mass[n] * c.word_cosine[n]).sum(-1), 1 - c.token_term[:, n],
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                (c.word_mass[n] * c.word_cosine[n]).sum(-1), 1 - c.token_term[:, n], atol=1e-5
+            )
 
 
 def test_decoded_words_match_the_prompt_text(shapes):
@@ -132,10 +140,24 @@ def test_decoded_words_match_the_prompt_text(shapes):
     ex = explain_images(m, images_for(shapes, 1), classes=["green zorbluxian"], topk=0)
     (c,) = ex.images[0].classes
     first, other = c.tokens
-    assert first.words == ["<sos>", "[ctx1]", "[ctx2]", "of", "a", "green", "zorbluxian", ".", "<eot>"]
+    assert first.words == [
+        "<sos>",
+        "[ctx1]",
+        "[ctx2]",
+        "of",
+        "a",
+        "green",
+        "zorbluxian",
+        ".",
+        "<eot>",
+    ]
     assert other.words == ["<sos>", "[ctx1]", "[ctx2]", "green", "zorbluxian", ".", "<eot>"]
-    pieces = [t for t, w in zip(first.tokens, first.word_of_token) if first.words[w] == "zorbluxian"]
-    assert len(pieces) > 1 and "".join(pieces) == "zorbluxian"  # a rare word: several pieces, one word
+    pieces = [
+        t for t, w in zip(first.tokens, first.word_of_token) if first.words[w] == "zorbluxian"
+    ]
+    assert (
+        len(pieces) > 1 and "".join(pieces) == "zorbluxian"
+    )  # a rare word: several pieces, one word
     assert first.kinds[:3] == ["special", "context", "context"] and first.kinds[-1] == "special"
 
 
@@ -172,7 +194,9 @@ def test_single_prompt_methods_get_patch_cosines_with_the_class_feature(shapes):
     assert ex.scorer == "cosine" and ex.panels == "cosine"
     assert "forward_image" not in vars(m.backbone)  # the recording wrapper is gone
     with torch.no_grad():
-        tokens = F.normalize(shapes.forward_image(x, return_tokens=True).tokens, dim=-1)  # [B, G, D]
+        tokens = F.normalize(
+            shapes.forward_image(x, return_tokens=True).tokens, dim=-1
+        )  # [B, G, D]
         text = m.class_features()  # [K, D]
         logits = m.logits(x)
     for b, im in enumerate(ex.images):
@@ -252,10 +276,32 @@ def runs(tmp_path_factory):
     for name in ("align", "plot", "coop"):
         opts = [f"method.options.{k}={json.dumps(v)}" for k, v in small_config(name).items()]
         run = root / name
-        argv = ["train", "--method", name, "--dataset", "oxford_pets", "--data-root", str(root / "data"),
-                "--shots", "1", "--seed", "1", "--out", str(run), "--arch", "tiny-shapes", "--device", "cpu",
-                "--workers", "0", "--no-progress", "optim.epochs=1", "optim.batch_size=4",
-                "optim.eval_batch_size=8", *opts]
+        argv = [
+            "train",
+            "--method",
+            name,
+            "--dataset",
+            "oxford_pets",
+            "--data-root",
+            str(root / "data"),
+            "--shots",
+            "1",
+            "--seed",
+            "1",
+            "--out",
+            str(run),
+            "--arch",
+            "tiny-shapes",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+            "optim.epochs=1",
+            "optim.batch_size=4",
+            "optim.eval_batch_size=8",
+            *opts,
+        ]
         assert main(argv) == 0
         out[name] = run
     images = sorted((root / "data" / "oxford_pets" / "images").rglob("*_test_*.jpg"))[:2]
@@ -266,8 +312,22 @@ def runs(tmp_path_factory):
 def test_cli_writes_png_and_json(runs, name, tmp_path, capsys):
     _, run, images = runs
     capsys.readouterr()
-    assert main(["explain", str(run[name]), *map(str, images), "--classes", "beagle", "--out", str(tmp_path),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(run[name]),
+                *map(str, images),
+                "--classes",
+                "beagle",
+                "--out",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for im in images:
         png, js = tmp_path / f"{im.stem}.png", tmp_path / f"{im.stem}.json"
@@ -276,13 +336,18 @@ def test_cli_writes_png_and_json(runs, name, tmp_path, capsys):
         data = json.loads(js.read_text())
         assert data["method"] == name and data["image"]["path"] == str(im)
         classes = data["image"]["classes"]
-        assert classes[-1]["name"] == "beagle" or "beagle" in [t["label"] for t in data["image"]["top"]]
+        assert classes[-1]["name"] == "beagle" or "beagle" in [
+            t["label"] for t in data["image"]["top"]
+        ]
         assert str(im) in printed
         if name == "align":
             c = classes[0]
             assert np.asarray(c["heat"]).shape[-2:] == (6, 6)
             assert c["tokens"][0]["words"][-1] == "<eot>"
-            assert data["entropy"]["prompt_entropy_ratio"] > 0 and "token_entropy_ratio" in data["entropy"]
+            assert (
+                data["entropy"]["prompt_entropy_ratio"] > 0
+                and "token_entropy_ratio" in data["entropy"]
+            )
             assert "prompt plan entropy" in printed
         elif name == "plot":
             assert np.asarray(classes[0]["prompt_plan"]).shape == (4, 4)
@@ -305,13 +370,33 @@ def test_cli_bad_inputs_exit_2_with_one_line(runs, tmp_path, capsys):
         capsys.readouterr()
         assert main([*argv, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
         err = capsys.readouterr().err.strip()
-        assert msg in err and len(err.splitlines()) == 1 and err.startswith("promptalign explain: error:")
+        assert (
+            msg in err
+            and len(err.splitlines()) == 1
+            and err.startswith("promptalign explain: error:")
+        )
 
 
 def test_cli_embeddings_png_and_csv(runs, tmp_path):
     _, run, _ = runs
-    assert main(["explain", str(run["align"]), "--embeddings", "--dataset", "oxford_pets",
-                 "--projection", "pca", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(run["align"]),
+                "--embeddings",
+                "--dataset",
+                "oxford_pets",
+                "--projection",
+                "pca",
+                "--out",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "embeddings.png") as pic:
         assert pic.format == "PNG"
     rows = list(csv.reader((tmp_path / "embeddings.csv").open()))
@@ -319,4 +404,10 @@ def test_cli_embeddings_png_and_csv(runs, tmp_path):
     n_test = 5 * 2  # oxford_pets fixture: 5 classes x 2 test images
     sets = {r[3] for r in rows[1:]}
     assert len(rows) - 1 == 4 * n_test and sets == {"0", "1", "2", "3"}  # ALIGN's 4 visual sets
-    assert {r[2] for r in rows[1:]} == {"abyssinian", "american bulldog", "beagle", "bengal", "boxer"}
+    assert {r[2] for r in rows[1:]} == {
+        "abyssinian",
+        "american bulldog",
+        "beagle",
+        "bengal",
+        "boxer",
+    }

@@ -9,19 +9,22 @@ import json
 import pytest
 import torch
 from families import FAMILIES, HAS_TRANSFORMERS, NEEDS_TRANSFORMERS, family_config
-from conftest import small_config
 
 import promptalign
 from promptalign.backbone.towers import UnsupportedTower
 from promptalign.methods import create_method, list_methods
 from promptalign.methods.prompts import build_class_prompts, phrase_init
 
+from conftest import small_config
+
 CLASSES = ["dog", "sea lion", "golden retriever"]
 TOL = 1e-5  # max abs difference to open_clip on fp32 (the bound)
 
 
 def _param(f):
-    skip = pytest.mark.skipif(f in NEEDS_TRANSFORMERS and not HAS_TRANSFORMERS, reason="needs transformers")
+    skip = pytest.mark.skipif(
+        f in NEEDS_TRANSFORMERS and not HAS_TRANSFORMERS, reason="needs transformers"
+    )
     return pytest.param(f, marks=skip, id=f)
 
 
@@ -41,7 +44,9 @@ def built(tmp_path_factory):
     def get(family: str) -> promptalign.Backbone:
         if family not in cache:
             torch.manual_seed(0)
-            cache[family] = promptalign.load_backbone(family_config(family, tmp_path_factory.mktemp(family)))
+            cache[family] = promptalign.load_backbone(
+                family_config(family, tmp_path_factory.mktemp(family))
+            )
         return cache[family]
 
     return get
@@ -79,14 +84,22 @@ def test_nothing_hard_codes_widths_or_lengths(bb):
     tower = bb.clip.visual
     trunk = getattr(tower, "trunk", None)
     if trunk is not None:
-        assert (bb.vision_layers, bb.vision_width) == (len(trunk.blocks), trunk.embed_dim) == (2, 32)
+        assert (
+            (bb.vision_layers, bb.vision_width) == (len(trunk.blocks), trunk.embed_dim) == (2, 32)
+        )
         assert bb.n_prefix == trunk.num_prefix_tokens and bb.n_patches == 4
 
 
 # ---------------------------------------------------------------- text conventions
 EXPECTED_LAYOUT = {  # (start, end id == pad id) per family tokenizer
-    "clip": (1, False), "eva02": (1, False), "pe": (1, False), "vit_registers": (1, False),
-    "siglip": (0, True), "siglip2": (0, False), "hf_roberta": (1, False), "hf_mt5": (0, False),
+    "clip": (1, False),
+    "eva02": (1, False),
+    "pe": (1, False),
+    "vit_registers": (1, False),
+    "siglip": (0, True),
+    "siglip2": (0, False),
+    "hf_roberta": (1, False),
+    "hf_mt5": (0, False),
     "nllb_siglip": (1, False),
 }
 
@@ -118,7 +131,9 @@ def test_context_slots_are_found_for_every_convention(bb):
     # front / middle class positions: the slots surround the class name wherever it tokenizes
     for where in ("front", "middle"):
         q = build_class_prompts(bb, ["sea lion"], n_ctx=4, class_position=where)
-        assert (q.tokens.gather(1, q.positions) != bb.tokenize(["sea lion"]).gather(1, q.positions)).any()
+        assert (
+            q.tokens.gather(1, q.positions) != bb.tokenize(["sea lion"]).gather(1, q.positions)
+        ).any()
         assert len(set(q.positions[0].tolist())) == 4
 
 
@@ -181,7 +196,9 @@ def test_visual_prompts_position_tokens_and_rotary_alignment(bb):
     assert a.prompt_slice == slice(bb.n_patches, J) and b.prompt_slice == slice(0, 3)
     # the same token (a patch) at its two places: identical features
     torch.testing.assert_close(a.tokens[:, :, 0], b.tokens[:, :, 3], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(a.tokens[:, :, a.prompt_slice], b.tokens[:, :, b.prompt_slice], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        a.tokens[:, :, a.prompt_slice], b.tokens[:, :, b.prompt_slice], atol=1e-5, rtol=1e-4
+    )
 
 
 # ---------------------------------------------------------------- every method on every family
@@ -211,15 +228,48 @@ def test_every_method_forward_backward(bb, name):
 # ---------------------------------------------------------------- unsupported families
 def test_unsupported_towers_name_the_missing_seam():
     cases = [
-        ({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
-          "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1}}, "vision", "ResNet"),
-        ({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "patch_size": 16,
-                                          "head_width": 8, "attentional_pool": True, "attn_pooler_heads": 2},
-          "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1}}, "vision", "attentional"),
-        ({"embed_dim": 16, "custom_text": True,
-          "vision_cfg": {"image_size": 32, "timm_model_name": "convnext_atto", "timm_model_pretrained": False,
-                         "timm_pool": "avg", "timm_proj": "linear"},
-          "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1}}, "vision", "ConvNeXt"),
+        (
+            {
+                "embed_dim": 16,
+                "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+                "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1},
+            },
+            "vision",
+            "ResNet",
+        ),
+        (
+            {
+                "embed_dim": 16,
+                "vision_cfg": {
+                    "image_size": 32,
+                    "layers": 1,
+                    "width": 16,
+                    "patch_size": 16,
+                    "head_width": 8,
+                    "attentional_pool": True,
+                    "attn_pooler_heads": 2,
+                },
+                "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1},
+            },
+            "vision",
+            "attentional",
+        ),
+        (
+            {
+                "embed_dim": 16,
+                "custom_text": True,
+                "vision_cfg": {
+                    "image_size": 32,
+                    "timm_model_name": "convnext_atto",
+                    "timm_model_pretrained": False,
+                    "timm_pool": "avg",
+                    "timm_proj": "linear",
+                },
+                "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1},
+            },
+            "vision",
+            "ConvNeXt",
+        ),
     ]
     for cfg, tower, word in cases:
         with pytest.raises(UnsupportedTower, match="missing seam") as e:
@@ -260,20 +310,52 @@ def test_align_and_maple_train_through_the_cli(cli_data, tmp_path, family, metho
     arch, weights = _cli_family(family, cli_data)
     opts = [f"method.options.{k}={json.dumps(v)}" for k, v in small_config(method).items()]
     out = tmp_path / "run"
-    args = ["train", "--method", method, "--dataset", "oxford_pets", "--data-root", str(cli_data / "data"),
-            "--shots", "2", "--seed", "1", "--out", str(out), "--arch", str(arch), "--weights", str(weights),
-            "--device", "cpu", "--workers", "0", "--no-progress", "optim.epochs=2", "optim.batch_size=2",
-            "optim.eval_batch_size=8", *opts]
+    args = [
+        "train",
+        "--method",
+        method,
+        "--dataset",
+        "oxford_pets",
+        "--data-root",
+        str(cli_data / "data"),
+        "--shots",
+        "2",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--arch",
+        str(arch),
+        "--weights",
+        str(weights),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        "optim.epochs=2",
+        "optim.batch_size=2",
+        "optim.eval_batch_size=8",
+        *opts,
+    ]
     assert main(args) == 0
     assert "test accuracy" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     # the prompts moved away from their initialisation
     torch.manual_seed(0)
-    init = create_method(method, promptalign.load_backbone(arch, weights=str(weights)),
-                         ["abyssinian", "american bulldog", "beagle"], **small_config(method))
+    init = create_method(
+        method,
+        promptalign.load_backbone(arch, weights=str(weights)),
+        ["abyssinian", "american bulldog", "beagle"],
+        **small_config(method),
+    )
     trained = load_file(str(out / "prompts.safetensors"))
-    moved = [k for k, v in init.prompt_state_dict().items() if k in trained and not torch.equal(v, trained[k])]
+    moved = [
+        k
+        for k, v in init.prompt_state_dict().items()
+        if k in trained and not torch.equal(v, trained[k])
+    ]
     assert moved
 
 
@@ -298,7 +380,9 @@ def test_bidirectional_text_tower_with_padding_mask_matches_open_clip(tmp_path):
         out = bb.forward_text_embeds(noisy, eot, key_mask=tok != 0).pooled
         assert (out - ref).abs().max() <= TOL
         clip.text.use_pad_mask = False  # the control: without the mask the padding leaks in
-        unmasked = promptalign.Backbone(clip, plain.tokenizer, plain.preprocess, "no-pad-mask", None)
+        unmasked = promptalign.Backbone(
+            clip, plain.tokenizer, plain.preprocess, "no-pad-mask", None
+        )
         assert (unmasked.forward_text_embeds(noisy, eot).pooled - ref).abs().max() > 1e-3
 
 

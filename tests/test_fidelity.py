@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import images_for
 
 from promptalign.methods import create_method
+
+from conftest import images_for
 
 CLASSES = ["dog", "cat", "sea lion", "red car", "tree"]
 
@@ -37,7 +38,9 @@ def _reference_logits(m, x: torch.Tensor, trade_off: bool) -> torch.Tensor:
     scale = bb.logit_scale
     logits = scale * (plan * sim).sum((-2, -1))
     if trade_off:
-        logits = logits + scale * F.normalize(img.mean(1), dim=-1) @ F.normalize(txt.mean(0), dim=-1).t()
+        logits = (
+            logits + scale * F.normalize(img.mean(1), dim=-1) @ F.normalize(txt.mean(0), dim=-1).t()
+        )
     return logits
 
 
@@ -67,8 +70,9 @@ def test_plot_stage1_trains_visual_prompts_only_with_cached_text(tiny):
 def test_plot_text_sets_start_from_the_template(tiny):
     """Released CTX_INIT path: set i from phrase i, the template's own words for set 1."""
     m = create_method("plot", tiny, CLASSES, template="a photo of a {}, a type of pet.")
-    emb = tiny.embed_tokens(tiny.tokenize(["a photo of a", "this is a photo", "this is picture of",
-                                           "one picture of a"]))[:, 1:5]
+    emb = tiny.embed_tokens(
+        tiny.tokenize(["a photo of a", "this is a photo", "this is picture of", "one picture of a"])
+    )[:, 1:5]
     torch.testing.assert_close(m.ctx.detach(), emb.float())
     # the class side keeps the template's tail: "X X X X dog, a type of pet."
     ref = tiny.tokenize(["X X X X dog, a type of pet."])
@@ -109,8 +113,21 @@ def test_plot_defaults_match_released_vit_b16_count():
 
 
 # --------------------------------------------------------------------------- two-stage recipe
-TRAIN = ["--arch", "tiny-shapes", "--dataset", "synthetic_colour_shapes", "--shots", "2", "--device", "cpu",
-         "--workers", "0", "--no-progress", "optim.batch_size=32", "optim.eval_batch_size=256"]
+TRAIN = [
+    "--arch",
+    "tiny-shapes",
+    "--dataset",
+    "synthetic_colour_shapes",
+    "--shots",
+    "2",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--no-progress",
+    "optim.batch_size=32",
+    "optim.eval_batch_size=256",
+]
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +144,40 @@ def test_plot_two_stages_through_promptalign_train(tmp_path, data_root):
 
     root = ["--data-root", data_root]
     s1, s2, s2b = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "stage2-trained"
-    assert main(["train", "--method", "plot", "--out", str(s1), *root, *TRAIN,
-                 "method.options.stage=visual", "optim.epochs=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "plot",
+                "--out",
+                str(s1),
+                *root,
+                *TRAIN,
+                "method.options.stage=visual",
+                "optim.epochs=1",
+            ]
+        )
+        == 0
+    )
     # stage 2 with no epochs: its prompts are exactly where stage 1 ended
-    assert main(["train", "--method", "plot", "--out", str(s2), "--init-from", str(s1), *root, *TRAIN,
-                 "optim.epochs=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "plot",
+                "--out",
+                str(s2),
+                "--init-from",
+                str(s1),
+                *root,
+                *TRAIN,
+                "optim.epochs=0",
+            ]
+        )
+        == 0
+    )
     p1, p2 = load_file(str(s1 / "prompts.safetensors")), load_file(str(s2 / "prompts.safetensors"))
     assert set(p1) == set(p2) and all(torch.equal(p1[k], p2[k]) for k in p1)
     cfg = load_yaml(s2 / "config.yaml")
@@ -139,8 +185,23 @@ def test_plot_two_stages_through_promptalign_train(tmp_path, data_root):
     # the dataset template reached the method ("a {}"), recorded for evaluation
     assert cfg.method.options["template"] == "a {}"
     # stage 2 trained: every prompt moves, starting from stage 1's
-    assert main(["train", "--method", "plot", "--out", str(s2b), "--init-from", str(s1), *root, *TRAIN,
-                 "optim.epochs=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "plot",
+                "--out",
+                str(s2b),
+                "--init-from",
+                str(s1),
+                *root,
+                *TRAIN,
+                "optim.epochs=1",
+            ]
+        )
+        == 0
+    )
     p3 = load_file(str(s2b / "prompts.safetensors"))
     assert not torch.equal(p3["ctx"], p1["ctx"]) and not torch.equal(p3["visual"], p1["visual"])
 
@@ -149,9 +210,38 @@ def test_init_from_refuses_another_method(tmp_path, capsys, data_root):
     from promptalign.cli import main
 
     root = ["--data-root", data_root]
-    assert main(["train", "--method", "coop", "--out", str(tmp_path / "c"), *root, *TRAIN, "optim.epochs=0"]) == 0
-    assert main(["train", "--method", "plot", "--out", str(tmp_path / "p"), "--init-from", str(tmp_path / "c"),
-                 *root, *TRAIN, "optim.epochs=0"]) != 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "coop",
+                "--out",
+                str(tmp_path / "c"),
+                *root,
+                *TRAIN,
+                "optim.epochs=0",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "plot",
+                "--out",
+                str(tmp_path / "p"),
+                "--init-from",
+                str(tmp_path / "c"),
+                *root,
+                *TRAIN,
+                "optim.epochs=0",
+            ]
+        )
+        != 0
+    )
     assert "init_from needs a 'plot' run, this one is 'coop'" in capsys.readouterr().err
 
 
@@ -165,16 +255,35 @@ def test_benchmark_runs_plot_two_stage_recipe(tmp_path, data_root):
     from promptalign.config import load_yaml
 
     bb = promptalign.load_backbone("tiny-shapes")
-    overrides = ["backbone.arch=tiny-shapes", "backbone.weights=null", "run.device=cpu", "data.workers=0", "data.shots=2",
-                 "optim.epochs=1", "optim.batch_size=32", "optim.eval_batch_size=256"]
-    s = run_benchmark("base2new", methods=["plot@two_stage"], datasets=["synthetic_colour_shapes"], seeds=[1],
-                      data_root=data_root, out=tmp_path / "b", overrides=overrides, backbone=bb)
+    overrides = [
+        "backbone.arch=tiny-shapes",
+        "backbone.weights=null",
+        "run.device=cpu",
+        "data.workers=0",
+        "data.shots=2",
+        "optim.epochs=1",
+        "optim.batch_size=32",
+        "optim.eval_batch_size=256",
+    ]
+    s = run_benchmark(
+        "base2new",
+        methods=["plot@two_stage"],
+        datasets=["synthetic_colour_shapes"],
+        seeds=[1],
+        data_root=data_root,
+        out=tmp_path / "b",
+        overrides=overrides,
+        backbone=bb,
+    )
     assert not s.failed and len(s.ran) == 1
     # a job's folder is named by its key and the fingerprint of its resolved config
-    (job,) = (tmp_path / "b" / "base2new" / "jobs" / "synthetic_colour_shapes" / "plot@two_stage").glob(
-        "shots16-seed1-*"
+    (job,) = (
+        tmp_path / "b" / "base2new" / "jobs" / "synthetic_colour_shapes" / "plot@two_stage"
+    ).glob("shots16-seed1-*")
+    c1, c2 = (
+        load_yaml(job / "run-stage1" / "config.yaml"),
+        load_yaml(job / "run-stage2" / "config.yaml"),
     )
-    c1, c2 = load_yaml(job / "run-stage1" / "config.yaml"), load_yaml(job / "run-stage2" / "config.yaml")
     assert c1.method.options["stage"] == "visual" and c1.method.init_from is None
     assert c2.method.options["stage"] == "joint" and c2.method.init_from == str(job / "run-stage1")
     result = json.loads((job / "result.json").read_text())["result"]
@@ -186,15 +295,30 @@ def test_benchmark_runs_plot_two_stage_recipe(tmp_path, data_root):
     # the published PLOT++ row is printed beside the recipe's
     assert "| plot@two_stage | **average** |" in s.tables["base2new"]
     # a re-run skips the finished job; an unknown recipe names the known ones
-    assert run_benchmark("base2new", methods=["plot@two_stage"], datasets=["synthetic_colour_shapes"], seeds=[1],
-                         data_root=data_root, out=tmp_path / "b", overrides=overrides,
-                         backbone=bb).skipped == [s.ran[0]]
+    assert run_benchmark(
+        "base2new",
+        methods=["plot@two_stage"],
+        datasets=["synthetic_colour_shapes"],
+        seeds=[1],
+        data_root=data_root,
+        out=tmp_path / "b",
+        overrides=overrides,
+        backbone=bb,
+    ).skipped == [s.ran[0]]
     # an unknown recipe is refused once, before any job runs, naming the recipes there are
     from promptalign.config import ConfigError
 
     with pytest.raises(ConfigError, match="two_stage"):
-        run_benchmark("base2new", methods=["plot@three"], datasets=["synthetic_colour_shapes"], seeds=[1],
-                      data_root=data_root, out=tmp_path / "b", overrides=overrides, backbone=bb)
+        run_benchmark(
+            "base2new",
+            methods=["plot@three"],
+            datasets=["synthetic_colour_shapes"],
+            seeds=[1],
+            data_root=data_root,
+            out=tmp_path / "b",
+            overrides=overrides,
+            backbone=bb,
+        )
 
 
 # --------------------------------------------------------------------------- ALIGN reference stopping
@@ -216,24 +340,37 @@ def test_align_reference_preset_sits_at_the_converged_answer():
     from promptalign.ot import hierarchical_ot
 
     cfg = ALIGNConfig.from_preset("reference")
-    opts = {"form": cfg.form, "beta": cfg.beta, "eps": cfg.eps, "domain": cfg.domain, "backend": "torch"}
+    opts = {
+        "form": cfg.form,
+        "beta": cfg.beta,
+        "eps": cfg.eps,
+        "domain": cfg.domain,
+        "backend": "torch",
+    }
     worst_preset, worst_loose = 0.0, 0.0
     for seed in range(3):
         ig, it, tg, tt = _trained_like(seed)
         sim = torch.einsum("bmd,knd->bkmn", F.normalize(ig, dim=-1), F.normalize(tg, dim=-1))
         tok = torch.einsum("bmjd,knld->bkmnjl", F.normalize(it, dim=-1), F.normalize(tt, dim=-1))
-        assert 0.0 < float(sim.min()) < 0.2 and 0.7 < float(sim.max()) < 0.9 and float(tok.max()) < 0.7
-        exact = hierarchical_ot(ig.double(), it.double(), tg.double(), tt.double(), max_iter=5000,
-                                tol=1e-11, **opts).score
+        assert (
+            0.0 < float(sim.min()) < 0.2 and 0.7 < float(sim.max()) < 0.9 and float(tok.max()) < 0.7
+        )
+        exact = hierarchical_ot(
+            ig.double(), it.double(), tg.double(), tt.double(), max_iter=5000, tol=1e-11, **opts
+        ).score
         assert ((exact - sim.double().mean((-2, -1))).abs() / exact).max() > 0.05  # the OT matters
 
         def rel(res, exact=exact):
             return float(((res.score.double() - exact).abs() / exact.abs()).max())
 
         preset = hierarchical_ot(ig, it, tg, tt, max_iter=cfg.max_iter, tol=cfg.tol, **opts)
-        assert bool(preset.prompt_stats.converged >= 1.0) and bool(preset.token_stats.converged >= 1.0)
+        assert bool(preset.prompt_stats.converged >= 1.0) and bool(
+            preset.token_stats.converged >= 1.0
+        )
         worst_preset = max(worst_preset, rel(preset))
-        worst_loose = max(worst_loose, rel(hierarchical_ot(ig, it, tg, tt, max_iter=100, tol=1e-2, **opts)))
+        worst_loose = max(
+            worst_loose, rel(hierarchical_ot(ig, it, tg, tt, max_iter=100, tol=1e-2, **opts))
+        )
     assert worst_preset <= 1e-5
     assert worst_loose > 2e-5  # the former per-problem 1e-2 stopped measurably short
 
@@ -253,8 +390,9 @@ def test_eval_resize_matches_open_clip(mode, size):
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     pre = Preprocess(image_size=size, mean=mean, std=std, interpolation="bicubic", resize_mode=mode)
     ours = build_transform(pre, train=False)
-    theirs = image_transform(size, is_train=False, mean=mean, std=std, resize_mode=mode,
-                             interpolation="bicubic")
+    theirs = image_transform(
+        size, is_train=False, mean=mean, std=std, resize_mode=mode, interpolation="bicubic"
+    )
     for hw in [(300, 451), (517, 233)]:  # landscape and portrait, odd sizes (rounding, padding)
         img = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
         a, b = ours(img), theirs(img)
@@ -279,7 +417,9 @@ def _acts(bb) -> set[str]:
 
 def _outs(bb):
     with torch.no_grad():
-        return bb.encode_text(bb.tokenize(["a photo of a dog."])), bb.encode_image(images_for(bb, 2))
+        return bb.encode_text(bb.tokenize(["a photo of a dog."])), bb.encode_image(
+            images_for(bb, 2)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -304,10 +444,18 @@ def test_openai_state_dict_switches_quickgelu_on(openai_src, tmp_path, caplog, f
     import promptalign
 
     sd = {k: v.clone().contiguous() for k, v in openai_src.clip.state_dict().items()}
-    assert {"token_embedding.weight", "positional_embedding", "text_projection", "logit_scale"} <= set(sd)
+    assert {
+        "token_embedding.weight",
+        "positional_embedding",
+        "text_projection",
+        "logit_scale",
+    } <= set(sd)
     if form == "jit_keys_pt":
-        sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77),
-                  vocab_size=torch.tensor(49408))
+        sd.update(
+            input_resolution=torch.tensor(32),
+            context_length=torch.tensor(77),
+            vocab_size=torch.tensor(49408),
+        )
         path = tmp_path / "clip_openai.pt"
         torch.save(sd, path)
     else:  # OpenAI's storage: linear / attention weights fp16, LayerNorms and embeddings fp32
@@ -319,7 +467,9 @@ def test_openai_state_dict_switches_quickgelu_on(openai_src, tmp_path, caplog, f
         path = tmp_path / "clip_openai.safetensors"
         save_file(sd, str(path))
     with caplog.at_level(logging.WARNING, logger="promptalign.backbone.loading"):
-        bb = promptalign.load_backbone(copy.deepcopy(TINY_GELU), weights=str(path))  # arch without quick_gelu
+        bb = promptalign.load_backbone(
+            copy.deepcopy(TINY_GELU), weights=str(path)
+        )  # arch without quick_gelu
     assert _acts(bb) == {"QuickGELU"}
     assert "custom-quickgelu" in caplog.text and "OpenAI" in caplog.text
     ref = _outs(openai_src) if form == "jit_keys_pt" else None

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import promptalign
-from conftest import TINY_CUSTOM_TEXT, images_for
 from promptalign.backbone import WeightsError, read_state_dict
+
+from conftest import TINY_CUSTOM_TEXT, images_for
 
 
 def _outputs(bb):
@@ -44,7 +45,11 @@ def test_openai_format_state_dict_loads_into_custom_text_layout(tmp_path):
     torch.manual_seed(3)
     src = promptalign.load_backbone(flat_cfg)  # CLIP layout: token_embedding, transformer.* ...
     sd = _state(src)
-    sd.update(input_resolution=torch.tensor(48), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    sd.update(
+        input_resolution=torch.tensor(48),
+        context_length=torch.tensor(77),
+        vocab_size=torch.tensor(49408),
+    )
     path = tmp_path / "openai_style.pt"
     torch.save(sd, path)
     dst = promptalign.load_backbone(cfg, weights=path)
@@ -76,7 +81,10 @@ def test_missing_and_unexpected_keys_are_listed(tiny, tmp_path):
     sd["extra.thing"] = torch.zeros(1)
     path = tmp_path / "partial.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(WeightsError, match=r"partial.safetensors.*missing keys: ln_final.weight.*unexpected keys: extra.thing"):
+    with pytest.raises(
+        WeightsError,
+        match=r"partial.safetensors.*missing keys: ln_final.weight.*unexpected keys: extra.thing",
+    ):
         promptalign.load_backbone("pa-tiny-vit", weights=path)
 
 

@@ -49,7 +49,9 @@ def test_logits_shape_and_finite(name, tiny):
 def test_gradients_reach_exactly_the_trainable_parameters(name, tiny):
     m = build(name, tiny).train()
     trainable = m.trainable_parameters()
-    with torch.no_grad():  # zero-initialised tensors (LoRA's B) would leave their partners' gradient 0
+    with (
+        torch.no_grad()
+    ):  # zero-initialised tensors (LoRA's B) would leave their partners' gradient 0
         for p in trainable:
             if not p.any():
                 p.add_(torch.randn_like(p) * 0.01)

@@ -6,8 +6,6 @@ import json
 
 import torch
 import torch.nn.functional as F
-from conftest import images_for
-from data_fixtures import make_json_dataset
 from safetensors.torch import load_file
 
 import promptalign
@@ -15,6 +13,9 @@ from promptalign.config import RunConfig, apply_overrides
 from promptalign.engine import train
 from promptalign.methods import create_method
 from promptalign.methods.base import cosine_logits
+
+from conftest import images_for
+from data_fixtures import make_json_dataset
 
 CLASSES = ["dog", "cat", "sea lion", "red car", "tree"]
 
@@ -26,7 +27,7 @@ def _fixed_batches(bb, n=10, seed=0):
 
     def batches():
         for i in range(0, n, 4):
-            yield x[i:i + 4], y[i:i + 4]
+            yield x[i : i + 4], y[i : i + 4]
 
     return batches
 
@@ -104,8 +105,12 @@ def test_clip_lora_zero_b_is_zero_shot_exactly_and_leaves_the_backbone_untouched
     lora = create_method("clip_lora", backbone, CLASSES).eval()
     x = images_for(backbone, 4, seed=2)
     with torch.no_grad():  # zero-shot CLIP with the released prompt, straight from the backbone
-        text = F.normalize(backbone.encode_text(backbone.tokenize([f"a photo of a {c}." for c in CLASSES])), dim=-1)
-        zs = cosine_logits(F.normalize(backbone.encode_image(x), dim=-1), text, backbone.logit_scale)
+        text = F.normalize(
+            backbone.encode_text(backbone.tokenize([f"a photo of a {c}." for c in CLASSES])), dim=-1
+        )
+        zs = cosine_logits(
+            F.normalize(backbone.encode_image(x), dim=-1), text, backbone.logit_scale
+        )
         assert torch.equal(lora.logits(x), zs)
     lora.train()
     out = lora.training_step((x, torch.tensor([0, 1, 2, 3])))
@@ -137,7 +142,11 @@ def test_clip_lora_merged_weights_give_the_unmerged_logits(backbone, tmp_path):
     zs = create_method("zeroshot", merged_bb, CLASSES, template="a photo of a {}.").eval()
     with torch.no_grad():
         merged = zs.logits(x)
-        plain = create_method("zeroshot", backbone, CLASSES, template="a photo of a {}.").eval().logits(x)
+        plain = (
+            create_method("zeroshot", backbone, CLASSES, template="a photo of a {}.")
+            .eval()
+            .logits(x)
+        )
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(plain, unmerged, atol=1e-3)  # the adapters do change the logits
 
@@ -182,7 +191,9 @@ def test_promptsrc_aggregation_weights_sum_to_one_and_are_gaussian():
 def test_promptsrc_final_prompts_are_the_gaussian_weighted_average(tiny):
     from promptalign.methods.promptsrc import gpa_weights
 
-    m = create_method("promptsrc", tiny, CLASSES, text_depth=2, vision_depth=2, gpa_mean=2.0, gpa_std=0.7)
+    m = create_method(
+        "promptsrc", tiny, CLASSES, text_depth=2, vision_depth=2, gpa_mean=2.0, gpa_std=0.7
+    )
     history = []
     for epoch in range(3):
         with torch.no_grad():
@@ -218,8 +229,16 @@ def test_promptsrc_consistency_terms_vanish_at_the_frozen_clip(tiny):
 
 # ---------------------------------------------------------------------------- ProDA
 def test_proda_loss_is_cross_entropy_when_the_covariance_is_zero(tiny):
-    m = create_method("proda", tiny, CLASSES, n_prompts=4, n_ctx=3, prompts_per_step=4,
-                      position_mix=(0.0, 0.0, 1.0), diversity_weight=0.0)
+    m = create_method(
+        "proda",
+        tiny,
+        CLASSES,
+        n_prompts=4,
+        n_ctx=3,
+        prompts_per_step=4,
+        position_mix=(0.0, 0.0, 1.0),
+        diversity_weight=0.0,
+    )
     with torch.no_grad():
         m.ctx.copy_(m.ctx[:1].expand_as(m.ctx))  # every prompt the same: zero covariance
     m.train()
@@ -245,7 +264,11 @@ def test_proda_surrogate_bounds_the_expected_cross_entropy_under_the_gaussian():
     eps = torch.randn(20000, P, generator=g, dtype=torch.float64)
     samples = mu + torch.einsum("np,pkd->nkd", eps, w - mu) / P**0.5  # [N, K, D]
     logits = s * torch.einsum("bd,nkd->nbk", z, samples)  # [N, B, K]
-    mc = F.cross_entropy(logits.reshape(-1, K), y.repeat(20000), reduction="none").view(20000, B).mean(0)
+    mc = (
+        F.cross_entropy(logits.reshape(-1, K), y.repeat(20000), reduction="none")
+        .view(20000, B)
+        .mean(0)
+    )
     assert (mc <= bound + 1e-3).all()
     assert (bound - mc).max() > 1e-3  # a real covariance: the bound is not tight
     # zero covariance: the surrogate logits are the mean-embedding logits
@@ -275,12 +298,26 @@ def test_trainer_hooks_build_the_cache_search_on_val_and_aggregate_prompts(tmp_p
     make_json_dataset(tmp_path / "data", "oxford_pets")
     torch.manual_seed(0)
     bb = promptalign.load_backbone("pa-tiny-vit")
-    common = ["data.dataset=oxford_pets", f"data.root={tmp_path / 'data'}", "data.shots=2",
-              "data.workers=0", "run.device=cpu", "run.progress=false", "optim.batch_size=4",
-              "backbone.arch=pa-tiny-vit"]
-    cfg = apply_overrides(RunConfig(), [*common, "method.name=tip_adapter_f", "optim.epochs=1",
-                                        "method.options.augment_views=2",
-                                        "method.options.search_step=[4, 3]"])
+    common = [
+        "data.dataset=oxford_pets",
+        f"data.root={tmp_path / 'data'}",
+        "data.shots=2",
+        "data.workers=0",
+        "run.device=cpu",
+        "run.progress=false",
+        "optim.batch_size=4",
+        "backbone.arch=pa-tiny-vit",
+    ]
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            *common,
+            "method.name=tip_adapter_f",
+            "optim.epochs=1",
+            "method.options.augment_views=2",
+            "method.options.search_step=[4, 3]",
+        ],
+    )
     res = train(cfg, tmp_path / "tip", backbone=bb)
     state = load_file(str(tmp_path / "tip" / "prompts.safetensors"))
     n_classes = len(json.loads((tmp_path / "tip" / "run.json").read_text())["classnames"])
@@ -288,10 +325,19 @@ def test_trainer_hooks_build_the_cache_search_on_val_and_aggregate_prompts(tmp_p
     assert float(state["alpha"]) == res.metrics["val_selected_alpha"]
     assert float(state["beta"]) == res.metrics["val_selected_beta"]
 
-    cfg = apply_overrides(RunConfig(), [*common, "method.name=promptsrc", "optim.epochs=2",
-                                        "method.options.text_depth=2", "method.options.vision_depth=2",
-                                        "method.options.gpa_mean=1.0", "method.options.gpa_std=1.0",
-                                        'method.options.teacher_templates=["a photo of a {}."]'])
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            *common,
+            "method.name=promptsrc",
+            "optim.epochs=2",
+            "method.options.text_depth=2",
+            "method.options.vision_depth=2",
+            "method.options.gpa_mean=1.0",
+            "method.options.gpa_std=1.0",
+            'method.options.teacher_templates=["a photo of a {}."]',
+        ],
+    )
     train(cfg, tmp_path / "src", backbone=bb)
     state = load_file(str(tmp_path / "src" / "prompts.safetensors"))
     for name in ("ctx", "deep_ctx", "visual", "deep_visual"):

@@ -29,8 +29,12 @@ def _run_check(device: str) -> dict:
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     out = subprocess.run(
-        [sys.executable, str(CHECK), "--device", device], env=env, capture_output=True, text=True,
-        timeout=600, check=False,
+        [sys.executable, str(CHECK), "--device", device],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,7 +86,9 @@ def test_kernel_early_stop_chunk_and_batch_invariance(interp):
 
 def test_forced_fused_is_refused_where_it_cannot_serve(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    feats = [torch.randn(*s, generator=g) for s in [(1, 2, 4), (1, 2, 5, 4), (2, 2, 4), (2, 2, 3, 4)]]
+    feats = [
+        torch.randn(*s, generator=g) for s in [(1, 2, 4), (1, 2, 5, 4), (2, 2, 4), (2, 2, 3, 4)]
+    ]
     if not fused.available():
         with pytest.raises(ValueError, match="backend='fused' cannot run here.*Triton"):
             hierarchical_ot(*feats, backend="fused")
@@ -127,11 +133,14 @@ def test_gpu_kernel_matches_torch_path_at_vit_b16_shapes(dtype):
     out = {}
     for be in ("torch", "fused"):
         feats = [x.clone().requires_grad_(True) for x in base]
-        res = hierarchical_ot(*feats, text_lengths=lengths, backend=be, domain="kernel",
-                              tol=0.0, max_iter=30)
+        res = hierarchical_ot(
+            *feats, text_lengths=lengths, backend=be, domain="kernel", tol=0.0, max_iter=30
+        )
         res.score.sum().backward()
         out[be] = (res.score.detach(), [x.grad.float() for x in feats], res.token_stats.max_iter)
     torch.testing.assert_close(out["fused"][0], out["torch"][0], rtol=0, atol=1e-5)
-    rel = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # grads in dtype
+    rel = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[
+        dtype
+    ]  # grads in dtype
     for gf, gt in zip(out["fused"][1], out["torch"][1]):
         assert (gf - gt).abs().max() <= rel * gt.abs().max()

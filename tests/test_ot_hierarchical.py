@@ -32,12 +32,20 @@ def _naive(ig, it, tg, tt, lengths, beta, eps, form):
                 for n in range(N):
                     length = int(lengths[k, n])
                     S = it[b, m] @ tt[k, n, :length].T  # [J, L_k]
-                    T_hat = ot.bregman.sinkhorn_log(np.ones(J) / J, np.ones(length) / length, 1 - S, eps,
-                                                    stopThr=1e-13, numItermax=100000)
+                    T_hat = ot.bregman.sinkhorn_log(
+                        np.ones(J) / J,
+                        np.ones(length) / length,
+                        1 - S,
+                        eps,
+                        stopThr=1e-13,
+                        numItermax=100000,
+                    )
                     s_glob[m, n] = ig[b, m] @ tg[k, n]
                     tok = (T_hat * (1 - S)).sum() if form == "paper" else (T_hat * S).sum()
                     C[m, n] = (1 - s_glob[m, n]) + beta * tok
-            T = ot.bregman.sinkhorn_log(np.ones(M) / M, np.ones(N) / N, C, eps, stopThr=1e-13, numItermax=100000)
+            T = ot.bregman.sinkhorn_log(
+                np.ones(M) / M, np.ones(N) / N, C, eps, stopThr=1e-13, numItermax=100000
+            )
             out[b, k] = 1 - (T * C).sum() if form == "paper" else (T * s_glob).sum()
     return out
 
@@ -48,8 +56,17 @@ def test_batched_chunked_matches_naive_per_pair_reference(form, beta, domain):
     feats = _features()
     ref = _naive(*feats, LENGTHS, beta, 0.1, form)
     for chunk in (1, 3, None):
-        res = hierarchical_ot(*feats, text_lengths=LENGTHS, beta=beta, eps=0.1, tol=1e-11,
-                              max_iter=20000, form=form, domain=domain, class_chunk=chunk)
+        res = hierarchical_ot(
+            *feats,
+            text_lengths=LENGTHS,
+            beta=beta,
+            eps=0.1,
+            tol=1e-11,
+            max_iter=20000,
+            form=form,
+            domain=domain,
+            class_chunk=chunk,
+        )
         np.testing.assert_allclose(res.score.numpy(), ref, rtol=1e-7, atol=1e-9)
         assert res.token_stats.converged == 1 and res.prompt_stats.converged == 1
         assert res.backend == "torch"
@@ -61,10 +78,14 @@ def test_same_numbers_whatever_the_chunk_size():
         hierarchical_ot(*feats, text_lengths=LENGTHS, class_chunk=c, max_iter=50, tol=1e-4)
         for c in (1, 2, 4)
     ]
-    tiny_budget = hierarchical_ot(*feats, text_lengths=LENGTHS, memory_budget=1, max_iter=50, tol=1e-4)
+    tiny_budget = hierarchical_ot(
+        *feats, text_lengths=LENGTHS, memory_budget=1, max_iter=50, tol=1e-4
+    )
     for r in results[1:] + [tiny_budget]:
         torch.testing.assert_close(r.score, results[0].score, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(r.token_distance, results[0].token_distance, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            r.token_distance, results[0].token_distance, rtol=1e-6, atol=1e-7
+        )
 
 
 def test_class_chunk_size_follows_budget():

@@ -22,17 +22,27 @@ def _rel(x, y):
     return float(np.abs(np.asarray(x) - np.asarray(y)).max() / np.abs(np.asarray(y)).max())
 
 
-@pytest.mark.parametrize("domain,pot_fn", [("kernel", ot.sinkhorn), ("log", ot.bregman.sinkhorn_log)])
+@pytest.mark.parametrize(
+    "domain,pot_fn", [("kernel", ot.sinkhorn), ("log", ot.bregman.sinkhorn_log)]
+)
 def test_matches_pot_batched(domain, pot_fn):
     C, a, b = _rand_problem(0, batch=(2, 3))
     res = sinkhorn(C, a, b, eps=0.1, tol=1e-12, max_iter=10000, domain=domain)
     assert res.all_converged
     for i in range(2):
         for j in range(3):
-            P = pot_fn(a[i, j].numpy(), b[i, j].numpy(), C[i, j].numpy(), 0.1,
-                       stopThr=1e-14, numItermax=100000)
+            P = pot_fn(
+                a[i, j].numpy(),
+                b[i, j].numpy(),
+                C[i, j].numpy(),
+                0.1,
+                stopThr=1e-14,
+                numItermax=100000,
+            )
             assert _rel(res.plan[i, j], P) < 1e-6
-            assert abs(res.cost[i, j].item() - float((P * C[i, j].numpy()).sum())) < 1e-6 * abs(res.cost[i, j].item())
+            assert abs(res.cost[i, j].item() - float((P * C[i, j].numpy()).sum())) < 1e-6 * abs(
+                res.cost[i, j].item()
+            )
 
 
 @pytest.mark.parametrize("domain", ["kernel", "log"])
@@ -42,12 +52,20 @@ def test_masked_problems_match_pot_on_the_real_entries(domain):
     cols = torch.tensor([6, 6, 2, 4])
     mask_a = torch.arange(8) < rows[:, None]
     mask_b = torch.arange(6) < cols[:, None]
-    res = sinkhorn(C, eps=0.05, tol=1e-12, max_iter=20000, domain=domain, mask_a=mask_a, mask_b=mask_b)
+    res = sinkhorn(
+        C, eps=0.05, tol=1e-12, max_iter=20000, domain=domain, mask_a=mask_a, mask_b=mask_b
+    )
     assert res.all_converged
     for i in range(4):
         n, m = rows[i].item(), cols[i].item()
-        P = ot.bregman.sinkhorn_log(np.ones(n) / n, np.ones(m) / m, C[i, :n, :m].numpy(), 0.05,
-                                    stopThr=1e-14, numItermax=100000)
+        P = ot.bregman.sinkhorn_log(
+            np.ones(n) / n,
+            np.ones(m) / m,
+            C[i, :n, :m].numpy(),
+            0.05,
+            stopThr=1e-14,
+            numItermax=100000,
+        )
         assert _rel(res.plan[i, :n, :m], P) < 1e-6
         assert torch.all(res.plan[i, n:] == 0) and torch.all(res.plan[i, :, m:] == 0)
 

@@ -44,7 +44,9 @@ def test_captions_name_the_sampled_attributes():
         c = caption(s)
         assert s.colour in c and s.size in c and f"{s.background} background" in c
         assert s.shape in c or (s.shape == "cross" and "crosses" in c)
-        assert ("sketch" in c) == (s.style == "sketch") and ("outline" in c) == (s.style == "outline")
+        assert ("sketch" in c) == (s.style == "sketch") and ("outline" in c) == (
+            s.style == "outline"
+        )
         assert c.startswith(("a ", "an ", "two ", "three "))
         assert (s.count == 1) == (not any(w in c.split() for w in ("two", "three")))
 
@@ -67,8 +69,11 @@ def test_drawn_colour_matches_the_caption(colour):
 
 def test_size_and_count_change_the_drawn_area():
     def area(size, count, seed):
-        return _foreground(np.asarray(render(Scene("circle", "blue", size, count, "plain", "filled"),
-                                             scene_rng(seed, 0)))).sum()
+        return _foreground(
+            np.asarray(
+                render(Scene("circle", "blue", size, count, "plain", "filled"), scene_rng(seed, 0))
+            )
+        ).sum()
 
     small = np.mean([area("small", 1, s) for s in range(10)])
     large = np.mean([area("large", 1, s) for s in range(10)])
@@ -122,7 +127,9 @@ def test_single_object_scenes_render_as_in_the_plain_world():
     s = Scene("star", "green", "large", 2, "dotted", "outline")
     assert s.extra is None
     a = np.asarray(render(s, scene_rng(5, 0)))
-    b = np.asarray(render(Scene("star", "green", "large", 2, "dotted", "outline", None), scene_rng(5, 0)))
+    b = np.asarray(
+        render(Scene("star", "green", "large", 2, "dotted", "outline", None), scene_rng(5, 0))
+    )
     assert np.array_equal(a, b)
 
 
@@ -158,7 +165,7 @@ def test_rich_captions_name_what_is_drawn_and_nothing_else():
         assert ("outline" in c or "line drawing" in c) == (s.style == "outline"), c
         count_words = {1: {"a", "an", "one", "single"}, 2: {"two", "2", "pair"}, 3: {"three", "3"}}
         assert count_words[s.count] & set(words), c
-        for other in (set(count_words) - {s.count}):
+        for other in set(count_words) - {s.count}:
             assert not (count_words[other] - {"a", "an"}) & set(words), c
         size_words = _words(SIZE_WORDS)
         assert all(size_words[w] == s.size for w in words if w in size_words), c
@@ -187,7 +194,12 @@ def test_the_relation_in_the_caption_is_the_one_drawn(relation):
         s = Scene("square", "red", "large", 1, "plain", "filled", ("circle", "blue", relation))
         img = np.asarray(render(s, scene_rng(seed, 7)))
         (mx, my), (ex, ey) = _centre(img, COLOURS["red"]), _centre(img, COLOURS["blue"])
-        expect = {"above": my < ey - 8, "below": my > ey + 8, "left of": mx < ex - 8, "right of": mx > ex + 8}
+        expect = {
+            "above": my < ey - 8,
+            "below": my > ey + 8,
+            "left of": mx < ex - 8,
+            "right of": mx > ex + 8,
+        }
         assert expect[relation], (relation, (mx, my), (ex, ey))
 
 

@@ -19,7 +19,14 @@ from .backbone import (
     list_pretrained,
     load_backbone,
 )
-from .methods import MethodConfig, MethodOutput, OptimPreset, PromptMethod, create_method, list_methods
+from .methods import (
+    MethodConfig,
+    MethodOutput,
+    OptimPreset,
+    PromptMethod,
+    create_method,
+    list_methods,
+)
 
 try:
     __version__ = version("promptalign")

@@ -28,10 +28,11 @@ import logging
 import shutil
 import statistics
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -44,13 +45,27 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalisation")
 DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                 "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+CROSS_TARGETS = (
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+)
 
 
 def default_datasets(protocol: str) -> tuple[str, ...]:
     """The datasets the papers report for ``protocol`` (ImageNet + 10 others, or ImageNet as source)."""
-    return ("imagenet",) if protocol in ("cross_dataset", "domain_generalisation") else ("imagenet", *CROSS_TARGETS)
+    return (
+        ("imagenet",)
+        if protocol in ("cross_dataset", "domain_generalisation")
+        else ("imagenet", *CROSS_TARGETS)
+    )
 
 
 @dataclass(frozen=True)
@@ -77,11 +92,19 @@ class BenchmarkSummary:
 
 
 def published() -> dict[str, Any]:
-    return yaml.safe_load((resources.files("promptalign") / "published.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load(
+        (resources.files("promptalign") / "published.yaml").read_text(encoding="utf-8")
+    )
 
 
-def make_jobs(protocol: str, methods: Sequence[str], datasets: Sequence[str], seeds: Sequence[int],
-              shots: Sequence[int] = (1, 2, 4, 8, 16), targets: Sequence[str] | None = None) -> list[Job]:
+def make_jobs(
+    protocol: str,
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    seeds: Sequence[int],
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    targets: Sequence[str] | None = None,
+) -> list[Job]:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} unknown; use one of {PROTOCOLS}")
     jobs = []
@@ -92,11 +115,15 @@ def make_jobs(protocol: str, methods: Sequence[str], datasets: Sequence[str], se
                     for s in seeds:
                         jobs.append(Job(protocol, d, m, k, s))
         return jobs
-    default = {"cross_dataset": CROSS_TARGETS, "domain_generalisation": DG_TARGETS}.get(protocol, ())
+    default = {"cross_dataset": CROSS_TARGETS, "domain_generalisation": DG_TARGETS}.get(
+        protocol, ()
+    )
     for d in datasets:
         for m in methods:
             for s in seeds:
-                jobs.append(Job(protocol, d, m, 16, s, tuple(targets if targets is not None else default)))
+                jobs.append(
+                    Job(protocol, d, m, 16, s, tuple(targets if targets is not None else default))
+                )
     return jobs
 
 
@@ -118,8 +145,10 @@ def recipe_stages(method: str) -> tuple[Mapping[str, Any], ...]:
     list_methods()
     recipes = getattr(METHODS.get(name).config_class, "RECIPES", {})
     if recipe not in recipes:
-        raise ValueError(f"method {name!r} has no recipe {recipe!r}; recipes: {sorted(recipes) or 'none'} "
-                         f"(use {name!r} alone for one run)")
+        raise ValueError(
+            f"method {name!r} has no recipe {recipe!r}; recipes: {sorted(recipes) or 'none'} "
+            f"(use {name!r} alone for one run)"
+        )
     return tuple(recipes[recipe])
 
 
@@ -128,10 +157,21 @@ def job_config(job: Job, base_overrides: Sequence[str], data_root: str) -> RunCo
     name, _ = split_recipe(job.method)
     cfg = make_preset(name, preset_protocol)
     generic = [o for o in base_overrides if ":" not in o.split("=", 1)[0]]
-    specific = [o.split(":", 1)[1] for o in base_overrides
-                if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] in (name, job.method)]
-    cfg = apply_overrides(cfg, {"data.dataset": job.dataset, "data.root": data_root, "data.shots": job.shots,
-                                "run.seed": job.seed, "run.progress": False})
+    specific = [
+        o.split(":", 1)[1]
+        for o in base_overrides
+        if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] in (name, job.method)
+    ]
+    cfg = apply_overrides(
+        cfg,
+        {
+            "data.dataset": job.dataset,
+            "data.root": data_root,
+            "data.shots": job.shots,
+            "run.seed": job.seed,
+            "run.progress": False,
+        },
+    )
     return apply_overrides(cfg, generic + specific)
 
 
@@ -163,8 +203,15 @@ def job_dir(out_dir: Path, job: Job, fingerprint: str) -> Path:
     return out_dir / "jobs" / f"{job.key}-{fingerprint}"
 
 
-def _check_names(protocol: str, methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int],
-                 seeds: Sequence[int], targets: Sequence[str] | None, overrides: Sequence[str]) -> None:
+def _check_names(
+    protocol: str,
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    shots: Sequence[int],
+    seeds: Sequence[int],
+    targets: Sequence[str] | None,
+    overrides: Sequence[str],
+) -> None:
     from .data import list_datasets
     from .methods import list_methods
 
@@ -173,32 +220,48 @@ def _check_names(protocol: str, methods: Sequence[str], datasets: Sequence[str],
     known_methods, known_data = list_methods(), list_datasets()
     for m in methods:
         if split_recipe(m)[0] not in known_methods:
-            raise ConfigError(f"unknown method {m!r} (--methods); choose from {', '.join(known_methods)}")
+            raise ConfigError(
+                f"unknown method {m!r} (--methods); choose from {', '.join(known_methods)}"
+            )
         try:
             recipe_stages(m)
         except ValueError as e:
             raise ConfigError(f"--methods {m}: {e}") from None
     for d in [*datasets, *(targets or ())]:
         if d not in known_data and not Path(d).expanduser().exists():
-            raise ConfigError(f"unknown dataset {d!r}: neither a registered dataset "
-                              "(promptalign list datasets) nor an existing folder / CSV path")
+            raise ConfigError(
+                f"unknown dataset {d!r}: neither a registered dataset "
+                "(promptalign list datasets) nor an existing folder / CSV path"
+            )
     if protocol == "fewshot":
         bad = [k for k in shots if k < 1]
         if bad or not shots:
-            raise ConfigError(f"--shots {bad[0] if bad else '(none)'}: shots per class must be >= 1")
+            raise ConfigError(
+                f"--shots {bad[0] if bad else '(none)'}: shots per class must be >= 1"
+            )
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     for o in overrides:
         head = o.split("=", 1)[0]
         if ":" in head and split_recipe(head.split(":", 1)[0])[0] not in known_methods:
-            raise ConfigError(f"override {o!r} is for method {head.split(':', 1)[0]!r}, which does not "
-                              f"exist; methods: {', '.join(known_methods)}")
+            raise ConfigError(
+                f"override {o!r} is for method {head.split(':', 1)[0]!r}, which does not "
+                f"exist; methods: {', '.join(known_methods)}"
+            )
 
 
-def plan_jobs(protocol: str, *, methods: Sequence[str], datasets: Sequence[str], seeds: Sequence[int],
-              data_root: str, out_dir: Path, shots: Sequence[int] = (1, 2, 4, 8, 16),
-              targets: Sequence[str] | None = None, overrides: Sequence[str] = ()
-              ) -> list[tuple[Job, RunConfig, Path]]:
+def plan_jobs(
+    protocol: str,
+    *,
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    seeds: Sequence[int],
+    data_root: str,
+    out_dir: Path,
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    targets: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+) -> list[tuple[Job, RunConfig, Path]]:
     """Every job with its config and folder, all checked before anything runs (ConfigError)."""
     _check_names(protocol, methods, datasets, shots, seeds, targets, overrides)
     plan = []
@@ -231,7 +294,9 @@ def run_job(job: Job, cfg: RunConfig, job_dir: Path, backbone=None) -> dict[str,
     own = evaluate_run(run_dir, subsample="all", device=dev, backbone=backbone)["accuracy"]
     out = {"accuracy": own}
     for t in job.targets:
-        out[t] = evaluate_run(run_dir, dataset=t, subsample="all", device=dev, backbone=backbone)["accuracy"]
+        out[t] = evaluate_run(run_dir, dataset=t, subsample="all", device=dev, backbone=backbone)[
+            "accuracy"
+        ]
     return out
 
 
@@ -271,8 +336,17 @@ def run_benchmark(
     """Run every job of ``protocol`` (skipping finished ones) and write tables and plots."""
     out_dir = Path(out).expanduser() / protocol
     summary = BenchmarkSummary(out_dir)
-    plan = plan_jobs(protocol, methods=methods, datasets=datasets, seeds=seeds, data_root=data_root,
-                     out_dir=out_dir, shots=shots, targets=targets, overrides=overrides)
+    plan = plan_jobs(
+        protocol,
+        methods=methods,
+        datasets=datasets,
+        seeds=seeds,
+        data_root=data_root,
+        out_dir=out_dir,
+        shots=shots,
+        targets=targets,
+        overrides=overrides,
+    )
     for job, cfg, jdir in plan:
         result_path = jdir / "result.json"
         if result_path.is_file():
@@ -289,14 +363,19 @@ def run_benchmark(
             summary.failed[job.key] = f"{type(e).__name__}: {first}"
             continue
         (jdir / "error.txt").unlink(missing_ok=True)
-        write_text(result_path, json.dumps({"job": dataclasses.asdict(job), "result": result,
-                                            "config": to_dict(cfg)}, indent=2))
+        write_text(
+            result_path,
+            json.dumps(
+                {"job": dataclasses.asdict(job), "result": result, "config": to_dict(cfg)}, indent=2
+            ),
+        )
         summary.ran.append(job.key)
         if on_job_done:
             on_job_done(job, result)
     jobs = [job for job, _, _ in plan]
-    summary.tables = write_tables(protocol, jobs, out_dir, summary.failed,
-                                  job_dirs={job: jdir for job, _, jdir in plan})
+    summary.tables = write_tables(
+        protocol, jobs, out_dir, summary.failed, job_dirs={job: jdir for job, _, jdir in plan}
+    )
     return summary
 
 
@@ -318,7 +397,9 @@ def _load_results(jobs: Sequence[Job], job_dirs: dict[Job, Path]) -> dict[Job, d
     return found
 
 
-def _write_table(out_dir: Path, name: str, header: list[str], rows: list[list[str]], note: str = "") -> str:
+def _write_table(
+    out_dir: Path, name: str, header: list[str], rows: list[list[str]], note: str = ""
+) -> str:
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
     if note:
@@ -330,8 +411,13 @@ def _write_table(out_dir: Path, name: str, header: list[str], rows: list[list[st
     return md
 
 
-def write_tables(protocol: str, jobs: Sequence[Job], out_dir: Path, failed: dict[str, str],
-                 job_dirs: dict[Job, Path]) -> dict[str, str]:
+def write_tables(
+    protocol: str,
+    jobs: Sequence[Job],
+    out_dir: Path,
+    failed: dict[str, str],
+    job_dirs: dict[Job, Path],
+) -> dict[str, str]:
     """Tables (and few-shot plots) from the results in ``job_dirs`` (the folders of these jobs'
     current configs, see :func:`plan_jobs`)."""
     results = _load_results(jobs, job_dirs)
@@ -342,20 +428,51 @@ def write_tables(protocol: str, jobs: Sequence[Job], out_dir: Path, failed: dict
     note = f"{len(failed)} job(s) failed: {', '.join(failed)}" if failed else ""
 
     def vals(method, dataset, key, shots=None):
-        return [r[key] for j, r in results.items() if j.method == method and j.dataset == dataset
-                and (shots is None or j.shots == shots) and key in r]
+        return [
+            r[key]
+            for j, r in results.items()
+            if j.method == method
+            and j.dataset == dataset
+            and (shots is None or j.shots == shots)
+            and key in r
+        ]
 
     if protocol == "base2new":
         rows = []
         for m in methods:
             for d in datasets:
-                rows.append([m, d] + [_mean_std(vals(m, d, k)) for k in ("base", "new", "H")] + ["", "", ""])
-            avg = {k: [statistics.mean(vals(m, d, k)) for d in datasets if vals(m, d, k)] for k in ("base", "new", "H")}
+                rows.append(
+                    [m, d] + [_mean_std(vals(m, d, k)) for k in ("base", "new", "H")] + ["", "", ""]
+                )
+            avg = {
+                k: [statistics.mean(vals(m, d, k)) for d in datasets if vals(m, d, k)]
+                for k in ("base", "new", "H")
+            }
             p = pub.get("base2new", {}).get(split_recipe(m)[0])
-            rows.append([m, "**average**"] + [_mean_std([statistics.mean(avg[k])]) if avg[k] else "–" for k in ("base", "new", "H")]
-                        + ([f"{x:.2f}" for x in p] if p else ["–", "–", "–"]))
-        tables["base2new"] = _write_table(out_dir, "base2new", ["method", "dataset", "base", "new", "H",
-                                          "published base", "published new", "published H"], rows, note)
+            rows.append(
+                [m, "**average**"]
+                + [
+                    _mean_std([statistics.mean(avg[k])]) if avg[k] else "–"
+                    for k in ("base", "new", "H")
+                ]
+                + ([f"{x:.2f}" for x in p] if p else ["–", "–", "–"])
+            )
+        tables["base2new"] = _write_table(
+            out_dir,
+            "base2new",
+            [
+                "method",
+                "dataset",
+                "base",
+                "new",
+                "H",
+                "published base",
+                "published new",
+                "published H",
+            ],
+            rows,
+            note,
+        )
     elif protocol == "fewshot":
         shot_list = sorted({j.shots for j in jobs})
         rows = []
@@ -364,18 +481,34 @@ def write_tables(protocol: str, jobs: Sequence[Job], out_dir: Path, failed: dict
                 rows.append([m, d] + [_mean_std(vals(m, d, "accuracy", k)) for k in shot_list])
             p = pub.get("fewshot", {}).get(split_recipe(m)[0])
             if p:
-                rows.append([m, "published average"] + [f"{p[k]:.2f}" if k in p else "–" for k in shot_list])
-        tables["fewshot"] = _write_table(out_dir, "fewshot", ["method", "dataset"] + [f"{k} shots" for k in shot_list], rows, note)
+                rows.append(
+                    [m, "published average"] + [f"{p[k]:.2f}" if k in p else "–" for k in shot_list]
+                )
+        tables["fewshot"] = _write_table(
+            out_dir,
+            "fewshot",
+            ["method", "dataset"] + [f"{k} shots" for k in shot_list],
+            rows,
+            note,
+        )
         _plot_fewshot(results, methods, datasets, shot_list, out_dir)
     else:
         targets = list(dict.fromkeys(t for j in jobs for t in j.targets))
         rows = []
         for m in methods:
             for d in datasets:
-                cells = [_mean_std(vals(m, d, "accuracy"))] + [_mean_std(vals(m, d, t)) for t in targets]
+                cells = [_mean_std(vals(m, d, "accuracy"))] + [
+                    _mean_std(vals(m, d, t)) for t in targets
+                ]
                 tgt = [statistics.mean(vals(m, d, t)) for t in targets if vals(m, d, t)]
                 rows.append([m, d] + cells + [f"{statistics.mean(tgt):.2f}" if tgt else "–"])
-        tables[protocol] = _write_table(out_dir, protocol, ["method", "source", "source acc", *targets, "target average"], rows, note)
+        tables[protocol] = _write_table(
+            out_dir,
+            protocol,
+            ["method", "source", "source acc", *targets, "target average"],
+            rows,
+            note,
+        )
     return tables
 
 
@@ -388,8 +521,17 @@ def _plot_fewshot(results, methods, datasets, shot_list, out_dir: Path) -> None:
     def curve(m, ds):
         ys = []
         for k in shot_list:
-            per = [statistics.mean([r["accuracy"] for j, r in results.items() if j.method == m and j.dataset == d and j.shots == k])
-                   for d in ds if any(j.method == m and j.dataset == d and j.shots == k for j in results)]
+            per = [
+                statistics.mean(
+                    [
+                        r["accuracy"]
+                        for j, r in results.items()
+                        if j.method == m and j.dataset == d and j.shots == k
+                    ]
+                )
+                for d in ds
+                if any(j.method == m and j.dataset == d and j.shots == k for j in results)
+            ]
             ys.append(statistics.mean(per) if per else float("nan"))
         return ys
 

@@ -36,17 +36,27 @@ class DemoResult:
     def table(self) -> str:
         lines = ["| method | base | new | H | train s |", "|---|---:|---:|---:|---:|"]
         for r in self.rows:
-            lines.append(f"| {r['method']} | {r['base']:.2f} | {r['new']:.2f} | {r['H']:.2f} | {r['seconds']:.1f} |")
+            lines.append(
+                f"| {r['method']} | {r['base']:.2f} | {r['new']:.2f} | {r['H']:.2f} | {r['seconds']:.1f} |"
+            )
         return "\n".join(lines)
 
 
 def demo_spec() -> dict[str, Any]:
-    return yaml.safe_load((resources.files("promptalign") / "demo.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load(
+        (resources.files("promptalign") / "demo.yaml").read_text(encoding="utf-8")
+    )
 
 
-def run_demo(out_dir: str | Path = "promptalign-demo", *, seed: int | None = None, progress: bool = True,
-             data_root: str | Path | None = None, spec: dict[str, Any] | None = None,
-             workers: int = 0) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "promptalign-demo",
+    *,
+    seed: int | None = None,
+    progress: bool = True,
+    data_root: str | Path | None = None,
+    spec: dict[str, Any] | None = None,
+    workers: int = 0,
+) -> DemoResult:
     """Run the demo and write its outputs under ``out_dir`` (existing method runs are replaced).
     ``spec`` replaces keys of the shipped demo.yaml (e.g. fewer methods or epochs). The numbers do
     not depend on ``progress`` or ``workers`` (data order and augmentation are a function of the
@@ -69,9 +79,16 @@ def run_demo(out_dir: str | Path = "promptalign-demo", *, seed: int | None = Non
         cfg = RunConfig(
             backbone=BackboneConfig(spec["backbone"], None),
             method=MethodSpec(name, entry.get("preset"), entry.get("options", {})),
-            data=DataConfig(dataset=spec["dataset"], root=str(root), shots=spec["shots"], subsample="base",
-                            workers=workers),
-            optim=OptimConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], eval_batch_size=256),
+            data=DataConfig(
+                dataset=spec["dataset"],
+                root=str(root),
+                shots=spec["shots"],
+                subsample="base",
+                workers=workers,
+            ),
+            optim=OptimConfig(
+                epochs=spec["epochs"], batch_size=spec["batch_size"], eval_batch_size=256
+            ),
             run=RunSettings(seed=seed, device="cpu", progress=progress),
         )
         t = time.perf_counter()
@@ -79,11 +96,21 @@ def run_demo(out_dir: str | Path = "promptalign-demo", *, seed: int | None = Non
         seconds = time.perf_counter() - t
         base = res.metrics["accuracy"]
         new = evaluate_run(run_dir, subsample="new", device="cpu", backbone=backbone)["accuracy"]
-        rows.append({"method": name, "base": base, "new": new, "H": harmonic_mean(base, new), "seconds": seconds})
+        rows.append(
+            {
+                "method": name,
+                "base": base,
+                "new": new,
+                "H": harmonic_mean(base, new),
+                "seconds": seconds,
+            }
+        )
         log.info("demo %s: base %.2f new %.2f", name, base, new)
     result = DemoResult(rows, out, time.perf_counter() - start)
     write_text(out / "results.md", result.table() + "\n")
-    write_text(out / "results.json", json.dumps({"rows": rows, "seed": seed, "spec": spec}, indent=2))
+    write_text(
+        out / "results.json", json.dumps({"rows": rows, "seed": seed, "spec": spec}, indent=2)
+    )
     _plot(rows, out / "results.png")
     return result
 

@@ -180,9 +180,15 @@ class Explanation:
 
     def summary(self) -> dict[str, Any]:
         """Plan entropy ratios averaged over every explained (image, class)."""
-        prompt = [c.entropy["prompt"] for im in self.images for c in im.classes if "prompt" in c.entropy]
-        token = [float(np.mean(c.entropy["token"])) for im in self.images for c in im.classes
-                 if "token" in c.entropy]
+        prompt = [
+            c.entropy["prompt"] for im in self.images for c in im.classes if "prompt" in c.entropy
+        ]
+        token = [
+            float(np.mean(c.entropy["token"]))
+            for im in self.images
+            for c in im.classes
+            if "token" in c.entropy
+        ]
         out: dict[str, Any] = {}
         if prompt:
             out["prompt_entropy_ratio"] = float(np.mean(prompt))
@@ -203,8 +209,12 @@ class Explanation:
             if isinstance(x, (list, tuple)):
                 return [conv(v) for v in x]
             if isinstance(x, TokenLabels):
-                return {"tokens": x.tokens, "kinds": x.kinds, "words": x.words,
-                        "word_of_token": x.word_of_token}
+                return {
+                    "tokens": x.tokens,
+                    "kinds": x.kinds,
+                    "words": x.words,
+                    "word_of_token": x.word_of_token,
+                }
             return x
 
         images = []
@@ -214,10 +224,22 @@ class Explanation:
                 d = {k: conv(v) for k, v in c.__dict__.items() if k != "token_plans"}
                 d["dominant_pair"] = list(c.dominant_pairs(1)[0])
                 classes.append(d)
-            images.append({"path": im.path, "grid": list(im.grid),
-                           "top": [{"label": n, "prob": p} for n, p in im.top], "classes": classes})
-        return {"method": self.method, "scorer": self.scorer, "panels": self.panels,
-                "options": conv(self.options), "entropy": self.summary(), "images": images}
+            images.append(
+                {
+                    "path": im.path,
+                    "grid": list(im.grid),
+                    "top": [{"label": n, "prob": p} for n, p in im.top],
+                    "classes": classes,
+                }
+            )
+        return {
+            "method": self.method,
+            "scorer": self.scorer,
+            "panels": self.panels,
+            "options": conv(self.options),
+            "entropy": self.summary(),
+            "images": images,
+        }
 
 
 # --------------------------------------------------------------------------- tokens
@@ -269,7 +291,7 @@ def _grid(backbone) -> tuple[int, int]:
     grid = getattr(backbone.clip.visual, "grid_size", None)
     if grid is not None:
         return int(grid[0]), int(grid[1])
-    side = round(backbone.n_patches ** 0.5)
+    side = round(backbone.n_patches**0.5)
     return side, backbone.n_patches // side
 
 
@@ -307,8 +329,11 @@ def _record_image_tower(backbone):
 
 
 def _hierarchical_defaults() -> dict[str, Any]:
-    return {k: p.default for k, p in inspect.signature(hierarchical_ot).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        k: p.default
+        for k, p in inspect.signature(hierarchical_ot).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -329,9 +354,14 @@ def prompt_set_plans(feats: ExplainFeatures, classes: torch.Tensor) -> dict[str,
     sim = torch.einsum("bmd,knd->bkmn", img, txt)  # [B, k, M, N]
     ot = sinkhorn(1.0 - sim, **feats.options)
     logits = feats.logit_scale * (ot.plan * sim).sum((-2, -1))
-    return {"plan": ot.plan, "global_sim": sim, "cost": 1.0 - sim, "logits": logits,
-            "logit_global": feats.logit_scale * ot.plan * sim,
-            "logit_token": torch.zeros_like(sim)}
+    return {
+        "plan": ot.plan,
+        "global_sim": sim,
+        "cost": 1.0 - sim,
+        "logits": logits,
+        "logit_global": feats.logit_scale * ot.plan * sim,
+        "logit_token": torch.zeros_like(sim),
+    }
 
 
 def hierarchical_plans(feats: ExplainFeatures, classes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -351,23 +381,43 @@ def hierarchical_plans(feats: ExplainFeatures, classes: torch.Tensor) -> dict[st
     tg, tt = prep(feats.text_global[classes]), prep(feats.text_tokens[classes])  # [k, N, (L,) D]
     mask = feats.text_mask[classes].bool()  # [k, N, L]
     sim_tok = torch.einsum("bmjd,knld->bkmnjl", it, tt)  # [B, k, M, N, J, L]
-    tok = sinkhorn(1.0 - sim_tok, eps=eps_token, max_iter=max_iter_token, tol=tol_token, domain=domain,
-                   mask_b=mask[None, :, None], check_every=o["check_every"])
+    tok = sinkhorn(
+        1.0 - sim_tok,
+        eps=eps_token,
+        max_iter=max_iter_token,
+        tol=tol_token,
+        domain=domain,
+        mask_b=mask[None, :, None],
+        check_every=o["check_every"],
+    )
     distance = tok.cost  # [B, k, M, N]
     similarity = (tok.plan * sim_tok).sum((-2, -1))
     global_sim = torch.einsum("bmd,knd->bkmn", ig, tg)
     paper = o["form"] == "paper"
     token_term = distance if paper else similarity
     cost = (1.0 - global_sim) + o["beta"] * token_term
-    outer = sinkhorn(cost, eps=eps, max_iter=o["max_iter"], tol=o["tol"], domain=domain,
-                     check_every=o["check_every"])
+    outer = sinkhorn(
+        cost,
+        eps=eps,
+        max_iter=o["max_iter"],
+        tol=o["tol"],
+        domain=domain,
+        check_every=o["check_every"],
+    )
     score = 1.0 - outer.cost if paper else (outer.plan * global_sim).sum((-2, -1))
     scale = feats.logit_scale
     logit_token = -scale * o["beta"] * outer.plan * distance if paper else torch.zeros_like(cost)
-    return {"plan": outer.plan, "token_plans": tok.plan, "global_sim": global_sim,
-            "token_sim_mass": (tok.plan * sim_tok).sum(-2),  # [B, k, M, N, L]
-            "token_term": token_term, "cost": cost, "logits": scale * score,
-            "logit_global": scale * outer.plan * global_sim, "logit_token": logit_token}
+    return {
+        "plan": outer.plan,
+        "token_plans": tok.plan,
+        "global_sim": global_sim,
+        "token_sim_mass": (tok.plan * sim_tok).sum(-2),  # [B, k, M, N, L]
+        "token_term": token_term,
+        "cost": cost,
+        "logits": scale * score,
+        "logit_global": scale * outer.plan * global_sim,
+        "logit_token": logit_token,
+    }
 
 
 # --------------------------------------------------------------------------- explain
@@ -452,37 +502,62 @@ def explain_images(
         ot_res = None
         if use_ot:
             sub = _single(feats, b)
-            ot_res = (hierarchical_plans if feats.scorer == "hierarchical_ot" else prompt_set_plans)(sub, idx)
+            ot_res = (
+                hierarchical_plans if feats.scorer == "hierarchical_ot" else prompt_set_plans
+            )(sub, idx)
         class_out = []
         for j, k in enumerate(wanted):
             ce = ClassExplanation(
-                name=method.classnames[k], index=k, logit=float(method_logits[b, k]),
-                method_logit=float(method_logits[b, k]), prob=float(probs[b, k]),
-                global_sim=_np(torch.einsum("md,nd->mn", F.normalize(_image_global(feats, out, b), dim=-1), tg[j])),
+                name=method.classnames[k],
+                index=k,
+                logit=float(method_logits[b, k]),
+                method_logit=float(method_logits[b, k]),
+                prob=float(probs[b, k]),
+                global_sim=_np(
+                    torch.einsum(
+                        "md,nd->mn", F.normalize(_image_global(feats, out, b), dim=-1), tg[j]
+                    )
+                ),
                 patch_cosine=_np(cos_maps[j]),
             )
             if ot_res is not None:
                 _fill_ot(ce, ot_res, j, feats, b, k, patch_idx, grid, backbone.tokenizer)
             class_out.append(ce)
-        results.append(ImageExplanation(
-            path=str(paths[b]) if paths is not None else f"image{b}",
-            image=display[b] if display is not None else np.zeros((*backbone.preprocess.image_size, 3), np.uint8),
-            grid=grid,
-            top=[(method.classnames[k], float(probs[b, k])) for k in order[:top_k]],
-            classes=class_out,
-        ))
-    return Explanation(name, scorer if use_ot or feats is None else "cosine", "ot" if use_ot else "cosine",
-                       options if use_ot else {}, results)
+        results.append(
+            ImageExplanation(
+                path=str(paths[b]) if paths is not None else f"image{b}",
+                image=display[b]
+                if display is not None
+                else np.zeros((*backbone.preprocess.image_size, 3), np.uint8),
+                grid=grid,
+                top=[(method.classnames[k], float(probs[b, k])) for k in order[:top_k]],
+                classes=class_out,
+            )
+        )
+    return Explanation(
+        name,
+        scorer if use_ot or feats is None else "cosine",
+        "ot" if use_ot else "cosine",
+        options if use_ot else {},
+        results,
+    )
 
 
 def _single(feats: ExplainFeatures, b: int) -> ExplainFeatures:
     """The features of image ``b`` only (the plans of one image do not depend on the others)."""
     sl = slice(b, b + 1)
     return ExplainFeatures(
-        feats.scorer, feats.image_global[sl], feats.text_global, feats.options, feats.logit_scale,
+        feats.scorer,
+        feats.image_global[sl],
+        feats.text_global,
+        feats.options,
+        feats.logit_scale,
         image_tokens=feats.image_tokens[sl] if feats.image_tokens is not None else None,
-        prompt_slice=feats.prompt_slice, text_tokens=feats.text_tokens, text_mask=feats.text_mask,
-        text_ids=feats.text_ids, context_slots=feats.context_slots,
+        prompt_slice=feats.prompt_slice,
+        text_tokens=feats.text_tokens,
+        text_mask=feats.text_mask,
+        text_ids=feats.text_ids,
+        context_slots=feats.context_slots,
         extra_logits=feats.extra_logits[sl] if feats.extra_logits is not None else None,
     )
 
@@ -494,8 +569,17 @@ def _image_global(feats: ExplainFeatures | None, out, b: int) -> torch.Tensor:
     return out.image_features[b].float().unsqueeze(0)
 
 
-def _fill_ot(ce: ClassExplanation, res: dict, j: int, feats: ExplainFeatures, b: int, k: int,
-             patch_idx: torch.Tensor, grid: tuple[int, int], tokenizer) -> None:
+def _fill_ot(
+    ce: ClassExplanation,
+    res: dict,
+    j: int,
+    feats: ExplainFeatures,
+    b: int,
+    k: int,
+    patch_idx: torch.Tensor,
+    grid: tuple[int, int],
+    tokenizer,
+) -> None:
     extra = float(feats.extra_logits[b, k]) if feats.extra_logits is not None else 0.0
     plan = res["plan"][0, j]  # [M, N]
     ce.prompt_plan = _np(plan)
@@ -525,8 +609,9 @@ def _fill_ot(ce: ClassExplanation, res: dict, j: int, feats: ExplainFeatures, b:
     sim_mass = res["token_sim_mass"][0, j]  # [M, N, L]
     for n in range(N):
         real = mask[n].cpu()
-        labels = decode_tokens(tokenizer, feats.text_ids[k, n][real].tolist(),
-                               feats.context_slots[k, n][real].tolist())
+        labels = decode_tokens(
+            tokenizer, feats.text_ids[k, n][real].tolist(), feats.context_slots[k, n][real].tolist()
+        )
         ce.tokens.append(labels)
         col_mass = tp[:, n].sum(-2)[:, real.to(tp.device)]  # [M, L_n]
         mass = labels.word_mass(_np(col_mass))  # [M, W_n]
@@ -536,7 +621,9 @@ def _fill_ot(ce: ClassExplanation, res: dict, j: int, feats: ExplainFeatures, b:
 
 
 # --------------------------------------------------------------------------- images and runs
-def load_images(paths: Sequence[str | os.PathLike], preprocess) -> tuple[torch.Tensor, list[np.ndarray]]:
+def load_images(
+    paths: Sequence[str | os.PathLike], preprocess
+) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Read image files into a preprocessed batch and the pictures the model sees (uint8).
 
     Raises:
@@ -558,8 +645,10 @@ def load_images(paths: Sequence[str | os.PathLike], preprocess) -> tuple[torch.T
             with Image.open(path) as im:
                 x = tf(im.convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ExplainError(f"{str(p)!r} is not an image PIL can read ({type(e).__name__}); "
-                               "give JPEG/PNG/... files") from e
+            raise ExplainError(
+                f"{str(p)!r} is not an image PIL can read ({type(e).__name__}); "
+                "give JPEG/PNG/... files"
+            ) from e
         xs.append(x)
         pic = (x * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)
         shown.append(pic.numpy())
@@ -583,8 +672,15 @@ def explain(
         raise ExplainError("no images given; pass image files (or use --embeddings)")
     method, _, info = load_run(run_dir, device=device, backbone=backbone)
     x, shown = load_images(images, method.backbone.preprocess)
-    res = explain_images(method, x.to(method.backbone.device), paths=[str(p) for p in images],
-                         display=shown, classes=classes, topk=topk, panels=panels)
+    res = explain_images(
+        method,
+        x.to(method.backbone.device),
+        paths=[str(p) for p in images],
+        display=shown,
+        classes=classes,
+        topk=topk,
+        panels=panels,
+    )
     res.method = str(info.get("method", res.method))
     return res
 
@@ -611,8 +707,16 @@ class Embeddings:
         for s in range(self.coords.shape[0]):
             for i in range(self.coords.shape[1]):
                 lab = int(self.labels[i])
-                rows.append([self.paths[i], lab, self.classnames[lab], s,
-                             f"{self.coords[s, i, 0]:.6g}", f"{self.coords[s, i, 1]:.6g}"])
+                rows.append(
+                    [
+                        self.paths[i],
+                        lab,
+                        self.classnames[lab],
+                        s,
+                        f"{self.coords[s, i, 0]:.6g}",
+                        f"{self.coords[s, i, 1]:.6g}",
+                    ]
+                )
         return rows
 
 
@@ -627,7 +731,9 @@ def image_embeddings(method, images: torch.Tensor) -> torch.Tensor:
     return F.normalize(g.float(), dim=-1)
 
 
-def project_2d(x: np.ndarray, method: Literal["auto", "tsne", "pca"] = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+def project_2d(
+    x: np.ndarray, method: Literal["auto", "tsne", "pca"] = "auto", seed: int = 0
+) -> tuple[np.ndarray, str]:
     """``[n, D] -> [n, 2]`` by t-SNE (scikit-learn) or PCA (numpy SVD); "auto": t-SNE when
     scikit-learn is installed."""
     if method in ("auto", "tsne"):
@@ -635,8 +741,10 @@ def project_2d(x: np.ndarray, method: Literal["auto", "tsne", "pca"] = "auto", s
             from sklearn.manifold import TSNE
         except ImportError:
             if method == "tsne":
-                raise ExplainError("t-SNE needs scikit-learn: pip install 'promptalign[explain]' "
-                                   "(or use --projection pca)") from None
+                raise ExplainError(
+                    "t-SNE needs scikit-learn: pip install 'promptalign[explain]' "
+                    "(or use --projection pca)"
+                ) from None
         else:
             perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3)))
             tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
@@ -686,14 +794,21 @@ def embed_dataset(
     elif Path(name).expanduser().exists():
         data = load_custom_dataset(name, seed=cfg.run.seed, subsample=sub)
     else:
-        raise DatasetError(f"dataset {name!r} is neither a registered dataset nor an existing folder / CSV path")
+        raise DatasetError(
+            f"dataset {name!r} is neither a registered dataset nor an existing folder / CSV path"
+        )
     records = data.test if split == "test" else data.train
     if not records:
         raise ExplainError(f"dataset {name!r} has no {split} images")
     if len(records) > max_images:
         pick = np.linspace(0, len(records) - 1, max_images).round().astype(int)
         records = [records[i] for i in pick]
-    ds = ImageDataset(data.name, data.image_root, records, build_transform(method.backbone.preprocess, train=False))
+    ds = ImageDataset(
+        data.name,
+        data.image_root,
+        records,
+        build_transform(method.backbone.preprocess, train=False),
+    )
     feats, labels = [], []
     dev = method.backbone.device
     method.eval()
@@ -708,5 +823,10 @@ def embed_dataset(
     emb = torch.cat(feats).numpy()  # [n, S, D]
     n, S, D = emb.shape
     flat, used = project_2d(emb.transpose(1, 0, 2).reshape(S * n, D), projection, seed)
-    return Embeddings(flat.reshape(S, n, 2), np.asarray(labels), list(data.classnames),
-                      [str(data.image_root / r.path) for r in records], used)
+    return Embeddings(
+        flat.reshape(S, n, 2),
+        np.asarray(labels),
+        list(data.classnames),
+        [str(data.image_root / r.path) for r in records],
+        used,
+    )

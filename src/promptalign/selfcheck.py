@@ -42,13 +42,19 @@ def run_selfcheck(arch: str = "pa-tiny-vit", seed: int = 0, tol: float = 1e-6) -
     images = torch.randn(len(classes), 3, *bb.preprocess.image_size)
     diffs: dict[str, float] = {}
     with torch.no_grad():
-        diffs["encode_text_vs_open_clip"] = (bb.encode_text(tokens) - bb.clip.encode_text(tokens)).abs().max().item()
-        diffs["encode_image_vs_open_clip"] = (bb.encode_image(images) - bb.clip.encode_image(images)).abs().max().item()
+        diffs["encode_text_vs_open_clip"] = (
+            (bb.encode_text(tokens) - bb.clip.encode_text(tokens)).abs().max().item()
+        )
+        diffs["encode_image_vs_open_clip"] = (
+            (bb.encode_image(images) - bb.clip.encode_image(images)).abs().max().item()
+        )
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "weights.safetensors"
             save_file({k: v.contiguous() for k, v in bb.clip.state_dict().items()}, str(path))
             bb2 = load_backbone(arch, weights=str(path))
-        diffs["reloaded_image"] = (bb2.encode_image(images) - bb.encode_image(images)).abs().max().item()
+        diffs["reloaded_image"] = (
+            (bb2.encode_image(images) - bb.encode_image(images)).abs().max().item()
+        )
         text = F.normalize(bb.encode_text(tokens), dim=-1)
         img = F.normalize(bb.encode_image(images), dim=-1)
         logits = bb.logit_scale * img @ text.t()  # [B, K]

@@ -65,8 +65,15 @@ def _plan_panel(ax, plan: np.ndarray, title: str) -> None:
     for m in range(M):
         for n in range(N):
             v = plan[m, n]
-            ax.text(n, m, f"{v:.3f}".lstrip("0"), ha="center", va="center", fontsize=size,
-                    color="white" if v > 0.6 * vmax else "black")
+            ax.text(
+                n,
+                m,
+                f"{v:.3f}".lstrip("0"),
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="white" if v > 0.6 * vmax else "black",
+            )
     ax.set_xticks(range(N), [f"t{n}" for n in range(N)], fontsize=7)
     ax.set_yticks(range(M), [f"v{m}" for m in range(M)], fontsize=7)
     ax.set_xlabel("text prompt set", fontsize=7)
@@ -96,8 +103,9 @@ def _decomposition_panel(ax, c: ClassExplanation) -> None:
     ax.tick_params(axis="x", labelsize=6)
     extra = f" + other {c.logit_extra:.2f}" if c.logit_extra else ""
     token = f" + token {c.logit_token.sum():.2f}" if has_token else ""
-    ax.set_title(f"logit {c.logit:.2f} = global {c.logit_global.sum():.2f}{token}{extra}{shown}",
-                 fontsize=7)
+    ax.set_title(
+        f"logit {c.logit:.2f} = global {c.logit_global.sum():.2f}{token}{extra}{shown}", fontsize=7
+    )
     ax.legend(fontsize=6, loc="lower right")
 
 
@@ -114,7 +122,9 @@ def _word_panel(ax, c: ClassExplanation, m: int, n: int) -> None:
     ax.set_title(f"word (mass): cosine with its patches\npair v{m}-t{n}", fontsize=8)
 
 
-def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "", dpi: int = 110) -> Path:
+def draw_image(
+    ex: ImageExplanation, path: str | os.PathLike, *, method: str = "", dpi: int = 110
+) -> Path:
     """One PNG for one image: per explained class a header row (image, prompt plan, score
     decomposition, word mass) and a row of maps over the image (token-level mass per text token
     for the dominant prompt pair, or patch cosines per visual prompt set)."""
@@ -128,7 +138,10 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
             real = [i for i, _ in enumerate(c.tokens[n].tokens)]
             # in units of the uniform plan's mass per (patch, token), 1 / (J L_n)
             uniform = 1.0 / (c.token_plans.shape[2] * len(real))
-            maps = [(c.heat[m, n, i] / uniform, c.tokens[n].tokens[i], c.heat[m, n, i].sum()) for i in real]
+            maps = [
+                (c.heat[m, n, i] / uniform, c.tokens[n].tokens[i], c.heat[m, n, i].sum())
+                for i in real
+            ]
             maps_kind = ("token", m, n)
         else:
             M, N = c.patch_cosine.shape[:2]
@@ -141,8 +154,9 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
         rows.append((c, maps, maps_kind))
     ncols = max(4, max(len(r[1]) for r in rows))
     panel = 1.35
-    fig = plt.figure(figsize=(max(ncols * panel, 10.0), len(rows) * 2 * panel * 1.15 + 0.5),
-                     layout="constrained")
+    fig = plt.figure(
+        figsize=(max(ncols * panel, 10.0), len(rows) * 2 * panel * 1.15 + 0.5), layout="constrained"
+    )
     subs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
     for sub, (c, maps, (kind, pm, pn)) in zip(subs, rows):
         top, bottom = sub.subfigures(2, 1, height_ratios=[1.25, 1])
@@ -156,8 +170,13 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
         else:
             _plan_panel(head[1], c.global_sim, "global cosine")
             head[2].axis("off")
-            head[2].text(0, 0.5, f"logit = scale x cos\n= {c.logit:.2f}", fontsize=8,
-                         transform=head[2].transAxes)
+            head[2].text(
+                0,
+                0.5,
+                f"logit = scale x cos\n= {c.logit:.2f}",
+                fontsize=8,
+                transform=head[2].transAxes,
+            )
         if kind == "token":
             _word_panel(head[3], c, pm, pn)
         else:
@@ -173,20 +192,26 @@ def draw_image(ex: ImageExplanation, path: str | os.PathLike, *, method: str = "
                 ax.set_title(f"{label}\n{total:.3f} on patches", fontsize=7)
             else:
                 ax.set_title(label, fontsize=7)
-        for ax in axes[len(maps):]:
+        for ax in axes[len(maps) :]:
             ax.axis("off")
-        what = (f"token-level plan of pair v{pm}-t{pn}: mass per patch for each text token, bright = "
-                f"2x the uniform plan's or more; entropy {c.entropy['token'][pm, pn]:.3f} of uniform") \
-            if kind == "token" \
+        what = (
+            (
+                f"token-level plan of pair v{pm}-t{pn}: mass per patch for each text token, bright = "
+                f"2x the uniform plan's or more; entropy {c.entropy['token'][pm, pn]:.3f} of uniform"
+            )
+            if kind == "token"
             else "cosine of each patch token with the class feature"
+        )
         bottom.suptitle(what, fontsize=8)
         if im is not None:
-            cb = bottom.colorbar(im, ax=list(axes[:len(maps)]), shrink=0.8, pad=0.01)
+            cb = bottom.colorbar(im, ax=list(axes[: len(maps)]), shrink=0.8, pad=0.01)
             cb.ax.tick_params(labelsize=6)
             if kind == "token":
                 cb.set_label("x uniform", fontsize=6)
-    fig.suptitle(f"{method}: {Path(ex.path).name}   top: "
-                 + ", ".join(f"{n} ({p:.2f})" for n, p in ex.top), fontsize=9)
+    fig.suptitle(
+        f"{method}: {Path(ex.path).name}   top: " + ", ".join(f"{n} ({p:.2f})" for n, p in ex.top),
+        fontsize=9,
+    )
     return _save(fig, path, dpi)
 
 
@@ -195,8 +220,13 @@ def _draw_cosine_grid(ex: ImageExplanation, path, *, method: str, dpi: int) -> P
     plt = _plt()
     n_maps = max(c.patch_cosine.shape[0] for c in ex.classes)
     ncols = 1 + n_maps
-    fig, axes = plt.subplots(len(ex.classes), ncols, squeeze=False, layout="constrained",
-                             figsize=(1.9 * ncols + 1.2, 1.9 * len(ex.classes) + 0.6))
+    fig, axes = plt.subplots(
+        len(ex.classes),
+        ncols,
+        squeeze=False,
+        layout="constrained",
+        figsize=(1.9 * ncols + 1.2, 1.9 * len(ex.classes) + 0.6),
+    )
     for row, c in zip(axes, ex.classes):
         _show_image(row[0], ex.image)
         row[0].set_title(f"{c.name}\np={c.prob:.2f}  logit {c.logit:.2f}", fontsize=8)
@@ -210,17 +240,24 @@ def _draw_cosine_grid(ex: ImageExplanation, path, *, method: str, dpi: int) -> P
             ax.set_title(f"patch cosine (global {c.global_sim[m, 0]:.3f})", fontsize=7)
         if im is not None:
             fig.colorbar(im, ax=list(row[1:]), shrink=0.8, pad=0.02)
-    fig.suptitle(f"{method}: {Path(ex.path).name}   top: "
-                 + ", ".join(f"{n} ({p:.2f})" for n, p in ex.top)
-                 + "\ncosine of each patch token with the class feature", fontsize=8)
+    fig.suptitle(
+        f"{method}: {Path(ex.path).name}   top: "
+        + ", ".join(f"{n} ({p:.2f})" for n, p in ex.top)
+        + "\ncosine of each patch token with the class feature",
+        fontsize=8,
+    )
     return _save(fig, path, dpi)
 
 
-def draw_embeddings(emb: Embeddings, path: str | os.PathLike, *, method: str = "", dpi: int = 110) -> Path:
+def draw_embeddings(
+    emb: Embeddings, path: str | os.PathLike, *, method: str = "", dpi: int = 110
+) -> Path:
     """Scatter of the 2-D image embeddings, one panel per visual prompt set, coloured by class."""
     plt = _plt()
     S = emb.coords.shape[0]
-    fig, axes = plt.subplots(1, S, figsize=(3.4 * S + 1.5, 3.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, S, figsize=(3.4 * S + 1.5, 3.6), squeeze=False, layout="constrained"
+    )
     n_cls = len(emb.classnames)
     cmap = plt.get_cmap("tab20" if n_cls <= 20 else "hsv", max(n_cls, 1))
     for s, ax in enumerate(axes[0]):
@@ -231,7 +268,11 @@ def draw_embeddings(emb: Embeddings, path: str | os.PathLike, *, method: str = "
         ax.set_xticks([])
         ax.set_yticks([])
     if n_cls <= 24:
-        axes[0, -1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.5)
-    fig.suptitle(f"{method}: {emb.projection.upper()} of image embeddings ({emb.coords.shape[1]} images)",
-                 fontsize=10)
+        axes[0, -1].legend(
+            fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.5
+        )
+    fig.suptitle(
+        f"{method}: {emb.projection.upper()} of image embeddings ({emb.coords.shape[1]} images)",
+        fontsize=10,
+    )
     return _save(fig, path, dpi)

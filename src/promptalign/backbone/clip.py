@@ -96,7 +96,7 @@ def _broadcast_batch(*shapes: torch.Size) -> torch.Size:
 
 def _flat(t: torch.Tensor, batch: torch.Size, tail: int) -> torch.Tensor:
     """Expand ``t`` (batch dims + ``tail`` trailing dims) to ``batch`` and flatten the batch."""
-    tail_shape = t.shape[t.dim() - tail:]
+    tail_shape = t.shape[t.dim() - tail :]
     return t.expand(*batch, *tail_shape).reshape(batch.numel(), *tail_shape)
 
 
@@ -215,7 +215,7 @@ class Backbone(nn.Module):
     def decode_after(self, text: str, n: int) -> str:
         """The text of ``text``'s content tokens after its first ``n`` (MaPLe's literal suffix)."""
         tokens = self.tokenize([text])[0]
-        ids = tokens[self.text_start + n:int(self.convention.end_index(tokens))].tolist()
+        ids = tokens[self.text_start + n : int(self.convention.end_index(tokens))].tolist()
         inner = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps one
         if inner is not None and hasattr(inner, "decode"):
             return inner.decode(ids, skip_special_tokens=True).strip()
@@ -270,8 +270,14 @@ class Backbone(nn.Module):
         """
         key_mask = self.text.key_mask(tokens) if self.text.needs_key_mask else None
         return self.forward_text_embeds(
-            self.embed_tokens(tokens), self.eot_index(tokens), ctx=ctx, positions=positions, deep=deep,
-            return_tokens=return_tokens, truncate=truncate, key_mask=key_mask,
+            self.embed_tokens(tokens),
+            self.eot_index(tokens),
+            ctx=ctx,
+            positions=positions,
+            deep=deep,
+            return_tokens=return_tokens,
+            truncate=truncate,
+            key_mask=key_mask,
         )
 
     def forward_text_embeds(
@@ -301,7 +307,9 @@ class Backbone(nn.Module):
                 start = self.text_start
                 positions = torch.arange(start, start + ctx.shape[-2], device=embeds.device)
         if deep and positions is None:
-            raise ValueError("deep text prompts need `positions` or a shallow `ctx` to define their slots")
+            raise ValueError(
+                "deep text prompts need `positions` or a shallow `ctx` to define their slots"
+            )
         if len(deep) > self.text_layers - 1:
             raise ValueError(
                 f"{len(deep)} deep text prompts given but the text tower has {self.text_layers} "
@@ -355,7 +363,9 @@ class Backbone(nn.Module):
         )
 
     @staticmethod
-    def _place(x: torch.Tensor, prompt: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def _place(
+        x: torch.Tensor, prompt: torch.Tensor, positions: torch.Tensor | None
+    ) -> torch.Tensor:
         """Out-of-place write of ``prompt [S, n, W]`` into ``x [S, T, W]`` at ``positions [S, n]``."""
         if prompt.shape[1] == 0:
             return x
@@ -425,7 +435,9 @@ class Backbone(nn.Module):
                 n_sets = prompts.shape[0]
                 x = x.unsqueeze(1).expand(B, n_sets, *x.shape[1:]).reshape(B * n_sets, *x.shape[1:])
             elif prompts.dim() != 2:
-                raise ValueError(f"visual prompts must be [n, W] or [P, n, W], got {tuple(prompts.shape)}")
+                raise ValueError(
+                    f"visual prompts must be [n, W] or [P, n, W], got {tuple(prompts.shape)}"
+                )
             n = prompts.shape[-2]
             p = self._expand_visual(prompts, B, n_sets).to(x.dtype)  # [B*P, n, W]
             x = torch.cat([x[:, :start], p, x[:, start:]], dim=1)
@@ -439,13 +451,13 @@ class Backbone(nn.Module):
                     raise ValueError(
                         f"deep visual prompt for layer {i} has {d.shape[1]} tokens, the shallow prompt {n}"
                     )
-                x = torch.cat([x[:, :start], d, x[:, start + n:]], dim=1)
+                x = torch.cat([x[:, :start], d, x[:, start + n :]], dim=1)
             x = run(i, x)
 
         # the tower pools over its own tokens; prompts acted through attention
-        own = torch.cat([x[:, :start], x[:, start + n:]], dim=1) if n else x
+        own = torch.cat([x[:, :start], x[:, start + n :]], dim=1) if n else x
         pooled = tower.pool(own)
-        tokens = tower.tokens(x)[:, tower.n_prefix:] if return_tokens else None
+        tokens = tower.tokens(x)[:, tower.n_prefix :] if return_tokens else None
         lead = (B, n_sets) if n_sets is not None else (B,)
         first = start - tower.n_prefix
         return VisionFeatures(

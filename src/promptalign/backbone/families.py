@@ -68,7 +68,9 @@ def prepare_model_cfg(cfg: dict[str, Any], *, weights_given: bool) -> dict[str, 
     if TIMM_KWARGS in vision:
         kwargs = dict(vision.pop(TIMM_KWARGS))
         if "timm_model_name" not in vision:
-            raise ValueError(f"vision_cfg has {TIMM_KWARGS} but no timm_model_name; add the timm model name")
+            raise ValueError(
+                f"vision_cfg has {TIMM_KWARGS} but no timm_model_name; add the timm model name"
+            )
         if vision.get("timm_model_pretrained", False):
             raise ValueError(
                 f"vision_cfg.{TIMM_KWARGS} builds a resized timm model, which has no pretrained "
@@ -94,11 +96,15 @@ def build_tokenizer(cfg: dict[str, Any]):
 
     text = cfg["text_cfg"]
     length = text.get("context_length")
-    name = text.get("hf_tokenizer_name") or (text.get("hf_model_name") if "hf_model_name" in text else None)
+    name = text.get("hf_tokenizer_name") or (
+        text.get("hf_model_name") if "hf_model_name" in text else None
+    )
     if name:
         try:
             return open_clip.tokenizer.HFTokenizer(
-                name, context_length=length or 77, tokenizer_mode=text.get("tokenizer_mode"),
+                name,
+                context_length=length or 77,
+                tokenizer_mode=text.get("tokenizer_mode"),
                 **dict(text.get("tokenizer_kwargs", {})),
             )
         except ImportError as e:

@@ -18,9 +18,10 @@ import json
 import logging
 import os
 import zipfile
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -53,7 +54,9 @@ def _shipped_configs() -> dict[str, Path]:
 
 def list_backbones() -> list[str]:
     """Architecture names accepted by :func:`load_backbone` (shipped configs, then open_clip's)."""
-    return sorted(SHIPPED_PRETRAINED) + sorted(_shipped_configs()) + list(_open_clip().list_models())
+    return (
+        sorted(SHIPPED_PRETRAINED) + sorted(_shipped_configs()) + list(_open_clip().list_models())
+    )
 
 
 def list_pretrained(arch: str) -> list[str]:
@@ -69,7 +72,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e}); expected an open_clip model config") from e
 
 
-def resolve_arch(arch: str | os.PathLike | Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def resolve_arch(
+    arch: str | os.PathLike | Mapping[str, Any],
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Return ``(name, model_cfg, preprocess_overrides)`` for an architecture spec."""
     pre: dict[str, Any] = {}
     if isinstance(arch, Mapping):
@@ -98,7 +103,9 @@ def resolve_arch(arch: str | os.PathLike | Mapping[str, Any]) -> tuple[str, dict
         cfg = cfg["model_cfg"]
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
-        raise ValueError(f"architecture {name!r}: config lacks {missing}; expected an open_clip model config")
+        raise ValueError(
+            f"architecture {name!r}: config lacks {missing}; expected an open_clip model config"
+        )
     return name, cfg, pre
 
 
@@ -161,7 +168,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: entries that are not tensors: {bad[:10]}")
     sd = dict(obj)
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -197,14 +204,20 @@ def load_weights_file(model: torch.nn.Module, path: str | os.PathLike, arch: str
         if shapes:
             parts.append(f"shape mismatches: {_fmt_keys(shapes, 5)}")
         raise WeightsError(
-            f"{path}: weights do not fit architecture {arch!r}; " + "; ".join(parts)
+            f"{path}: weights do not fit architecture {arch!r}; "
+            + "; ".join(parts)
             + ". Check that the file was saved from this architecture."
         )
     model.load_state_dict(sd, strict=True)
 
 
-_OPENAI_LAYOUT = ("token_embedding.weight", "positional_embedding", "text_projection", "logit_scale",
-                  "ln_final.weight")
+_OPENAI_LAYOUT = (
+    "token_embedding.weight",
+    "positional_embedding",
+    "text_projection",
+    "logit_scale",
+    "ln_final.weight",
+)
 
 
 def _peek_tensors(path: Path) -> dict[str, torch.dtype] | None:
@@ -231,7 +244,11 @@ def _peek_tensors(path: Path) -> dict[str, torch.dtype] | None:
                 break
     if not isinstance(obj, Mapping):
         return None
-    out = {str(k).removeprefix("module."): v.dtype for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    out = {
+        str(k).removeprefix("module."): v.dtype
+        for k, v in obj.items()
+        if isinstance(v, torch.Tensor)
+    }
     return out
 
 
@@ -247,12 +264,23 @@ def openai_quickgelu_reason(path: str | os.PathLike) -> str | None:
     fp32).
     """
     keys = _peek_tensors(Path(path))
-    if not keys or not all(k in keys for k in _OPENAI_LAYOUT) or not any(k.startswith("visual.") for k in keys):
+    if (
+        not keys
+        or not all(k in keys for k in _OPENAI_LAYOUT)
+        or not any(k.startswith("visual.") for k in keys)
+    ):
         return None
     extra = [k for k in _OPENAI_EXTRA_KEYS if k in keys]
     if extra:
         return f"it holds the OpenAI JIT-era entries {extra}"
-    attn = next((k for k in keys if k.startswith("transformer.resblocks.") and k.endswith("attn.in_proj_weight")), None)
+    attn = next(
+        (
+            k
+            for k in keys
+            if k.startswith("transformer.resblocks.") and k.endswith("attn.in_proj_weight")
+        ),
+        None,
+    )
     half = {torch.float16, "F16"}
     if attn is not None and keys[attn] in half and keys["ln_final.weight"] not in half:
         return "it stores OpenAI's partial fp16 layout (attention weights fp16, LayerNorms fp32)"
@@ -268,7 +296,10 @@ def _switch_on_quickgelu(cfg: dict[str, Any], name: str, path: Path) -> None:
     log.warning(
         "%s is an OpenAI CLIP state dict (%s): OpenAI trained with QuickGELU, so it is switched on "
         "for architecture %r (as %r would); nn.GELU would move the logits by a few per cent",
-        path, reason, name, f"{name}-quickgelu",
+        path,
+        reason,
+        name,
+        f"{name}-quickgelu",
     )
 
 
@@ -336,8 +367,12 @@ def load_backbone(
             raise FileNotFoundError(
                 f"weights {str(weights)!r} is neither an open_clip pretrained tag for {name!r} "
                 f"(known tags: {', '.join(tags) or 'none'}) nor an existing file"
-                + (f"; {shipped_name!r} ships its own weights: leave weights unset (None, or "
-                   f"backbone.weights=null in a config)" if shipped_name else "")
+                + (
+                    f"; {shipped_name!r} ships its own weights: leave weights unset (None, or "
+                    f"backbone.weights=null in a config)"
+                    if shipped_name
+                    else ""
+                )
             )
     # families.py: timm_model_kwargs (small timm towers), no HF LM download under CLIP weights
     cfg = prepare_model_cfg(cfg, weights_given=weights_path is not None)

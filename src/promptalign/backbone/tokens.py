@@ -52,4 +52,6 @@ def probe_convention(tokenize: Tokenize) -> TextConvention:
     T = int(empty.shape[-1])
     # a start token opens every text, the empty one included; content never equals it
     start = 1 if int(empty[0]) == int(one[0]) else 0
-    return TextConvention(context_length=T, start=start, end_id=int(empty[start]), pad_id=int(empty[-1]))
+    return TextConvention(
+        context_length=T, start=start, end_id=int(empty[start]), pad_id=int(empty[-1])
+    )

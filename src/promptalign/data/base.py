@@ -22,9 +22,10 @@ import math
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Literal
 
 from ..io import atomic_write_text
 from ..registry import DATASETS
@@ -86,14 +87,21 @@ class Dataset:
         """A one-table summary: classes / train / val / test / shots."""
         shots = "all" if self.shots is None else str(self.shots)
         head = f"{'dataset':<16}{'subset':<8}{'classes':>8}{'train':>9}{'val':>8}{'test':>8}{'shots':>7}"
-        row = (f"{self.name:<16}{self.subsample:<8}{self.num_classes:>8}{len(self.train):>9}"
-               f"{len(self.val):>8}{len(self.test):>8}{shots:>7}")
+        row = (
+            f"{self.name:<16}{self.subsample:<8}{self.num_classes:>8}{len(self.train):>9}"
+            f"{len(self.val):>8}{len(self.test):>8}{shots:>7}"
+        )
         return f"{head}\n{row}"
 
     def sampling_info(self) -> dict:
         """What identifies the sample (stored with checkpoints)."""
-        return {"dataset": self.name, "shots": self.shots, "seed": self.seed,
-                "subsample": self.subsample, "num_classes": self.num_classes}
+        return {
+            "dataset": self.name,
+            "shots": self.shots,
+            "seed": self.seed,
+            "subsample": self.subsample,
+            "num_classes": self.num_classes,
+        }
 
 
 def display_name(name: str) -> str:
@@ -147,13 +155,17 @@ class SplitJsonReader(DatasetReader):
 
     def read(self, root: Path) -> Splits:
         return read_split_json(
-            self.dataset_dir(root) / self.split_file, self.registered_name, self.image_root(root), self.rename
+            self.dataset_dir(root) / self.split_file,
+            self.registered_name,
+            self.image_root(root),
+            self.rename,
         )
 
 
 # --------------------------------------------------------------------------- shared parsing
-def read_split_json(path: Path, dataset: str, image_root: Path,
-                    rename: dict[str, str] | None = None) -> Splits:
+def read_split_json(
+    path: Path, dataset: str, image_root: Path, rename: dict[str, str] | None = None
+) -> Splits:
     """Read a CoOp ``split_zhou_*.json``: {"train"|"val"|"test": [[relpath, label, classname], ...]}."""
     if not path.is_file():
         raise DatasetError(f"{dataset}: split file {path} does not exist")
@@ -162,7 +174,9 @@ def read_split_json(path: Path, dataset: str, image_root: Path,
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{dataset}: split file {path} is not valid JSON ({e})") from e
     if not isinstance(data, dict) or not all(s in data for s in SPLITS):
-        raise DatasetError(f"{dataset}: split file {path} must be an object with 'train', 'val' and 'test' lists")
+        raise DatasetError(
+            f"{dataset}: split file {path} must be an object with 'train', 'val' and 'test' lists"
+        )
     names: dict[int, str] = {}
     out: dict[str, list[Record]] = {}
     for split in SPLITS:
@@ -171,8 +185,14 @@ def read_split_json(path: Path, dataset: str, image_root: Path,
             raise DatasetError(f"{dataset}: {path}: '{split}' is not a list")
         recs = []
         for i, item in enumerate(items):
-            if (not isinstance(item, (list, tuple)) or len(item) != 3 or not isinstance(item[0], str)
-                    or not isinstance(item[1], int) or isinstance(item[1], bool) or not isinstance(item[2], str)):
+            if (
+                not isinstance(item, (list, tuple))
+                or len(item) != 3
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], int)
+                or isinstance(item[1], bool)
+                or not isinstance(item[2], str)
+            ):
                 raise DatasetError(
                     f"{dataset}: {path}: {split}[{i}] = {item!r} is not [relpath, int label, classname]"
                 )
@@ -191,7 +211,9 @@ def read_split_json(path: Path, dataset: str, image_root: Path,
     n = max(names) + 1 if names else 0
     missing = sorted(set(range(n)) - set(names))
     if missing:
-        raise DatasetError(f"{dataset}: {path}: labels {missing[:10]} never occur; labels must be 0..{n - 1}")
+        raise DatasetError(
+            f"{dataset}: {path}: labels {missing[:10]} never occur; labels must be 0..{n - 1}"
+        )
     return Splits(out["train"], out["val"], out["test"], [names[i] for i in range(n)])
 
 
@@ -199,14 +221,19 @@ def check_inside(image_root: Path, rel: str, dataset: str, where: str) -> None:
     """A relative path must stay inside the dataset's image folder."""
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts:
-        raise DatasetError(f"{dataset}: {where}: path {rel!r} escapes the dataset folder {image_root}")
+        raise DatasetError(
+            f"{dataset}: {where}: path {rel!r} escapes the dataset folder {image_root}"
+        )
 
 
 def list_images(folder: Path) -> list[str]:
     """Sorted image file names in a folder (hidden files skipped)."""
     exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-    return sorted(f.name for f in folder.iterdir()
-                  if not f.name.startswith(".") and f.is_file() and f.suffix.lower() in exts)
+    return sorted(
+        f.name
+        for f in folder.iterdir()
+        if not f.name.startswith(".") and f.is_file() and f.suffix.lower() in exts
+    )
 
 
 def list_dirs(folder: Path) -> list[str]:
@@ -216,7 +243,9 @@ def list_dirs(folder: Path) -> list[str]:
 def read_classnames_txt(path: Path, dataset: str) -> dict[str, str]:
     """``<wnid> <name with spaces>`` lines -> {wnid: name}, in file order."""
     if not path.is_file():
-        raise DatasetError(f"{dataset}: class-name file {path} does not exist (lines '<wnid> <name>')")
+        raise DatasetError(
+            f"{dataset}: class-name file {path} does not exist (lines '<wnid> <name>')"
+        )
     out: dict[str, str] = {}
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -228,7 +257,9 @@ def read_classnames_txt(path: Path, dataset: str) -> dict[str, str]:
     return out
 
 
-def folder_records(image_root: Path, sub: str, folders: Sequence[str], names: Sequence[str]) -> list[Record]:
+def folder_records(
+    image_root: Path, sub: str, folders: Sequence[str], names: Sequence[str]
+) -> list[Record]:
     """Records of ``image_root/sub/<folder>/*`` with label = index in ``folders``."""
     recs = []
     for label, (folder, name) in enumerate(zip(folders, names)):
@@ -332,8 +363,9 @@ def load_dataset(
     train, val = splits.train, splits.val
     if shots is not None and not reader.test_only:
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fewshot"
-        train, val = _cached_few_shot(name, splits, shots, seed, cache, image_root,
-                                      reader.split_files(root))
+        train, val = _cached_few_shot(
+            name, splits, shots, seed, cache, image_root, reader.split_files(root)
+        )
     label_pool = {r.label for r in (splits.train if not reader.test_only else splits.test)}
     keep = base_new_labels(label_pool, subsample)
     mapping = {old: new for new, old in enumerate(keep)}
@@ -359,7 +391,9 @@ def _check_labels(splits: Splits, name: str) -> None:
     for split in SPLITS:
         for r in splits.split(split):
             if not 0 <= r.label < n:
-                raise DatasetError(f"{name}: {split} entry {r.path!r} has label {r.label} outside 0..{n - 1}")
+                raise DatasetError(
+                    f"{name}: {split} entry {r.path!r} has label {r.label} outside 0..{n - 1}"
+                )
 
 
 def default_cache_dir() -> Path:
@@ -380,10 +414,12 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def few_shot_key(name: str, splits: Splits, shots: int, seed: int,
-                 split_files: Sequence[Path] = ()) -> dict:
+def few_shot_key(
+    name: str, splits: Splits, shots: int, seed: int, split_files: Sequence[Path] = ()
+) -> dict:
     """Everything that determines a few-shot sample: the dataset's train and val listings (paths
     and labels), its class list, the split files (path and content hash), shots and seed."""
+
     def listing(recs: list[Record]) -> str:
         return hashlib.sha256(json.dumps(_records_to_json(recs)).encode()).hexdigest()
 
@@ -395,13 +431,17 @@ def few_shot_key(name: str, splits: Splits, shots: int, seed: int,
         "classnames": list(splits.classnames),
         "train_listing": listing(splits.train),
         "val_listing": listing(splits.val),
-        "split_files": [{"path": str(Path(p).resolve()), "sha256": _file_sha256(Path(p))}
-                        for p in split_files if Path(p).is_file()],
+        "split_files": [
+            {"path": str(Path(p).resolve()), "sha256": _file_sha256(Path(p))}
+            for p in split_files
+            if Path(p).is_file()
+        ],
     }
 
 
-def _cached_few_shot(name, splits, shots, seed, cache_dir: Path, image_root: Path,
-                     split_files: Sequence[Path] = ()):
+def _cached_few_shot(
+    name, splits, shots, seed, cache_dir: Path, image_root: Path, split_files: Sequence[Path] = ()
+):
     """The few-shot sample from the cache when its key matches exactly, else sampled afresh and
     cached. A cache entry is named by the hash of its key, so a changed dataset, class list or
     split file never finds a stale entry; an unreadable entry is only a cache: it is rebuilt with a
@@ -417,16 +457,28 @@ def _cached_few_shot(name, splits, shots, seed, cache_dir: Path, image_root: Pat
             if isinstance(data, dict) and data.get("key") == key:
                 cached = read_split_json(path, name, image_root)
             else:
-                log.warning("%s: few-shot cache %s does not match this dataset; resampling", name, path)
+                log.warning(
+                    "%s: few-shot cache %s does not match this dataset; resampling", name, path
+                )
         except (json.JSONDecodeError, UnicodeDecodeError, OSError, DatasetError) as e:
-            log.warning("%s: ignoring unreadable few-shot cache %s (%s); resampling",
-                        name, path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning(
+                "%s: ignoring unreadable few-shot cache %s (%s); resampling",
+                name,
+                path,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
         if cached is not None:
             log.info("%s: few-shot split from cache %s", name, path)
             return cached.train, cached.val
     train, val = few_shot_splits(splits, shots, seed)
-    payload = {"train": _records_to_json(train), "val": _records_to_json(val), "test": [],
-               "shots": shots, "seed": seed, "key": key}
+    payload = {
+        "train": _records_to_json(train),
+        "val": _records_to_json(val),
+        "test": [],
+        "shots": shots,
+        "seed": seed,
+        "key": key,
+    }
     try:
         atomic_write_text(path, json.dumps(payload))
     except OSError as e:  # an unwritable cache folder must not stop the run

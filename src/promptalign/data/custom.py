@@ -24,24 +24,28 @@ from .base import (
     Splits,
     Subsample,
     check_inside,
+    folder_records,
     list_dirs,
     list_images,
     load_dataset,
     read_split_json,
 )
-from .base import folder_records
 
 
 class CustomReader(DatasetReader):
     """Reader for a user's own ImageFolder tree or CSV (not registered: built per call)."""
 
-    def __init__(self, source: Path, split_file: Path | None = None, template: str = "a photo of a {}."):
+    def __init__(
+        self, source: Path, split_file: Path | None = None, template: str = "a photo of a {}."
+    ):
         self.source = source
         self.split_file = split_file
         self.template = template
         self.registered_name = source.stem
         self.is_csv = source.suffix.lower() == ".csv"
-        self.test_only = split_file is None and not (not self.is_csv and (source / "train").is_dir())
+        self.test_only = split_file is None and not (
+            not self.is_csv and (source / "train").is_dir()
+        )
 
     def dataset_dir(self, root: Path) -> Path:
         return self.source.parent if self.is_csv else self.source
@@ -81,12 +85,18 @@ class CustomReader(DatasetReader):
             out = {s: [] for s in ("train", "val", "test")}
             for s in present:
                 found = set(list_dirs(base / s))
-                out[s] = [Record(f"{s}/{c}/{f}", label, c) for label, c in enumerate(classes)
-                          if c in found for f in list_images(base / s / c)]
+                out[s] = [
+                    Record(f"{s}/{c}/{f}", label, c)
+                    for label, c in enumerate(classes)
+                    if c in found
+                    for f in list_images(base / s / c)
+                ]
             return Splits(out["train"], out["val"], out["test"], classes)
         classes = list_dirs(base)
         if not classes:
-            raise DatasetError(f"{name}: {base} holds no class folders (ImageFolder layout: <class>/<image>)")
+            raise DatasetError(
+                f"{name}: {base} holds no class folders (ImageFolder layout: <class>/<image>)"
+            )
         return Splits([], [], folder_records(base, "", classes, classes), classes)
 
     def _read_csv(self) -> list[Record]:
@@ -105,13 +115,20 @@ class CustomReader(DatasetReader):
                 path, label = row[0].strip(), int(row[1])
                 if label < 0:
                     raise DatasetError(f"{where}:{i}: negative label {label}; labels are 0-based")
-                check_inside(self.image_root(self.source), path, self.registered_name, f"{self.source}:{i}")
+                check_inside(
+                    self.image_root(self.source), path, self.registered_name, f"{self.source}:{i}"
+                )
                 if path in first_row:
                     j, other = first_row[path]
-                    what = (f"with conflicting labels {other} and {label}" if other != label
-                            else "twice")
-                    raise DatasetError(f"{where}: {path!r} is listed {what} (rows {j} and {i}); "
-                                       "list every image once")
+                    what = (
+                        f"with conflicting labels {other} and {label}"
+                        if other != label
+                        else "twice"
+                    )
+                    raise DatasetError(
+                        f"{where}: {path!r} is listed {what} (rows {j} and {i}); "
+                        "list every image once"
+                    )
                 first_row[path] = (i, label)
                 rows.append(i)
                 recs.append(Record(path, label, row[2].strip() if len(row) == 3 else str(label)))
@@ -130,8 +147,10 @@ def _names(recs: list[Record], where: str, rows: list[int] | None = None) -> lis
     for r, row in zip(recs, rows):
         if names.setdefault(r.label, r.classname) != r.classname:
             at = f":{row}" if row else ""
-            raise DatasetError(f"{where}{at}: label {r.label} is named {r.classname!r} here and "
-                               f"{names[r.label]!r} in row {first[r.label]}")
+            raise DatasetError(
+                f"{where}{at}: label {r.label} is named {r.classname!r} here and "
+                f"{names[r.label]!r} in row {first[r.label]}"
+            )
         first.setdefault(r.label, row)
     n = max(names) + 1
     missing = sorted(set(range(n)) - set(names))
@@ -159,6 +178,11 @@ def load_custom_dataset(
     source = Path(source).expanduser().resolve()
     reader = CustomReader(source, Path(split_file) if split_file else None, template)
     return load_dataset(
-        reader.registered_name, reader.dataset_dir(source), shots=shots, seed=seed, subsample=subsample,
-        cache_dir=cache_dir, reader=reader,
+        reader.registered_name,
+        reader.dataset_dir(source),
+        shots=shots,
+        seed=seed,
+        subsample=subsample,
+        cache_dir=cache_dir,
+        reader=reader,
     )

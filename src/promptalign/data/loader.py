@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -69,7 +69,7 @@ class EpochSampler(torch.utils.data.Sampler):
         if self.num_replicas > 1 and perm:
             total = len(self) * self.num_replicas
             perm = (perm * (total // self.n + 1))[:total]
-            perm = perm[self.rank::self.num_replicas]
+            perm = perm[self.rank :: self.num_replicas]
         return perm
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -87,8 +87,14 @@ class ImageDataset(torch.utils.data.Dataset):
     yields) also runs the transform under ``sample_seed`` so its random augmentation is fixed.
     """
 
-    def __init__(self, name: str, image_root: Path, records: Sequence[Record],
-                 transform: Callable | None = None, skip_corrupt: bool = False):
+    def __init__(
+        self,
+        name: str,
+        image_root: Path,
+        records: Sequence[Record],
+        transform: Callable | None = None,
+        skip_corrupt: bool = False,
+    ):
         self.name = name
         self.image_root = Path(image_root)
         self.records = list(records)
@@ -108,7 +114,9 @@ class ImageDataset(torch.utils.data.Dataset):
         except (OSError, UnidentifiedImageError, ValueError) as e:
             if self.skip_corrupt:
                 self.skipped.append(str(path))
-                log.warning("%s: skipping unreadable image %s (entry %d): %s", self.name, path, index, e)
+                log.warning(
+                    "%s: skipping unreadable image %s (entry %d): %s", self.name, path, index, e
+                )
                 return None
             raise DatasetError(
                 f"{self.name}: cannot read image {path} (entry {index}, label {r.label} {r.classname!r}): {e}. "
@@ -125,7 +133,9 @@ class ImageDataset(torch.utils.data.Dataset):
         elif sample_seed is None:
             x = self.transform(im)
         else:  # the transform draws from the CPU default generator: seed it, then restore it
-            gen = torch.default_generator  # (torch.manual_seed would also seed every accelerator: ms)
+            gen = (
+                torch.default_generator
+            )  # (torch.manual_seed would also seed every accelerator: ms)
             state = gen.get_state()
             gen.manual_seed(sample_seed)
             try:
@@ -141,8 +151,13 @@ def collate(items: list[dict | None]) -> dict:
     kept = [i for i in items if i is not None and "image" in i]
     lost = [i["skipped_path"] for i in items if i is not None and "skipped_path" in i]
     if not kept:
-        return {"image": None, "label": torch.empty(0, dtype=torch.long),
-                "index": torch.empty(0, dtype=torch.long), "skipped": len(items), "skipped_paths": lost}
+        return {
+            "image": None,
+            "label": torch.empty(0, dtype=torch.long),
+            "index": torch.empty(0, dtype=torch.long),
+            "skipped": len(items),
+            "skipped_paths": lost,
+        }
     return {
         "image": torch.stack([i["image"] for i in kept]),
         "label": torch.tensor([i["label"] for i in kept], dtype=torch.long),

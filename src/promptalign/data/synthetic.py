@@ -28,9 +28,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -71,9 +71,14 @@ class Scene:
     extra: tuple[str, str, str] | None = None
 
 
-def sample_scene(rng: np.random.Generator, *, shapes: Sequence[str] = SHAPES,
-                 colours: Sequence[str] = tuple(COLOURS), styles: Sequence[str] = STYLES,
-                 sizes: Sequence[str] = tuple(SIZES)) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    *,
+    shapes: Sequence[str] = SHAPES,
+    colours: Sequence[str] = tuple(COLOURS),
+    styles: Sequence[str] = STYLES,
+    sizes: Sequence[str] = tuple(SIZES),
+) -> Scene:
     return Scene(
         shape=str(rng.choice(shapes)),
         colour=str(rng.choice(colours)),
@@ -104,20 +109,45 @@ def caption(scene: Scene) -> str:
 # transfer works, and learned context has something to add. Every word stays true to the image:
 # colour, shape, count and (when drawn) the second object and relation are always named; size,
 # background and the filled style may be left out; outline and sketch styles are always named.
-COLOUR_WORDS = {"red": ("red", "red", "red", "scarlet"), "green": ("green", "green", "green", "emerald"),
-                "blue": ("blue", "blue", "blue", "navy"), "yellow": ("yellow", "yellow", "yellow", "golden"),
-                "purple": ("purple", "purple", "purple", "violet"),
-                "orange": ("orange", "orange", "orange", "amber")}
-SHAPE_WORDS = {"circle": ("circle", "circle", "disc"), "square": ("square", "square", "box"),
-               "triangle": ("triangle",), "star": ("star",), "cross": ("cross", "cross", "plus sign"),
-               "diamond": ("diamond", "diamond", "rhombus"), "hexagon": ("hexagon",), "heart": ("heart",)}
-SIZE_WORDS = {"small": ("small", "small", "tiny", "little"), "large": ("large", "large", "big", "huge")}
-COUNT_WORDS = {1: ("a", "a", "one", "a single"), 2: ("two", "two", "2", "a pair of"), 3: ("three", "three", "3")}
-BACKGROUND_WORDS = {"plain": ("plain", "plain", "blank"), "striped": ("striped", "striped", "stripy"),
-                    "dotted": ("dotted", "dotted", "polka-dot"), "checkered": ("checkered", "checkered", "checkerboard")}
-RELATION_WORDS = {"above": ("above", "over"), "below": ("below", "under", "beneath"),
-                  "left of": ("to the left of", "next to", "beside"),
-                  "right of": ("to the right of", "next to", "beside")}
+COLOUR_WORDS = {
+    "red": ("red", "red", "red", "scarlet"),
+    "green": ("green", "green", "green", "emerald"),
+    "blue": ("blue", "blue", "blue", "navy"),
+    "yellow": ("yellow", "yellow", "yellow", "golden"),
+    "purple": ("purple", "purple", "purple", "violet"),
+    "orange": ("orange", "orange", "orange", "amber"),
+}
+SHAPE_WORDS = {
+    "circle": ("circle", "circle", "disc"),
+    "square": ("square", "square", "box"),
+    "triangle": ("triangle",),
+    "star": ("star",),
+    "cross": ("cross", "cross", "plus sign"),
+    "diamond": ("diamond", "diamond", "rhombus"),
+    "hexagon": ("hexagon",),
+    "heart": ("heart",),
+}
+SIZE_WORDS = {
+    "small": ("small", "small", "tiny", "little"),
+    "large": ("large", "large", "big", "huge"),
+}
+COUNT_WORDS = {
+    1: ("a", "a", "one", "a single"),
+    2: ("two", "two", "2", "a pair of"),
+    3: ("three", "three", "3"),
+}
+BACKGROUND_WORDS = {
+    "plain": ("plain", "plain", "blank"),
+    "striped": ("striped", "striped", "stripy"),
+    "dotted": ("dotted", "dotted", "polka-dot"),
+    "checkered": ("checkered", "checkered", "checkerboard"),
+}
+RELATION_WORDS = {
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+    "left of": ("to the left of", "next to", "beside"),
+    "right of": ("to the right of", "next to", "beside"),
+}
 CAPTION_MODES = ("plain", "rich")
 
 
@@ -129,8 +159,15 @@ def sample_scene_rich(rng: np.random.Generator, *, extra_prob: float = 0.35) -> 
         return scene
     shape = str(rng.choice([s for s in SHAPES if s != scene.shape]))
     colour = str(rng.choice([c for c in COLOURS if c != scene.colour]))
-    return Scene(scene.shape, scene.colour, scene.size, scene.count, scene.background, scene.style,
-                 (shape, colour, str(rng.choice(RELATIONS))))
+    return Scene(
+        scene.shape,
+        scene.colour,
+        scene.size,
+        scene.count,
+        scene.background,
+        scene.style,
+        (shape, colour, str(rng.choice(RELATIONS))),
+    )
 
 
 def _plural(word: str) -> str:
@@ -148,7 +185,11 @@ def _article(word: str) -> str:
 def caption_rich(scene: Scene, rng: np.random.Generator) -> str:
     """A caption drawn from the rich distribution for ``scene`` (``rng`` picks the wording only)."""
     pick = lambda options: str(options[int(rng.integers(len(options)))])
-    colour, noun, size = pick(COLOUR_WORDS[scene.colour]), pick(SHAPE_WORDS[scene.shape]), pick(SIZE_WORDS[scene.size])
+    colour, noun, size = (
+        pick(COLOUR_WORDS[scene.colour]),
+        pick(SHAPE_WORDS[scene.shape]),
+        pick(SIZE_WORDS[scene.size]),
+    )
     det = pick(COUNT_WORDS[scene.count])
     plural = scene.count > 1
     if plural:
@@ -163,7 +204,11 @@ def caption_rich(scene: Scene, rng: np.random.Generator) -> str:
         adjectives.insert(0, "solid")
     if order == 2:  # "a circle that is small and red" / "two circles in red"
         verb = "that are" if plural else "that is"
-        tail = f"{verb} {' and '.join(adjectives)}" if len(adjectives) > 1 or rng.uniform() < 0.5 else f"in {colour}"
+        tail = (
+            f"{verb} {' and '.join(adjectives)}"
+            if len(adjectives) > 1 or rng.uniform() < 0.5
+            else f"in {colour}"
+        )
         phrase = f"{det} {noun} {tail}"
     else:
         phrase = f"{det} {' '.join(adjectives)} {noun}"
@@ -178,9 +223,13 @@ def caption_rich(scene: Scene, rng: np.random.Generator) -> str:
         bg = pick(BACKGROUND_WORDS[scene.background])
         phrase = f"{phrase} {pick(('on', 'on', 'against'))} {_article(bg)} {bg} {pick(('background', 'background', 'backdrop'))}"
     if scene.style == "outline":
-        phrase = pick(("an outline of {}", "the outline of {}", "{} drawn in outline", "a line drawing of {}")).format(phrase)
+        phrase = pick(
+            ("an outline of {}", "the outline of {}", "{} drawn in outline", "a line drawing of {}")
+        ).format(phrase)
     elif scene.style == "sketch":
-        phrase = pick(("a sketch of {}", "a rough sketch of {}", "a noisy drawing of {}", "a sketch of {}")).format(phrase)
+        phrase = pick(
+            ("a sketch of {}", "a rough sketch of {}", "a noisy drawing of {}", "a sketch of {}")
+        ).format(phrase)
     elif rng.uniform() < 0.2:
         phrase = pick(("a picture of {}", "an image of {}", "there is {}")).format(phrase)
     return phrase
@@ -188,8 +237,13 @@ def caption_rich(scene: Scene, rng: np.random.Generator) -> str:
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
     def ring(n, radius, offset=0.0):
-        return [(cx + radius * math.cos(rot + offset + 2 * math.pi * i / n),
-                 cy + radius * math.sin(rot + offset + 2 * math.pi * i / n)) for i in range(n)]
+        return [
+            (
+                cx + radius * math.cos(rot + offset + 2 * math.pi * i / n),
+                cy + radius * math.sin(rot + offset + 2 * math.pi * i / n),
+            )
+            for i in range(n)
+        ]
 
     if shape == "circle":
         return ring(20, r)
@@ -206,7 +260,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
         return [p for pair in zip(outer, inner) for p in pair]
     if shape == "cross":
         a = 0.35 * r
-        pts = [(-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a)]
+        pts = [
+            (-a, -r),
+            (a, -r),
+            (a, -a),
+            (r, -a),
+            (r, a),
+            (a, a),
+            (a, r),
+            (-a, r),
+            (-a, a),
+            (-r, a),
+            (-r, -a),
+            (-a, -a),
+        ]
         c, s = math.cos(rot), math.sin(rot)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
     if shape == "heart":
@@ -220,9 +287,19 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, style: str, colour: tuple[int, ...],
-                cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
-    pts = _polygon(shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)) if shape not in ("heart",) else 0.0)
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    style: str,
+    colour: tuple[int, ...],
+    cx: float,
+    cy: float,
+    r: float,
+    rng: np.random.Generator,
+) -> None:
+    pts = _polygon(
+        shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)) if shape not in ("heart",) else 0.0
+    )
     if style == "filled":
         draw.polygon(pts, fill=colour)
     elif style == "outline":
@@ -240,8 +317,18 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 def _relation_boxes(relation: str, size: int) -> tuple[Box, Box]:
     """(main box, extra box): the halves of the image that ``relation`` puts the two groups in."""
     h = size / 2
-    top, bottom, left, right = (0, 0, size, h), (0, h, size, size), (0, 0, h, size), (h, 0, size, size)
-    boxes = {"above": (top, bottom), "below": (bottom, top), "left of": (left, right), "right of": (right, left)}
+    top, bottom, left, right = (
+        (0, 0, size, h),
+        (0, h, size, size),
+        (0, 0, h, size),
+        (h, 0, size, size),
+    )
+    boxes = {
+        "above": (top, bottom),
+        "below": (bottom, top),
+        "left of": (left, right),
+        "right of": (right, left),
+    }
     if relation not in boxes:
         raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
     return boxes[relation]
@@ -249,7 +336,10 @@ def _relation_boxes(relation: str, size: int) -> tuple[Box, Box]:
 
 def _position(rng: np.random.Generator, box: Box, r: float) -> tuple[float, float]:
     x0, y0, x1, y1 = box
-    lo, hi = np.array([x0 + r + 1, y0 + r + 1]), np.array([max(x0 + r + 1, x1 - r - 1), max(y0 + r + 1, y1 - r - 1)])
+    lo, hi = (
+        np.array([x0 + r + 1, y0 + r + 1]),
+        np.array([max(x0 + r + 1, x1 - r - 1), max(y0 + r + 1, y1 - r - 1)]),
+    )
     cx, cy = (float(v) for v in lo + (hi - lo) * rng.uniform(0, 1, 2))
     return cx, cy
 
@@ -274,7 +364,9 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Im
             for x in range(0, size, step):
                 if (x // step + y // step) % 2:
                     draw.rectangle([x, y, x + step - 1, y + step - 1], fill=pattern)
-    colour = tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[scene.colour], rng.integers(-18, 18, 3)))
+    colour = tuple(
+        int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[scene.colour], rng.integers(-18, 18, 3))
+    )
     r = SIZES[scene.size] * size * float(rng.uniform(0.85, 1.15))
     if scene.extra is None:
         for _ in range(scene.count):
@@ -285,8 +377,10 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Im
         for _ in range(scene.count):
             cx, cy = _position(rng, main_box, _RELATION_SCALE * r)
             _draw_shape(draw, scene.shape, scene.style, colour, cx, cy, _RELATION_SCALE * r, rng)
-        extra_colour = tuple(int(np.clip(c + d, 0, 255))
-                             for c, d in zip(COLOURS[scene.extra[1]], rng.integers(-18, 18, 3)))
+        extra_colour = tuple(
+            int(np.clip(c + d, 0, 255))
+            for c, d in zip(COLOURS[scene.extra[1]], rng.integers(-18, 18, 3))
+        )
         r2 = _RELATION_SCALE * SIZES["small"] * size * float(rng.uniform(0.85, 1.15))
         cx, cy = _position(rng, extra_box, r2)
         _draw_shape(draw, scene.extra[0], scene.style, extra_colour, cx, cy, r2, rng)
@@ -301,8 +395,9 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def caption_pairs(seed: int, start: int, n: int, size: int = IMAGE_SIZE, *,
-                  mode: str = "plain") -> tuple[np.ndarray, list[str]]:
+def caption_pairs(
+    seed: int, start: int, n: int, size: int = IMAGE_SIZE, *, mode: str = "plain"
+) -> tuple[np.ndarray, list[str]]:
     """``n`` (image, caption) pairs of the pretraining stream: uint8 ``[n, size, size, 3]``.
 
     ``mode="plain"`` (the shipped model's stream): one object kind per scene, one fixed caption
@@ -343,13 +438,17 @@ class Task:
 
 def _colour_shape_classes() -> tuple[tuple[str, str], ...]:
     pairs = [(s, c) for c in COLOURS for s in SHAPES]
-    order = np.random.default_rng(2024).permutation(len(pairs))  # base / new both mix colours and shapes
+    order = np.random.default_rng(2024).permutation(
+        len(pairs)
+    )  # base / new both mix colours and shapes
     return tuple(pairs[i] for i in order)
 
 
 def _size_shape_classes() -> tuple[tuple[str, None, str], ...]:
     triples = [(s, None, z) for z in SIZES for s in SHAPES]
-    order = np.random.default_rng(2025).permutation(len(triples))  # base / new both mix sizes and shapes
+    order = np.random.default_rng(2025).permutation(
+        len(triples)
+    )  # base / new both mix sizes and shapes
     return tuple(triples[i] for i in order)
 
 
@@ -377,8 +476,13 @@ def generate_task(task: Task, folder: Path) -> None:
                 for i in range(getattr(task, part)):
                     rng = scene_rng(task.seed, index)
                     index += 1
-                    scene = sample_scene(rng, shapes=(shape,), colours=(colour,) if colour else tuple(COLOURS),
-                                         styles=task.styles, sizes=(size,) if size else tuple(SIZES))
+                    scene = sample_scene(
+                        rng,
+                        shapes=(shape,),
+                        colours=(colour,) if colour else tuple(COLOURS),
+                        styles=task.styles,
+                        sizes=(size,) if size else tuple(SIZES),
+                    )
                     rel = f"{label:02d}/{part}_{i:03d}.png"
                     (tmp / "images" / f"{label:02d}").mkdir(parents=True, exist_ok=True)
                     render(scene, rng).save(tmp / "images" / rel)
@@ -416,7 +520,11 @@ class SyntheticReader(DatasetReader):
 
 def _register(name: str, task: str, test_only: bool) -> None:
     # prompts in the captions' own words: "a red circle", not "a photo of a red circle."
-    cls = type(f"Synthetic_{task}", (SyntheticReader,), {"task": task, "test_only": test_only, "template": "a {}"})
+    cls = type(
+        f"Synthetic_{task}",
+        (SyntheticReader,),
+        {"task": task, "test_only": test_only, "template": "a {}"},
+    )
     DATASETS.register(name)(cls)
 
 

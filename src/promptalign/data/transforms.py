@@ -38,7 +38,9 @@ class ResizeKeepRatio:
         h, w = img.size[1], img.size[0]
         rh, rw = h / self.size[0], w / self.size[1]
         ratio = max(rh, rw) if self.longest else min(rh, rw)
-        return TF.resize(img, [round(h / ratio), round(w / ratio)], interpolation=self.interpolation)
+        return TF.resize(
+            img, [round(h / ratio), round(w / ratio)], interpolation=self.interpolation
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, longest={self.longest})"
@@ -53,8 +55,11 @@ def eval_resize(pre: Preprocess, interp: T.InterpolationMode) -> list:
         # CenterCrop pads with 0 (black) where the image is smaller than the target
         return [ResizeKeepRatio(size, longest=True, interpolation=interp), T.CenterCrop(size)]
     if pre.resize_mode == "shortest":
-        first = (T.Resize(size[0], interpolation=interp) if size[0] == size[1]
-                 else ResizeKeepRatio(size, longest=False, interpolation=interp))
+        first = (
+            T.Resize(size[0], interpolation=interp)
+            if size[0] == size[1]
+            else ResizeKeepRatio(size, longest=False, interpolation=interp)
+        )
         return [first, T.CenterCrop(size)]
     raise ValueError(f"resize_mode {pre.resize_mode!r} unknown; use one of {list(RESIZE_MODES)}")
 
@@ -63,10 +68,17 @@ def build_transform(pre: Preprocess, train: bool) -> T.Compose:
     """The torchvision pipeline for training (augmenting) or evaluation."""
     interp = _INTERP.get(pre.interpolation)
     if interp is None:
-        raise ValueError(f"interpolation {pre.interpolation!r} unknown; use one of {sorted(_INTERP)}")
+        raise ValueError(
+            f"interpolation {pre.interpolation!r} unknown; use one of {sorted(_INTERP)}"
+        )
     size = pre.image_size
     norm = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
     if train:
-        return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=interp),
-                          T.RandomHorizontalFlip(), *norm])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=interp),
+                T.RandomHorizontalFlip(),
+                *norm,
+            ]
+        )
     return T.Compose([*eval_resize(pre, interp), *norm])

@@ -159,7 +159,10 @@ def record_batches(
     order (training augmentation when ``augment``), unreadable images skipped."""
     pre = method.backbone.preprocess
     dataset = ImageDataset(
-        data.name, data.image_root, records, build_transform(pre, train=augment),
+        data.name,
+        data.image_root,
+        records,
+        build_transform(pre, train=augment),
         cfg.data.skip_corrupt,
     )
 

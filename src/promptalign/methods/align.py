@@ -47,16 +47,16 @@ from .prompts import CoupledPrompts, build_class_prompts
 @dataclass(frozen=True)
 class ALIGNConfig(MethodConfig):
     """Attributes:
-        n_sets: prompt sets per modality (M = N).
-        n_ctx: prompt tokens b per set; depth: prompt depth in both towers.
-        ctx_init: initialisation phrase of text set 0.
-        beta: weight of the token-level distance (paper form).
-        eps, eps_token, max_iter, tol: Sinkhorn settings of the prompt / token level.
-        form: "paper" or "released" (see the module docstring).
-        token_window: "own" (each prompt's SOS..EOT) or "prompt0" (released-code window).
-        domain: Sinkhorn domain ("auto": kernel domain for eps >= 0.05).
-        memory_budget: bytes for the token-level OT per class chunk.
-        backend: token-level OT backend ("auto": the fused GEMM + Triton kernel on CUDA, else torch).
+    n_sets: prompt sets per modality (M = N).
+    n_ctx: prompt tokens b per set; depth: prompt depth in both towers.
+    ctx_init: initialisation phrase of text set 0.
+    beta: weight of the token-level distance (paper form).
+    eps, eps_token, max_iter, tol: Sinkhorn settings of the prompt / token level.
+    form: "paper" or "released" (see the module docstring).
+    token_window: "own" (each prompt's SOS..EOT) or "prompt0" (released-code window).
+    domain: Sinkhorn domain ("auto": kernel domain for eps >= 0.05).
+    memory_budget: bytes for the token-level OT per class chunk.
+    backend: token-level OT backend ("auto": the fused GEMM + Triton kernel on CUDA, else torch).
     """
 
     n_sets: int = 4
@@ -78,8 +78,15 @@ class ALIGNConfig(MethodConfig):
         lr=0.0025, batch_size=4, epochs=20, epochs_by_shots=((1, 30), (4, 50), (16, 80))
     )
     PRESETS = {
-        "reference": {"form": "released", "token_window": "prompt0", "beta": 1.0, "eps": 0.1,
-                      "max_iter": 100, "tol": 1e-5, "domain": "kernel"},
+        "reference": {
+            "form": "released",
+            "token_window": "prompt0",
+            "beta": 1.0,
+            "eps": 0.1,
+            "max_iter": 100,
+            "tol": 1e-5,
+            "domain": "kernel",
+        },
         # the released SUN397 config
         "sun397": {"n_sets": 2, "optim": {"lr": 0.002}},
     }
@@ -96,15 +103,25 @@ class ALIGN(PromptMethod):
             raise ValueError(f"form {cfg.form!r} / token_window {cfg.token_window!r} unknown")
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
         self.head = HierarchicalOTHead(
-            beta=cfg.beta, eps=cfg.eps, eps_token=cfg.eps_token, max_iter=cfg.max_iter, tol=cfg.tol,
-            form=cfg.form, domain=cfg.domain, memory_budget=cfg.memory_budget, backend=cfg.backend,
+            beta=cfg.beta,
+            eps=cfg.eps,
+            eps_token=cfg.eps_token,
+            max_iter=cfg.max_iter,
+            tol=cfg.tol,
+            form=cfg.form,
+            domain=cfg.domain,
+            memory_budget=cfg.memory_budget,
+            backend=cfg.backend,
         )
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:
         suffix = self.prompts.suffix
         first = build_class_prompts(
-            self.backbone, self.classnames, self.config.n_ctx, template=f"{suffix} {{}}." if suffix else "{}."
+            self.backbone,
+            self.classnames,
+            self.config.n_ctx,
+            template=f"{suffix} {{}}." if suffix else "{}.",
         ).tokens
         rest = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx).tokens
         tokens = torch.stack([first] + [rest] * (self.config.n_sets - 1))  # [N, K, T]
@@ -127,7 +144,9 @@ class ALIGN(PromptMethod):
         if self.config.token_window == "own":
             mask = pos <= out.eot.unsqueeze(-1)  # [N, K, T]
         else:
-            window = self.name_end  # [K]: positions 0 .. the class name's last token (CLIP: eot - 2)
+            window = (
+                self.name_end
+            )  # [K]: positions 0 .. the class name's last token (CLIP: eot - 2)
             mask = (pos < window.unsqueeze(-1)).unsqueeze(0).expand(out.eot.shape[0], -1, -1)
         L = int(mask.sum(-1).max())
         return {
@@ -139,7 +158,9 @@ class ALIGN(PromptMethod):
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         cfg = self.config
         vis, vdeep = self.prompts.visual()  # [M, b, Wv]
-        out = self.backbone.forward_image(images, vis, deep=vdeep, position=cfg.position, return_tokens=True)
+        out = self.backbone.forward_image(
+            images, vis, deep=vdeep, position=cfg.position, return_tokens=True
+        )
         logits, extras = self.head(out.pooled, out.tokens, classes, self.backbone.logit_scale)
         return MethodOutput(
             logits,
@@ -154,17 +175,32 @@ class ALIGN(PromptMethod):
         cfg = self.config
         classes = self.class_features()
         vis, vdeep = self.prompts.visual()  # [M, b, Wv]
-        out = self.backbone.forward_image(images, vis, deep=vdeep, position=cfg.position, return_tokens=True)
+        out = self.backbone.forward_image(
+            images, vis, deep=vdeep, position=cfg.position, return_tokens=True
+        )
         L = classes["tokens"].shape[2]
         ids = self.tokens[..., :L].transpose(0, 1)  # [K, N, L]
         ctx = torch.zeros_like(ids, dtype=torch.bool)
         start = self.backbone.text_start  # the context placeholders follow SOS (if any)
         ctx[..., start : start + cfg.n_ctx] = True
         return ExplainFeatures(
-            "hierarchical_ot", out.pooled, classes["global"],
-            options={"beta": cfg.beta, "eps": cfg.eps, "eps_token": cfg.eps_token,
-                     "max_iter": cfg.max_iter, "tol": cfg.tol, "form": cfg.form, "domain": cfg.domain},
-            logit_scale=self.backbone.logit_scale, image_tokens=out.tokens,
-            prompt_slice=out.prompt_slice, text_tokens=classes["tokens"], text_mask=classes["mask"],
-            text_ids=ids, context_slots=ctx,
+            "hierarchical_ot",
+            out.pooled,
+            classes["global"],
+            options={
+                "beta": cfg.beta,
+                "eps": cfg.eps,
+                "eps_token": cfg.eps_token,
+                "max_iter": cfg.max_iter,
+                "tol": cfg.tol,
+                "form": cfg.form,
+                "domain": cfg.domain,
+            },
+            logit_scale=self.backbone.logit_scale,
+            image_tokens=out.tokens,
+            prompt_slice=out.prompt_slice,
+            text_tokens=classes["tokens"],
+            text_mask=classes["mask"],
+            text_ids=ids,
+            context_slots=ctx,
         )

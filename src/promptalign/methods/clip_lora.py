@@ -62,12 +62,12 @@ class IterationPreset(OptimPreset):
 @dataclass(frozen=True)
 class CLIPLoRAConfig(MethodConfig):
     """Attributes:
-        rank: LoRA rank r.
-        lora_alpha: LoRA alpha; the update is scaled by ``lora_alpha / sqrt(rank)``.
-        dropout: dropout on the adapter input (training only).
-        targets: attention projections adapted, from ("q", "k", "v", "o").
-        encoders: "both", "vision" or "text".
-        prompt: the fixed class prompt.
+    rank: LoRA rank r.
+    lora_alpha: LoRA alpha; the update is scaled by ``lora_alpha / sqrt(rank)``.
+    dropout: dropout on the adapter input (training only).
+    targets: attention projections adapted, from ("q", "k", "v", "o").
+    encoders: "both", "vision" or "text".
+    prompt: the fixed class prompt.
     """
 
     rank: int = 2
@@ -77,7 +77,12 @@ class CLIPLoRAConfig(MethodConfig):
     encoders: Literal["both", "vision", "text"] = "both"
     prompt: str = "a photo of a {}."
     optim: OptimPreset = IterationPreset(
-        optimizer="adamw", lr=2e-4, weight_decay=0.01, batch_size=32, epochs=10, warmup_epochs=0,
+        optimizer="adamw",
+        lr=2e-4,
+        weight_decay=0.01,
+        batch_size=32,
+        epochs=10,
+        warmup_epochs=0,
         iterations_per_shot=500,
     )
     PRESETS = {
@@ -122,7 +127,9 @@ class LoRAAdapter(nn.Module):
         if any(t in self.targets for t in "qkv"):
             zero = mha.in_proj_weight.new_zeros(mha.embed_dim, mha.embed_dim)
             deltas = [self.delta(t) * scaling if t in self.targets else zero for t in "qkv"]
-            out["in_proj_weight"] = mha.in_proj_weight + torch.cat(deltas).to(mha.in_proj_weight.dtype)
+            out["in_proj_weight"] = mha.in_proj_weight + torch.cat(deltas).to(
+                mha.in_proj_weight.dtype
+            )
         if "o" in self.targets:
             w = mha.out_proj.weight
             out["out_proj.weight"] = w + (self.delta("o") * scaling).to(w.dtype)
@@ -132,8 +139,14 @@ class LoRAAdapter(nn.Module):
 class _LoRAAttention(nn.Module):
     """Stands in for an ``nn.MultiheadAttention`` while a tower runs (never stored)."""
 
-    def __init__(self, mha: nn.MultiheadAttention, adapter: LoRAAdapter, scaling: float, dropout: float,
-                 training: bool):
+    def __init__(
+        self,
+        mha: nn.MultiheadAttention,
+        adapter: LoRAAdapter,
+        scaling: float,
+        dropout: float,
+        training: bool,
+    ):
         super().__init__()
         self.mha, self.adapter, self.scaling, self.p = mha, adapter, scaling, dropout
         self.training = training
@@ -142,7 +155,9 @@ class _LoRAAttention(nn.Module):
         if not (self.training and self.p > 0):
             weights = self.adapter.merged(self.mha, self.scaling)
             return torch.func.functional_call(
-                self.mha, weights, (query, key, value),
+                self.mha,
+                weights,
+                (query, key, value),
                 {"need_weights": need_weights, "attn_mask": attn_mask, **kwargs},
             )
         return self._with_dropout(query, key, value, attn_mask), None
@@ -156,7 +171,9 @@ class _LoRAAttention(nn.Module):
         """Self-attention with the adapters' dropout on their inputs (cannot be merged)."""
         m = self.mha
         if (key is not None and key is not query) or (value is not None and value is not query):
-            raise ValueError("CLIP-LoRA adapts self-attention only (query, key and value must be the same)")
+            raise ValueError(
+                "CLIP-LoRA adapts self-attention only (query, key and value must be the same)"
+            )
         x = query if m.batch_first else query.transpose(0, 1)  # [B, T, W]
         B, T, W = x.shape
         H = m.num_heads
@@ -165,7 +182,11 @@ class _LoRAAttention(nn.Module):
             if t in self.adapter.targets:
                 qkv[i] = qkv[i] + self._lora(x, t)
         q, k, v = (y.view(B, T, H, W // H).transpose(1, 2) for y in qkv)  # [B, H, T, W/H]
-        mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        mask = (
+            attn_mask.to(q.dtype)
+            if attn_mask is not None and attn_mask.is_floating_point()
+            else attn_mask
+        )
         if mask is not None and mask.dtype == torch.bool:
             mask = ~mask  # nn.MultiheadAttention: True = masked; SDPA: True = attend
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, W/H]
@@ -186,7 +207,9 @@ class CLIPLoRA(PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         self.scaling = cfg.lora_alpha / math.sqrt(cfg.rank)
-        towers = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}[cfg.encoders]
+        towers = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}[
+            cfg.encoders
+        ]
         self.towers = towers
         self.adapters = nn.ModuleDict()
         for tower in towers:
@@ -239,8 +262,13 @@ class CLIPLoRA(PromptMethod):
         originals = [b.attn for b in blocks]
         try:
             for i, b in enumerate(blocks):
-                b.attn = _LoRAAttention(originals[i], self.adapters[f"{tower}_{i}"], self.scaling,
-                                        self.config.dropout, self.training)
+                b.attn = _LoRAAttention(
+                    originals[i],
+                    self.adapters[f"{tower}_{i}"],
+                    self.scaling,
+                    self.config.dropout,
+                    self.training,
+                )
             yield
         finally:
             for b, mha in zip(blocks, originals):
@@ -254,7 +282,9 @@ class CLIPLoRA(PromptMethod):
         for tower in self.towers:
             for i, block in enumerate(self._blocks(tower)):
                 prefix = names[id(block.attn)]
-                for key, value in self.adapters[f"{tower}_{i}"].merged(block.attn, self.scaling).items():
+                for key, value in (
+                    self.adapters[f"{tower}_{i}"].merged(block.attn, self.scaling).items()
+                ):
                     state[f"{prefix}.{key}"] = value.detach().clone()
         return state
 
@@ -270,6 +300,9 @@ class CLIPLoRA(PromptMethod):
             return F.normalize(self.backbone.encode_text(self.tokens), dim=-1)  # [K, D]
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
-        with self.adapted("vision"), torch.set_grad_enabled(torch.is_grad_enabled() and "vision" in self.towers):
+        with (
+            self.adapted("vision"),
+            torch.set_grad_enabled(torch.is_grad_enabled() and "vision" in self.towers),
+        ):
             img = F.normalize(self.backbone.encode_image(images), dim=-1)  # [B, D]
         return MethodOutput(cosine_logits(img, classes, self.backbone.logit_scale), img, classes)

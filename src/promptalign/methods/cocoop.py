@@ -31,9 +31,9 @@ from .prompts import build_class_prompts, normal_init, phrase_init
 @dataclass(frozen=True)
 class CoCoOpConfig(MethodConfig):
     """Attributes:
-        n_ctx: context tokens (``ctx_init``'s token count when given).
-        ctx_init: initialisation phrase ("" = N(0, 0.02)).
-        meta_reduction: hidden width of the meta-net is D // meta_reduction.
+    n_ctx: context tokens (``ctx_init``'s token count when given).
+    ctx_init: initialisation phrase ("" = N(0, 0.02)).
+    meta_reduction: hidden width of the meta-net is D // meta_reduction.
     """
 
     n_ctx: int = 4

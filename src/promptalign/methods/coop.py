@@ -19,16 +19,18 @@ from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
 from .prompts import ClassPosition, build_class_prompts, normal_init, phrase_init
 
-COOP_OPTIM = OptimPreset(lr=0.002, batch_size=32, epochs=50, epochs_by_shots=((1, 50), (4, 100), (16, 200)))
+COOP_OPTIM = OptimPreset(
+    lr=0.002, batch_size=32, epochs=50, epochs_by_shots=((1, 50), (4, 100), (16, 200))
+)
 
 
 @dataclass(frozen=True)
 class CoOpConfig(MethodConfig):
     """Attributes:
-        n_ctx: context tokens (ignored when ``ctx_init`` is given: its token count is used).
-        ctx_init: phrase whose word embeddings initialise the context ("" = N(0, 0.02)).
-        csc: class-specific context (one context per class; cannot move to new classes).
-        class_token_position: "end", "middle" or "front".
+    n_ctx: context tokens (ignored when ``ctx_init`` is given: its token count is used).
+    ctx_init: phrase whose word embeddings initialise the context ("" = N(0, 0.02)).
+    csc: class-specific context (one context per class; cannot move to new classes).
+    class_token_position: "end", "middle" or "front".
     """
 
     n_ctx: int = 16
@@ -64,7 +66,10 @@ class CoOp(PromptMethod):
                 f"score {self.num_classes} other classes; use csc=False to transfer to new classes"
             )
         p = build_class_prompts(
-            self.backbone, self.classnames, self.n_ctx, class_position=self.config.class_token_position
+            self.backbone,
+            self.classnames,
+            self.n_ctx,
+            class_position=self.config.class_token_position,
         )
         self.register_buffer("tokens", p.tokens, persistent=False)
         self.register_buffer("positions", p.positions, persistent=False)

@@ -25,10 +25,10 @@ from .prompts import build_class_prompts, check_depth, normal_init, phrase_init,
 @dataclass(frozen=True)
 class IVLPConfig(MethodConfig):
     """Attributes:
-        n_ctx_text, n_ctx_vision: prompt tokens per tower.
-        text_depth, vision_depth: layers receiving prompts (vision_depth 0 = no visual prompts).
-        ctx_init: phrase initialising the text context; its remaining words stay literal.
-        position: visual prompt placement.
+    n_ctx_text, n_ctx_vision: prompt tokens per tower.
+    text_depth, vision_depth: layers receiving prompts (vision_depth 0 = no visual prompts).
+    ctx_init: phrase initialising the text context; its remaining words stay literal.
+    position: visual prompt placement.
     """
 
     n_ctx_text: int = 2
@@ -64,7 +64,9 @@ class IVLP(PromptMethod):
 
     def on_classnames_changed(self) -> None:
         template = f"{self.suffix} {{}}." if self.suffix else "{}."
-        p = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx_text, template=template)
+        p = build_class_prompts(
+            self.backbone, self.classnames, self.config.n_ctx_text, template=template
+        )
         self.register_buffer("tokens", p.tokens, persistent=False)
 
     def encode_classes(self) -> torch.Tensor:
@@ -74,7 +76,10 @@ class IVLP(PromptMethod):
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         if self.config.vision_depth > 0:
             out = self.backbone.forward_image(
-                images, self.visual, deep=list(self.deep_visual.unbind(0)), position=self.config.position
+                images,
+                self.visual,
+                deep=list(self.deep_visual.unbind(0)),
+                position=self.config.position,
             )
             img = F.normalize(out.pooled, dim=-1)
         else:

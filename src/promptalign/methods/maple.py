@@ -25,10 +25,10 @@ from .prompts import CoupledPrompts, build_class_prompts
 @dataclass(frozen=True)
 class MaPLeConfig(MethodConfig):
     """Attributes:
-        n_ctx: prompt tokens b (both towers).
-        depth: prompt depth (layers 0..depth-1 of both towers).
-        ctx_init: phrase initialising the first-layer text prompt.
-        position: visual prompt placement.
+    n_ctx: prompt tokens b (both towers).
+    depth: prompt depth (layers 0..depth-1 of both towers).
+    ctx_init: phrase initialising the first-layer text prompt.
+    position: visual prompt placement.
     """
 
     n_ctx: int = 2
@@ -55,7 +55,9 @@ class MaPLe(PromptMethod):
     def on_classnames_changed(self) -> None:
         suffix = self.prompts.suffix
         template = f"{suffix} {{}}." if suffix else "{}."
-        p = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx, template=template)
+        p = build_class_prompts(
+            self.backbone, self.classnames, self.config.n_ctx, template=template
+        )
         self.register_buffer("tokens", p.tokens, persistent=False)
 
     def encode_classes(self) -> torch.Tensor:

@@ -60,13 +60,16 @@ class NPTRegularizer(Regularizer):
     ):
         super().__init__()
         if too_many_classes not in ("hinge", "error"):
-            raise ValueError(f"too_many_classes {too_many_classes!r} unknown; use 'hinge' or 'error'")
+            raise ValueError(
+                f"too_many_classes {too_many_classes!r} unknown; use 'hinge' or 'error'"
+            )
         self.text_weight = float(text_weight)
         self.image_weight = float(image_weight)
         self.too_many_classes = too_many_classes
 
-    def forward(self, out: MethodOutput, batch: Batch, method: PromptMethod | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self, out: MethodOutput, batch: Batch, method: PromptMethod | None = None
+    ) -> dict[str, torch.Tensor]:
         labels = batch.labels
         text = F.normalize(out.text_features, dim=-1)
         if text.dim() == 3:  # image-conditioned class features: average over the batch
@@ -101,12 +104,12 @@ class NPTRegularizer(Regularizer):
 @dataclass(frozen=True)
 class NPTConfig(MethodConfig):
     """Attributes:
-        base: registered method NPT is applied to (the paper's is MaPLe; a name, resolved by
-            the registry: this file imports no other method).
-        base_options: config overrides of the base method.
-        text_weight, image_weight, too_many_classes: the regulariser's options.
-        optim: changes to the base method's published optimisation settings (None fields: the
-            base method's values).
+    base: registered method NPT is applied to (the paper's is MaPLe; a name, resolved by
+        the registry: this file imports no other method).
+    base_options: config overrides of the base method.
+    text_weight, image_weight, too_many_classes: the regulariser's options.
+    optim: changes to the base method's published optimisation settings (None fields: the
+        base method's values).
     """
 
     base: str = "maple"

@@ -55,15 +55,15 @@ RELEASED_CTX_INIT = ("a photo of a", "this is a photo", "this is picture of", "o
 @dataclass(frozen=True)
 class PLOTConfig(MethodConfig):
     """Attributes:
-        n_text_sets (N), n_ctx: text prompt sets and their context length.
-        n_visual_sets (M), n_ctx_vision, vision_depth: visual prompt sets (PLOT++), tokens, depth.
-        eps, max_iter, tol: Sinkhorn settings.
-        stage: "joint" (PLOT++ stage 2 and plain PLOT) or "visual" (PLOT++ stage 1: text prompts
-            frozen, global trade-off term added to the logits).
-        template: the dataset's hand-written template ("a photo of a {}, a type of pet."); the
-            engine fills it in. Empty: text prompts "X..X {class}." initialised N(0, 0.02).
-        ctx_init: phrases initialising text sets 1..N when a template is given (set 1 uses the
-            template's own words when they are long enough); sets beyond them start N(0, 0.02).
+    n_text_sets (N), n_ctx: text prompt sets and their context length.
+    n_visual_sets (M), n_ctx_vision, vision_depth: visual prompt sets (PLOT++), tokens, depth.
+    eps, max_iter, tol: Sinkhorn settings.
+    stage: "joint" (PLOT++ stage 2 and plain PLOT) or "visual" (PLOT++ stage 1: text prompts
+        frozen, global trade-off term added to the logits).
+    template: the dataset's hand-written template ("a photo of a {}, a type of pet."); the
+        engine fills it in. Empty: text prompts "X..X {class}." initialised N(0, 0.02).
+    ctx_init: phrases initialising text sets 1..N when a template is given (set 1 uses the
+        template's own words when they are long enough); sets beyond them start N(0, 0.02).
     """
 
     n_text_sets: int = 4
@@ -111,7 +111,9 @@ class PLOT(PromptMethod):
         if cfg.template:
             self._init_from_template(ctx)
         self.ctx = nn.Parameter(ctx)
-        self.visual = nn.Parameter(normal_init(cfg.n_visual_sets, cfg.n_ctx_vision, Wv))  # [M, n_v, Wv]
+        self.visual = nn.Parameter(
+            normal_init(cfg.n_visual_sets, cfg.n_ctx_vision, Wv)
+        )  # [M, n_v, Wv]
         self.deep_visual = nn.Parameter(
             normal_init(vision_depth - 1, cfg.n_visual_sets, cfg.n_ctx_vision, Wv)
         )
@@ -140,7 +142,9 @@ class PLOT(PromptMethod):
                 ctx[i, :k] = bb.embed_tokens(bb.tokenize([phrase]))[0, start : start + k].float()
 
     def on_classnames_changed(self) -> None:
-        p = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx, template=self.class_template)
+        p = build_class_prompts(
+            self.backbone, self.classnames, self.config.n_ctx, template=self.class_template
+        )
         self.register_buffer("tokens", p.tokens, persistent=False)
 
     def encode_classes(self) -> torch.Tensor:
@@ -167,7 +171,10 @@ class PLOT(PromptMethod):
         ``promptalign.explain``); image tokens too, for patch-level cosine maps."""
         cfg = self.config
         out = self.backbone.forward_image(
-            images, self.visual, deep=list(self.deep_visual.unbind(0)), position=cfg.position,
+            images,
+            self.visual,
+            deep=list(self.deep_visual.unbind(0)),
+            position=cfg.position,
             return_tokens=True,
         )
         classes = self.class_features()  # [N, K, D], not normalised
@@ -177,8 +184,12 @@ class PLOT(PromptMethod):
             g_txt = F.normalize(classes.mean(0), dim=-1)  # [K, D]
             extra = self.backbone.logit_scale * g_img @ g_txt.t()  # [B, K]
         return ExplainFeatures(
-            "prompt_set_ot", out.pooled, F.normalize(classes, dim=-1).transpose(0, 1),  # [K, N, D]
+            "prompt_set_ot",
+            out.pooled,
+            F.normalize(classes, dim=-1).transpose(0, 1),  # [K, N, D]
             options={"eps": cfg.eps, "max_iter": cfg.max_iter, "tol": cfg.tol, "domain": "auto"},
-            logit_scale=self.backbone.logit_scale, image_tokens=out.tokens,
-            prompt_slice=out.prompt_slice, extra_logits=extra,
+            logit_scale=self.backbone.logit_scale,
+            image_tokens=out.tokens,
+            prompt_slice=out.prompt_slice,
+            extra_logits=extra,
         )

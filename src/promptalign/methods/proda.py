@@ -47,11 +47,11 @@ POSITIONS = ("front", "middle", "end")
 @dataclass(frozen=True)
 class ProDAConfig(MethodConfig):
     """Attributes:
-        n_prompts: size of the prompt set.
-        n_ctx: context tokens per prompt.
-        position_mix: fractions of prompts with the class name at the front, middle and end.
-        prompts_per_step: prompts encoded per training step (<= n_prompts; all by default).
-        diversity_weight: weight of the context-orthogonality term (0 = off).
+    n_prompts: size of the prompt set.
+    n_ctx: context tokens per prompt.
+    position_mix: fractions of prompts with the class name at the front, middle and end.
+    prompts_per_step: prompts encoded per training step (<= n_prompts; all by default).
+    diversity_weight: weight of the context-orthogonality term (0 = off).
     """
 
     n_prompts: int = 32
@@ -59,8 +59,9 @@ class ProDAConfig(MethodConfig):
     position_mix: tuple[float, float, float] = (0.25, 0.25, 0.5)
     prompts_per_step: int = 32
     diversity_weight: float = 1.0
-    optim: OptimPreset = OptimPreset(lr=0.002, batch_size=32, epochs=50,
-                                     epochs_by_shots=((1, 50), (4, 100), (16, 200)))
+    optim: OptimPreset = OptimPreset(
+        lr=0.002, batch_size=32, epochs=50, epochs_by_shots=((1, 50), (4, 100), (16, 200))
+    )
     PRESETS = {
         # all prompts with the class name at the end (CoOp's default position)
         "end_only": {"position_mix": (0.0, 0.0, 1.0)},
@@ -72,9 +73,13 @@ class ProDAConfig(MethodConfig):
         if self.n_prompts < 1 or self.n_ctx < 1:
             raise ValueError(f"n_prompts {self.n_prompts} and n_ctx {self.n_ctx} must be >= 1")
         if not 1 <= self.prompts_per_step <= self.n_prompts:
-            raise ValueError(f"prompts_per_step {self.prompts_per_step} must be in 1..n_prompts ({self.n_prompts})")
+            raise ValueError(
+                f"prompts_per_step {self.prompts_per_step} must be in 1..n_prompts ({self.n_prompts})"
+            )
         if len(self.position_mix) != 3 or min(self.position_mix) < 0 or sum(self.position_mix) <= 0:
-            raise ValueError(f"position_mix {self.position_mix} must be 3 non-negative fractions (front, middle, end)")
+            raise ValueError(
+                f"position_mix {self.position_mix} must be 3 non-negative fractions (front, middle, end)"
+            )
 
 
 def position_counts(n: int, mix: tuple[float, float, float]) -> list[int]:
@@ -84,8 +89,9 @@ def position_counts(n: int, mix: tuple[float, float, float]) -> list[int]:
     return [*counts, n - sum(counts)]
 
 
-def surrogate_logits(per_prompt: torch.Tensor, image: torch.Tensor, labels: torch.Tensor,
-                     scale: torch.Tensor) -> torch.Tensor:
+def surrogate_logits(
+    per_prompt: torch.Tensor, image: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """``s mu z + s^2/2 Var_p[(w_j^p - w_y^p) z]``: the logits whose cross-entropy is ProDA's
     upper bound. ``per_prompt [P, K, D]``, ``image [B, D]`` (normalised), ``labels [B]`` -> ``[B, K]``."""
     a = torch.einsum("bd,pkd->bpk", image, per_prompt)  # [B, P, K] per-prompt cosines
@@ -103,7 +109,9 @@ class ProDA(PromptMethod):
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
         cfg = self.config
-        self.ctx = nn.Parameter(normal_init(cfg.n_prompts, cfg.n_ctx, backbone.text_width))  # [P, n, W]
+        self.ctx = nn.Parameter(
+            normal_init(cfg.n_prompts, cfg.n_ctx, backbone.text_width)
+        )  # [P, n, W]
         counts = position_counts(cfg.n_prompts, cfg.position_mix)
         pos = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
         self.register_buffer("position_of", pos, persistent=False)  # [P] index into POSITIONS
@@ -113,14 +121,18 @@ class ProDA(PromptMethod):
 
     def on_classnames_changed(self) -> None:
         for name in POSITIONS:
-            p = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx, class_position=name)
+            p = build_class_prompts(
+                self.backbone, self.classnames, self.config.n_ctx, class_position=name
+            )
             self.register_buffer(f"tokens_{name}", p.tokens, persistent=False)
             self.register_buffer(f"positions_{name}", p.positions, persistent=False)
 
     def _selected(self) -> torch.Tensor:
         P = self.config.n_prompts
         if self.training and self.config.prompts_per_step < P:
-            return torch.randperm(P)[: self.config.prompts_per_step].sort().values.to(self.ctx.device)
+            return (
+                torch.randperm(P)[: self.config.prompts_per_step].sort().values.to(self.ctx.device)
+            )
         return torch.arange(P, device=self.ctx.device)
 
     def encode_classes(self) -> torch.Tensor:
@@ -132,7 +144,8 @@ class ProDA(PromptMethod):
             if len(chosen) == 0:
                 continue
             out = self.backbone.forward_text(
-                getattr(self, f"tokens_{name}").unsqueeze(0), self.ctx[chosen].unsqueeze(1),  # [1,K,T], [p,1,n,W]
+                getattr(self, f"tokens_{name}").unsqueeze(0),
+                self.ctx[chosen].unsqueeze(1),  # [1,K,T], [p,1,n,W]
                 positions=getattr(self, f"positions_{name}").unsqueeze(0),
             )
             feats.append(F.normalize(out.pooled, dim=-1))  # [p, K, D]

@@ -50,6 +50,7 @@ def build_class_prompts(
         )
     if class_position != "end" and template != "{}.":
         raise ValueError("class_position 'middle'/'front' work with the plain template '{}.'")
+
     def render(ph: str) -> list[str]:
         texts = []
         for name in classnames:
@@ -82,7 +83,9 @@ def build_class_prompts(
     return ClassPrompts(tokens=tokens, positions=pos)
 
 
-def _slots(tokens: torch.Tensor, alt: torch.Tensor, n_ctx: int, classnames: Sequence[str]) -> torch.Tensor:
+def _slots(
+    tokens: torch.Tensor, alt: torch.Tensor, n_ctx: int, classnames: Sequence[str]
+) -> torch.Tensor:
     """Context slots located through the model's own tokenizer, whatever its layout (start token
     or not, BPE or SentencePiece): the positions where the prompts rendered with two different
     placeholder words differ. ``[K, n_ctx]``"""
@@ -107,7 +110,9 @@ def phrase_init(backbone: Backbone, phrase: str, n: int) -> torch.Tensor:
         )
     with torch.no_grad():
         start = backbone.text_start  # 1 after a start token (CLIP), 0 without (SigLIP)
-        return backbone.embed_tokens(backbone.tokenize([phrase]))[0, start:start + n].float().clone()
+        return (
+            backbone.embed_tokens(backbone.tokenize([phrase]))[0, start : start + n].float().clone()
+        )
 
 
 def remaining_words(backbone: Backbone, phrase: str, n: int) -> str:

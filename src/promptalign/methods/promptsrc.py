@@ -38,24 +38,66 @@ from .ivlp import IVLP, IVLPConfig
 # The CLIP ImageNet prompt-engineering notebook's templates as listed in PromptSRC's
 # trainers/imagenet_templates.py (IMAGENET_TEMPLATES, 60 entries).
 CLIP_IMAGENET_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
-    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.",
-    "the embroidered {}.", "a photo of a hard to see {}.", "a bright photo of a {}.",
-    "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
-    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
-    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.",
-    "a bright photo of the {}.", "a cropped photo of a {}.", "a plastic {}.",
-    "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
-    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
-    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
-    "a close-up photo of the {}.", "the origami {}.", "the {} in a video game.",
-    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
-    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
-    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
 )
 
 
@@ -108,7 +150,9 @@ class PromptSRCConfig(IVLPConfig):
         if self.vision_depth < 1:
             raise ValueError("PromptSRC prompts both towers; set vision_depth >= 1")
         if not self.teacher_templates or any("{}" not in t for t in self.teacher_templates):
-            raise ValueError("teacher_templates must be non-empty, each with a '{}' for the class name")
+            raise ValueError(
+                "teacher_templates must be non-empty, each with a '{}' for the class name"
+            )
 
 
 @METHODS.register("promptsrc")
@@ -136,8 +180,12 @@ class PromptSRC(IVLP):
             T = len(self.config.teacher_templates)
             texts = [t.format(c) for c in self.classnames for t in self.config.teacher_templates]
             with torch.no_grad():
-                feats = torch.cat([self.backbone.encode_text(self.backbone.tokenize(texts[i:i + 500]))
-                                   for i in range(0, len(texts), 500)])  # [K*T, D]
+                feats = torch.cat(
+                    [
+                        self.backbone.encode_text(self.backbone.tokenize(texts[i : i + 500]))
+                        for i in range(0, len(texts), 500)
+                    ]
+                )  # [K*T, D]
             mean = feats.view(self.num_classes, T, -1).mean(1)  # [K, D]
             self._teacher = (self.classnames, device, F.normalize(mean, dim=-1))
         return self._teacher[2]
@@ -152,8 +200,16 @@ class PromptSRC(IVLP):
             zs_img = F.normalize(self.backbone.encode_image(images), dim=-1)  # [B, D]
             zs_logits = self.backbone.logit_scale * zs_img @ teacher.t()  # [B, K]
         T = cfg.kl_temperature
-        kl = F.kl_div(F.log_softmax(out.logits / T, dim=1), F.log_softmax(zs_logits / T, dim=1),
-                      reduction="sum", log_target=True) * (T * T) / out.logits.numel()
+        kl = (
+            F.kl_div(
+                F.log_softmax(out.logits / T, dim=1),
+                F.log_softmax(zs_logits / T, dim=1),
+                reduction="sum",
+                log_target=True,
+            )
+            * (T * T)
+            / out.logits.numel()
+        )
         return {
             "scl_text": F.l1_loss(out.text_features, teacher) * cfg.text_loss_weight,
             "scl_image": F.l1_loss(out.image_features, zs_img) * cfg.image_loss_weight,
@@ -164,7 +220,10 @@ class PromptSRC(IVLP):
         """Cross-entropy + :meth:`loss_terms` + configured regularisers."""
         images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch[:2]
         out = self(images)
-        terms = {"ce": F.cross_entropy(out.logits, labels), **self.loss_terms(out, (images, labels))}
+        terms = {
+            "ce": F.cross_entropy(out.logits, labels),
+            **self.loss_terms(out, (images, labels)),
+        }
         for reg in self.regularizer_modules:
             terms.update(reg(out, labels))
         with torch.no_grad():

@@ -49,14 +49,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TipAdapterFConfig(MethodConfig):
     """Attributes:
-        template: zero-shot prompt template (the dataset's own in benchmarks).
-        templates: a template ensemble replacing ``template`` (the released ImageNet setting).
-        augment_views: augmented passes over the training set averaged into the cache keys.
-        init_alpha, init_beta: residual ratio and affinity sharpness used in training (and at
-            inference when the search is off or there is no validation data).
-        search: search alpha/beta on the validation split after training.
-        search_scale: (beta max, alpha max) of the search grid; ``search_step``: grid sizes.
-        train_keys: fine-tune the keys (Tip-Adapter-F); False = training-free Tip-Adapter.
+    template: zero-shot prompt template (the dataset's own in benchmarks).
+    templates: a template ensemble replacing ``template`` (the released ImageNet setting).
+    augment_views: augmented passes over the training set averaged into the cache keys.
+    init_alpha, init_beta: residual ratio and affinity sharpness used in training (and at
+        inference when the search is off or there is no validation data).
+    search: search alpha/beta on the validation split after training.
+    search_scale: (beta max, alpha max) of the search grid; ``search_step``: grid sizes.
+    train_keys: fine-tune the keys (Tip-Adapter-F); False = training-free Tip-Adapter.
     """
 
     template: str = "a photo of a {}."
@@ -135,7 +135,9 @@ class TipAdapterF(PromptMethod):
         self.clear_cache()
 
     @torch.no_grad()
-    def fit_before_training(self, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    def fit_before_training(
+        self, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> None:
         """Build the cache: keys = normalised mean over ``augment_views`` augmented passes of the
         training features (released ``build_cache_model``), labels from the first pass."""
         total, labels = None, []
@@ -146,7 +148,9 @@ class TipAdapterF(PromptMethod):
                 if view == 0:
                     labels.append(y)
             if not feats:
-                log.warning("Tip-Adapter: no training images; the cache stays empty (zero-shot CLIP)")
+                log.warning(
+                    "Tip-Adapter: no training images; the cache stays empty (zero-shot CLIP)"
+                )
                 return
             f = torch.cat(feats)  # [NK, D]
             total = f if total is None else total + f
@@ -155,7 +159,9 @@ class TipAdapterF(PromptMethod):
         log.info("Tip-Adapter cache: %d keys over %d classes", len(keys), self.num_classes)
 
     @torch.no_grad()
-    def select_on_validation(self, val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, float]:
+    def select_on_validation(
+        self, val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> dict[str, float]:
         """Grid search of (beta, alpha) on the validation split (released ``search_hp``): the
         first best accuracy wins, scanning beta then alpha in increasing order."""
         if not self.config.search or len(self.keys) == 0:
@@ -165,8 +171,11 @@ class TipAdapterF(PromptMethod):
             feats.append(F.normalize(self.backbone.encode_image(images).float(), dim=-1))
             labels.append(y)
         if not feats:
-            log.warning("Tip-Adapter: empty validation split; keeping alpha=%g beta=%g",
-                        float(self.alpha), float(self.beta))
+            log.warning(
+                "Tip-Adapter: empty validation split; keeping alpha=%g beta=%g",
+                float(self.alpha),
+                float(self.beta),
+            )
             return {}
         f, y = torch.cat(feats), torch.cat(labels)
         clip = cosine_logits(f, self.class_features(), self.backbone.logit_scale)  # [V, K]
@@ -198,7 +207,9 @@ class TipAdapterF(PromptMethod):
         texts = [t.format(c) for c in self.classnames for t in self.templates]
         with torch.no_grad():
             feats = self.backbone.encode_text(self.backbone.tokenize(texts))  # [K*T, D]
-        return normalize_mean(feats.view(self.num_classes, len(self.templates), -1), dim=1)  # [K, D]
+        return normalize_mean(
+            feats.view(self.num_classes, len(self.templates), -1), dim=1
+        )  # [K, D]
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         with torch.no_grad():

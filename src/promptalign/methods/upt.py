@@ -29,9 +29,9 @@ from .prompts import build_class_prompts, normal_init
 @dataclass(frozen=True)
 class UPTConfig(MethodConfig):
     """Attributes:
-        n_ctx: text context tokens; the unified prompt has 2 * n_ctx tokens.
-        dropout: dropout of the prompt transformer.
-        position: visual prompt placement ("after_cls" in UPT).
+    n_ctx: text context tokens; the unified prompt has 2 * n_ctx tokens.
+    dropout: dropout of the prompt transformer.
+    position: visual prompt placement ("after_cls" in UPT).
     """
 
     n_ctx: int = 4
@@ -71,7 +71,7 @@ class UPT(PromptMethod):
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         classes, mixed = classes
-        visual = self.to_visual(mixed[self.config.n_ctx:])  # [n, Wv]
+        visual = self.to_visual(mixed[self.config.n_ctx :])  # [n, Wv]
         out = self.backbone.forward_image(images, visual, position=self.config.position)
         img = F.normalize(out.pooled, dim=-1)
         return MethodOutput(cosine_logits(img, classes, self.backbone.logit_scale), img, classes)

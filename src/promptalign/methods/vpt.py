@@ -24,10 +24,10 @@ from .prompts import check_depth, normal_init
 @dataclass(frozen=True)
 class VPTConfig(MethodConfig):
     """Attributes:
-        n_tokens: visual prompt tokens.
-        depth: layers receiving prompts (1 = shallow VPT; MaPLe repo's deep VPT uses 12).
-        position: "after_patches" or "after_cls".
-        template: fixed text template.
+    n_tokens: visual prompt tokens.
+    depth: layers receiving prompts (1 = shallow VPT; MaPLe repo's deep VPT uses 12).
+    position: "after_patches" or "after_cls".
+    template: fixed text template.
     """
 
     n_tokens: int = 8
@@ -48,7 +48,9 @@ class VPT(PromptMethod):
         depth = check_depth(cfg.depth, backbone.vision_layers, "visual prompt")
         W = backbone.vision_width
         self.prompts = nn.Parameter(normal_init(cfg.n_tokens, W))  # [n, Wv]
-        self.deep_prompts = nn.Parameter(normal_init(depth - 1, cfg.n_tokens, W))  # [depth-1, n, Wv]
+        self.deep_prompts = nn.Parameter(
+            normal_init(depth - 1, cfg.n_tokens, W)
+        )  # [depth-1, n, Wv]
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:
@@ -61,7 +63,10 @@ class VPT(PromptMethod):
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         out = self.backbone.forward_image(
-            images, self.prompts, deep=list(self.deep_prompts.unbind(0)), position=self.config.position
+            images,
+            self.prompts,
+            deep=list(self.deep_prompts.unbind(0)),
+            position=self.config.position,
         )
         img = F.normalize(out.pooled, dim=-1)
         return MethodOutput(cosine_logits(img, classes, self.backbone.logit_scale), img, classes)

@@ -26,8 +26,8 @@ from .base import (
 @dataclass(frozen=True)
 class ZeroShotConfig(MethodConfig):
     """Attributes:
-        template: prompt template with one "{}" for the class name (per-dataset in benchmarks).
-        templates: an ensemble of templates; when given it replaces ``template``.
+    template: prompt template with one "{}" for the class name (per-dataset in benchmarks).
+    templates: an ensemble of templates; when given it replaces ``template``.
     """
 
     template: str = "a photo of a {}."
@@ -54,7 +54,9 @@ class ZeroShotCLIP(PromptMethod):
         texts = [t.format(c) for c in self.classnames for t in self.templates]
         with torch.no_grad():
             feats = self.backbone.encode_text(self.backbone.tokenize(texts))  # [K*T, D]
-        return normalize_mean(feats.view(self.num_classes, len(self.templates), -1), dim=1)  # [K, D]
+        return normalize_mean(
+            feats.view(self.num_classes, len(self.templates), -1), dim=1
+        )  # [K, D]
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         with torch.no_grad():

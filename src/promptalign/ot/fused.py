@@ -84,10 +84,28 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _sinkhorn_block_kernel(
-        G, INV_R, INV_S, LEN, OUT_DIST, OUT_SIM, OUT_ERR, OUT_ITER,
-        M, KC, N, J, L, K_TOTAL, K0, ROW,
-        inv_eps, max_iter, tol,
-        CHECK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr,
+        G,
+        INV_R,
+        INV_S,
+        LEN,
+        OUT_DIST,
+        OUT_SIM,
+        OUT_ERR,
+        OUT_ITER,
+        M,
+        KC,
+        N,
+        J,
+        L,
+        K_TOTAL,
+        K0,
+        ROW,
+        inv_eps,
+        max_iter,
+        tol,
+        CHECK: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        BLOCK_L: tl.constexpr,
         STORE_PLAN: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -182,8 +200,16 @@ def chunk_classes(B: int, M: int, N: int, J: int, L: int, memory_budget: int) ->
 
 
 def _forward(
-    r: torch.Tensor, s: torch.Tensor, lengths: torch.Tensor, inv_r: torch.Tensor,
-    inv_s: torch.Tensor, eps: float, max_iter: int, tol: float, check_every: int, chunk: int,
+    r: torch.Tensor,
+    s: torch.Tensor,
+    lengths: torch.Tensor,
+    inv_r: torch.Tensor,
+    inv_s: torch.Tensor,
+    eps: float,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    chunk: int,
     store_plan: bool,
 ):
     """Run GEMM + kernel over class chunks; returns outputs and (if asked) the plans per chunk."""
@@ -204,12 +230,31 @@ def _forward(
     block_j, block_l = _pow2(J, 16), _pow2(L, 16)
     for k0 in range(0, K, chunk):
         kc = min(chunk, K - k0)
-        g = gemm_fp32(s[k0:k0 + kc].reshape(kc * N * L, D), r2).contiguous()  # [kc*N*L, B*M*J]
+        g = gemm_fp32(s[k0 : k0 + kc].reshape(kc * N * L, D), r2).contiguous()  # [kc*N*L, B*M*J]
         _sinkhorn_block_kernel[(B * M * kc * N,)](
-            g, inv_r, inv_s[k0:k0 + kc].contiguous(), lengths, dist, sim, err, iters,
-            M, kc, N, J, L, K, k0, B * M * J,
-            1.0 / eps, int(max_iter), float(tol),
-            CHECK=int(check_every), BLOCK_J=block_j, BLOCK_L=block_l, STORE_PLAN=store_plan,
+            g,
+            inv_r,
+            inv_s[k0 : k0 + kc].contiguous(),
+            lengths,
+            dist,
+            sim,
+            err,
+            iters,
+            M,
+            kc,
+            N,
+            J,
+            L,
+            K,
+            k0,
+            B * M * J,
+            1.0 / eps,
+            int(max_iter),
+            float(tol),
+            CHECK=int(check_every),
+            BLOCK_J=block_j,
+            BLOCK_L=block_l,
+            STORE_PLAN=store_plan,
             num_warps=4 if block_j * block_l <= 4096 else 8,
         )
         if store_plan:
@@ -251,10 +296,10 @@ class TokenOT(torch.autograd.Function):
         for i, plan in enumerate(plans):
             k0 = i * ctx.chunk
             kc = plan.shape[0] // (N * L)
-            c = coef[:, k0:k0 + kc].permute(1, 3, 0, 2)  # [kc, N, B, M]
+            c = coef[:, k0 : k0 + kc].permute(1, 3, 0, 2)  # [kc, N, B, M]
             w = (plan.view(kc, N, L, B, M, J) * c[:, :, None, :, :, None]).view(kc * N * L, -1)
-            x_r += w.t() @ s_hat[k0:k0 + kc].reshape(kc * N * L, D)  # [B*M*J, D]
-            x_s[k0:k0 + kc] = (w @ r_hat).view(kc, N, L, D)
+            x_r += w.t() @ s_hat[k0 : k0 + kc].reshape(kc * N * L, D)  # [B*M*J, D]
+            x_s[k0 : k0 + kc] = (w @ r_hat).view(kc, N, L, D)
         x_r = x_r.view(B, M, J, D)
         if ctx.normalize:  # backward of x -> x / |x|
             r_hat = r_hat.view(B, M, J, D)
@@ -309,13 +354,22 @@ def token_ot(
     lengths = text_mask.sum(-1).to(torch.int32).contiguous()  # [K, N]
     prefix = torch.arange(L, device=text_mask.device) < lengths.unsqueeze(-1)
     if not torch.equal(prefix, text_mask.bool()):
-        raise ValueError("the fused kernel needs prefix text masks (real tokens first, padding last)")
+        raise ValueError(
+            "the fused kernel needs prefix text masks (real tokens first, padding last)"
+        )
     if text_tokens.dtype != image_tokens.dtype:
         text_tokens = text_tokens.to(image_tokens.dtype)
     chunk = class_chunk or chunk_classes(B, M, N, J, L, memory_budget)
     with torch.autocast(image_tokens.device.type, enabled=False):
         dist, sim, err, iters = TokenOT.apply(
-            image_tokens.contiguous(), text_tokens.contiguous(), lengths, normalize, float(eps),
-            int(max_iter), float(tol), int(check_every), int(chunk),
+            image_tokens.contiguous(),
+            text_tokens.contiguous(),
+            lengths,
+            normalize,
+            float(eps),
+            int(max_iter),
+            float(tol),
+            int(check_every),
+            int(chunk),
         )
     return TokenOTResult(dist, sim, err, iters.long(), err <= tol)

@@ -184,7 +184,9 @@ def hierarchical_ot(
     The two backends therefore agree to ~1e-6 for any input dtype.
     """
     if form not in ("paper", "released"):
-        raise ValueError(f"form {form!r} unknown; use 'paper' (distance) or 'released' (similarity)")
+        raise ValueError(
+            f"form {form!r} unknown; use 'paper' (distance) or 'released' (similarity)"
+        )
     if backend not in ("auto", "torch", "fused"):
         raise ValueError(f"backend {backend!r} unknown; use 'auto', 'torch' or 'fused'")
     B, M, J, D = image_tokens.shape
@@ -199,13 +201,17 @@ def hierarchical_ot(
     eps_token = eps if eps_token is None else eps_token
     if domain == "auto":
         domain = "kernel" if min(eps, eps_token) >= KERNEL_DOMAIN_MIN_EPS else "log"
-    needs_grad = torch.is_grad_enabled() and (image_tokens.requires_grad or text_tokens.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (
+        image_tokens.requires_grad or text_tokens.requires_grad
+    )
     if backend == "fused":
         why = _fused_reason(image_tokens, eps_token, domain)
         if why is None and needs_grad and form == "paper" and grad != "envelope":
             why = f"its backward is the envelope gradient and grad={grad!r} was asked"
         if why is not None:
-            raise ValueError(f"backend='fused' cannot run here: {why}; use backend='auto' or 'torch'")
+            raise ValueError(
+                f"backend='fused' cannot run here: {why}; use backend='auto' or 'torch'"
+            )
         use_fused = True
     elif backend == "auto":
         use_fused = (
@@ -229,22 +235,57 @@ def hierarchical_ot(
 
     with torch.autocast(image_tokens.device.type, enabled=False):  # fp32 from here on
         return _hierarchical(
-            image_global, image_tokens, text_global, text_tokens, text_mask, use_fused,
-            beta=beta, eps=eps, eps_token=eps_token, max_iter=max_iter,
-            max_iter_token=max_iter_token, tol=tol, tol_token=tol_token, form=form,
-            domain=domain, grad=grad, normalize=normalize, memory_budget=memory_budget,
-            class_chunk=class_chunk, check_every=check_every,
+            image_global,
+            image_tokens,
+            text_global,
+            text_tokens,
+            text_mask,
+            use_fused,
+            beta=beta,
+            eps=eps,
+            eps_token=eps_token,
+            max_iter=max_iter,
+            max_iter_token=max_iter_token,
+            tol=tol,
+            tol_token=tol_token,
+            form=form,
+            domain=domain,
+            grad=grad,
+            normalize=normalize,
+            memory_budget=memory_budget,
+            class_chunk=class_chunk,
+            check_every=check_every,
         )
 
 
 def _hierarchical(
-    image_global, image_tokens, text_global, text_tokens, text_mask, use_fused, *, beta, eps,
-    eps_token, max_iter, max_iter_token, tol, tol_token, form, domain, grad, normalize,
-    memory_budget, class_chunk, check_every,
+    image_global,
+    image_tokens,
+    text_global,
+    text_tokens,
+    text_mask,
+    use_fused,
+    *,
+    beta,
+    eps,
+    eps_token,
+    max_iter,
+    max_iter_token,
+    tol,
+    tol_token,
+    form,
+    domain,
+    grad,
+    normalize,
+    memory_budget,
+    class_chunk,
+    check_every,
 ) -> HierarchicalOTResult:
     work = torch.promote_types(image_tokens.dtype, torch.float32)  # fp32, or fp64 if given
     prep = (lambda x: F.normalize(x.to(work), dim=-1)) if normalize else (lambda x: x.to(work))
-    global_sim = torch.einsum("bmd,knd->bkmn", prep(image_global), prep(text_global))  # [B, K, M, N]
+    global_sim = torch.einsum(
+        "bmd,knd->bkmn", prep(image_global), prep(text_global)
+    )  # [B, K, M, N]
 
     if use_fused:
         from . import fused
@@ -252,17 +293,32 @@ def _hierarchical(
         if form == "released":  # the token level only moves the plan: no gradient, no plans kept
             image_tokens, text_tokens = image_tokens.detach(), text_tokens.detach()
         tok = fused.token_ot(
-            image_tokens, text_tokens, text_mask, eps=eps_token, max_iter=max_iter_token,
-            tol=tol_token, check_every=check_every, normalize=normalize,
-            memory_budget=memory_budget, class_chunk=class_chunk,
+            image_tokens,
+            text_tokens,
+            text_mask,
+            eps=eps_token,
+            max_iter=max_iter_token,
+            tol=tol_token,
+            check_every=check_every,
+            normalize=normalize,
+            memory_budget=memory_budget,
+            class_chunk=class_chunk,
         )
         token_distance, token_similarity = tok.distance, tok.similarity.detach()
         token_stats = _stats(tok.converged, tok.n_iter, tok.error)
     else:
         token_distance, token_similarity, token_stats = _token_level_torch(
-            prep(image_tokens), prep(text_tokens), text_mask,
-            eps=eps_token, max_iter=max_iter_token, tol=tol_token, domain=domain, grad=grad,
-            memory_budget=memory_budget, class_chunk=class_chunk, check_every=check_every,
+            prep(image_tokens),
+            prep(text_tokens),
+            text_mask,
+            eps=eps_token,
+            max_iter=max_iter_token,
+            tol=tol_token,
+            domain=domain,
+            grad=grad,
+            memory_budget=memory_budget,
+            class_chunk=class_chunk,
+            check_every=check_every,
             need_grad=form == "paper",
         )
 
@@ -271,7 +327,12 @@ def _hierarchical(
     else:
         prompt_cost = (1.0 - global_sim) + beta * token_similarity.detach()
     outer = sinkhorn(
-        prompt_cost, eps=eps, max_iter=max_iter, tol=tol, domain=domain, grad=grad,
+        prompt_cost,
+        eps=eps,
+        max_iter=max_iter,
+        tol=tol,
+        domain=domain,
+        grad=grad,
         check_every=check_every,
     )
     if form == "paper":
@@ -313,13 +374,19 @@ def _token_level_torch(
     work = torch.promote_types(image_tokens.dtype, torch.float32)
     r = image_tokens.to(work)
     for k0 in range(0, K, chunk):
-        s = text_tokens[k0:k0 + chunk].to(work)
+        s = text_tokens[k0 : k0 + chunk].to(work)
         # einsum returns a permuted view; make it dense so every later op streams memory
         sim = torch.einsum("bmjd,knld->bkmnjl", r, s).contiguous()  # [B, kc, M, N, J, L]
-        mask_b = text_mask[k0:k0 + chunk][None, :, None]  # [1, kc, 1, N, L]
+        mask_b = text_mask[k0 : k0 + chunk][None, :, None]  # [1, kc, 1, N, L]
         res = sinkhorn(
-            1.0 - sim, eps=eps, max_iter=max_iter, tol=tol, domain=domain, grad=grad,
-            mask_b=mask_b, check_every=check_every,
+            1.0 - sim,
+            eps=eps,
+            max_iter=max_iter,
+            tol=tol,
+            domain=domain,
+            grad=grad,
+            mask_b=mask_b,
+            check_every=check_every,
         )
         dist = res.cost if need_grad else res.cost.detach()  # [B, kc, M, N]
         dists.append(dist)

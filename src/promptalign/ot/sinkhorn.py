@@ -80,7 +80,11 @@ class SinkhornResult:
 
 
 def _marginal(
-    weights: torch.Tensor | None, mask: torch.Tensor | None, size: int, like: torch.Tensor, name: str
+    weights: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    size: int,
+    like: torch.Tensor,
+    name: str,
 ) -> torch.Tensor:
     """Marginal weights: given (zeroed where masked) or uniform over the unmasked entries."""
     if weights is not None:
@@ -165,8 +169,13 @@ def sinkhorn(
         )
     value = (plan * work).sum((-2, -1))
     return SinkhornResult(
-        plan=plan, cost=value, converged=conv, n_iter=iters, marginal_error=err,
-        log_u=log_u, log_v=log_v,
+        plan=plan,
+        cost=value,
+        converged=conv,
+        n_iter=iters,
+        marginal_error=err,
+        log_u=log_u,
+        log_v=log_v,
     )
 
 

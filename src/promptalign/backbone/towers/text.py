@@ -58,7 +58,11 @@ class TextTower:
         return None
 
     def encode(
-        self, x: torch.Tensor, eot: torch.Tensor, key_mask: torch.Tensor | None, before_block: BeforeBlock
+        self,
+        x: torch.Tensor,
+        eot: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        before_block: BeforeBlock,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [S, T, W]`` word embeddings -> (pooled ``[S, D]``, final hidden ``[S, T, W]``)."""
         raise NotImplementedError
@@ -84,13 +88,15 @@ class OpenCLIPText(TextTower):
         self.src = src
         if getattr(src, "cls_emb", None) is not None:
             raise UnsupportedTower(
-                "text", "a text tower without an appended CLS embedding (CoCa's embed_cls)",
+                "text",
+                "a text tower without an appended CLS embedding (CoCa's embed_cls)",
                 "CoCa-style text towers are not supported",
             )
         pool = getattr(src, "pool_type", getattr(model, "text_pool_type", "argmax"))
         if pool not in ("argmax", "eos", "last", "first"):
             raise UnsupportedTower(
-                "text", f"a pooled text feature (pool_type {pool!r} returns every token)",
+                "text",
+                f"a pooled text feature (pool_type {pool!r} returns every token)",
                 "use pool_type 'argmax', 'eos', 'last' or 'first'",
             )
         self.pool_type = pool
@@ -166,10 +172,15 @@ class HFText(TextTower):
         self.model = enc.transformer
         self.pad_id = int(enc.config.pad_token_id)
         pooler = type(enc.pooler).__name__
-        self.pool = {"MeanPooler": "mean", "ClsPooler": "cls", "ClsLastHiddenStatePooler": "cls"}.get(pooler)
+        self.pool = {
+            "MeanPooler": "mean",
+            "ClsPooler": "cls",
+            "ClsLastHiddenStatePooler": "cls",
+        }.get(pooler)
         if self.pool is None:
             raise UnsupportedTower(
-                "text", f"a pooler promptalign can place prompts under (got {pooler})",
+                "text",
+                f"a pooler promptalign can place prompts under (got {pooler})",
                 "use hf_pooler_type 'mean_pooler' or 'cls_pooler'",
             )
         self._layers = self._find_layers()
@@ -190,7 +201,8 @@ class HFText(TextTower):
                 if isinstance(layers, nn.ModuleList):
                     return layers
         raise UnsupportedTower(
-            "text", f"the list of transformer layers of {type(self.model).__name__}",
+            "text",
+            f"the list of transformer layers of {type(self.model).__name__}",
             "deep prompts need the encoder's layer list (encoder.layer / block / layers)",
         )
 
@@ -207,6 +219,7 @@ class HFText(TextTower):
     def encode(self, x, eot, key_mask, before_block):
         handles = []
         for i, layer in enumerate(self._layers):
+
             def hook(module, args, kwargs, i=i):
                 if args:
                     return (before_block(i, args[0]), *args[1:]), kwargs
@@ -232,9 +245,13 @@ def text_tower(model: nn.Module) -> TextTower:
     src = getattr(model, "text", model)
     if hasattr(src, "transformer") and hasattr(src, "pooler") and hasattr(src, "config"):
         return HFText(model)
-    if all(hasattr(src, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+    if all(
+        hasattr(src, a)
+        for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")
+    ):
         return OpenCLIPText(model)
     raise UnsupportedTower(
-        "text", f"token embedding / transformer / final norm of {type(src).__name__}",
+        "text",
+        f"token embedding / transformer / final norm of {type(src).__name__}",
         "prompt learning needs open_clip's TextTransformer or a Hugging Face encoder tower",
     )

@@ -81,12 +81,14 @@ class OpenCLIPViT(VisionTower):
         self.v = visual
         if getattr(visual, "attn_pool", None) is not None:
             raise UnsupportedTower(
-                "vision", "attentional pooler of open_clip's VisionTransformer (attentional_pool)",
+                "vision",
+                "attentional pooler of open_clip's VisionTransformer (attentional_pool)",
                 "choose a config without attentional_pool (CLS-token or mean pooling)",
             )
         if visual.pool_type not in ("tok", "avg"):
             raise UnsupportedTower(
-                "vision", f"pool_type {visual.pool_type!r} of open_clip's VisionTransformer",
+                "vision",
+                f"pool_type {visual.pool_type!r} of open_clip's VisionTransformer",
                 "use pool_type 'tok' or 'avg'",
             )
         self.width = visual.class_embedding.shape[-1]
@@ -139,7 +141,15 @@ class TimmViT(VisionTower):
     DINOv2-style registers) and ``Eva`` (EVA-02 and PE with rotary positions)."""
 
     kind = "timm ViT"
-    _SEAMS = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "forward_head", "num_prefix_tokens")
+    _SEAMS = (
+        "patch_embed",
+        "_pos_embed",
+        "norm_pre",
+        "blocks",
+        "norm",
+        "forward_head",
+        "num_prefix_tokens",
+    )
 
     def __init__(self, visual: nn.Module):
         self.visual = visual
@@ -147,7 +157,8 @@ class TimmViT(VisionTower):
         missing = [s for s in self._SEAMS if not hasattr(trunk, s)]
         if missing:
             raise UnsupportedTower(
-                "vision", f"token-sequence seams {missing} of timm model {type(trunk).__name__}",
+                "vision",
+                f"token-sequence seams {missing} of timm model {type(trunk).__name__}",
                 "prompt learning needs a timm ViT trunk (VisionTransformer or Eva); convolutional "
                 "and hierarchical towers (ConvNeXt, FastViT, Swin) have no prompt token sequence",
             )
@@ -173,7 +184,9 @@ class TimmViT(VisionTower):
         else:
             x, rope = t.patch_drop(out), None
         if x.dim() != 3:
-            raise UnsupportedTower("vision", "a [B, L, W] token sequence after _pos_embed", "use a ViT trunk")
+            raise UnsupportedTower(
+                "vision", "a [B, L, W] token sequence after _pos_embed", "use a ViT trunk"
+            )
         return x, rope
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,10 +229,14 @@ def vision_tower(visual: nn.Module | None) -> VisionTower:
         raise UnsupportedTower("vision", "an image tower (model.visual)", "load a CLIP-style model")
     if hasattr(visual, "trunk"):
         return TimmViT(visual)
-    if all(hasattr(visual, a) for a in ("conv1", "class_embedding", "positional_embedding", "transformer")):
+    if all(
+        hasattr(visual, a)
+        for a in ("conv1", "class_embedding", "positional_embedding", "transformer")
+    ):
         return OpenCLIPViT(visual)
     raise UnsupportedTower(
-        "vision", f"token-sequence seams (patch embedding, class token, transformer) of {type(visual).__name__}",
+        "vision",
+        f"token-sequence seams (patch embedding, class token, transformer) of {type(visual).__name__}",
         "prompt learning needs a ViT image tower: open_clip's VisionTransformer or a timm ViT/EVA "
         "trunk (ResNet towers such as RN50 are not supported)",
     )

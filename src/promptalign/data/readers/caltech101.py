@@ -12,4 +12,9 @@ class Caltech101(SplitJsonReader):
     image_dir = "101_ObjectCategories"
     split_file = "split_zhou_Caltech101.json"
     template = "a photo of a {}."
-    rename = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+    rename = {
+        "airplanes": "airplane",
+        "Faces": "face",
+        "Leopards": "leopard",
+        "Motorbikes": "motorbike",
+    }

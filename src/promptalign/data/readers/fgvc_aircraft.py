@@ -18,7 +18,9 @@ class FGVCAircraft(DatasetReader):
         vpath = d / "variants.txt"
         if not vpath.is_file():
             raise DatasetError(f"{self.registered_name}: {vpath} does not exist")
-        names = [line.strip() for line in vpath.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = [
+            line.strip() for line in vpath.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
         index = {n: i for i, n in enumerate(names)}
         out = {}
         for split in ("train", "val", "test"):

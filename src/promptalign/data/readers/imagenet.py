@@ -5,10 +5,19 @@ sorted so a seed always selects the same images. val is the test set (as in CoOp
 from pathlib import Path
 
 from ...registry import DATASETS
-from ..base import DatasetError, DatasetReader, Splits, folder_records, list_dirs, read_classnames_txt
+from ..base import (
+    DatasetError,
+    DatasetReader,
+    Splits,
+    folder_records,
+    list_dirs,
+    read_classnames_txt,
+)
 
 
-def wnid_classes(root_dir: Path, image_root: Path, sub: str, dataset: str) -> tuple[list[str], list[str]]:
+def wnid_classes(
+    root_dir: Path, image_root: Path, sub: str, dataset: str
+) -> tuple[list[str], list[str]]:
     """Sorted wnid folders under ``image_root/sub`` and their names from ``root_dir/classnames.txt``."""
     names = read_classnames_txt(root_dir / "classnames.txt", dataset)
     folder = image_root / sub if sub else image_root
@@ -17,7 +26,9 @@ def wnid_classes(root_dir: Path, image_root: Path, sub: str, dataset: str) -> tu
     wnids = list_dirs(folder)
     unknown = [w for w in wnids if w not in names]
     if unknown:
-        raise DatasetError(f"{dataset}: folders {unknown[:5]} in {folder} are not in {root_dir / 'classnames.txt'}")
+        raise DatasetError(
+            f"{dataset}: folders {unknown[:5]} in {folder} are not in {root_dir / 'classnames.txt'}"
+        )
     return wnids, [names[w] for w in wnids]
 
 
@@ -28,7 +39,9 @@ class WnidFolderReader(DatasetReader):
     test_only = True
 
     def read(self, root: Path) -> Splits:
-        wnids, names = wnid_classes(self.dataset_dir(root), self.image_root(root), "", self.registered_name)
+        wnids, names = wnid_classes(
+            self.dataset_dir(root), self.image_root(root), "", self.registered_name
+        )
         return Splits([], [], folder_records(self.image_root(root), "", wnids, names), names)
 
 
@@ -44,6 +57,8 @@ class ImageNet(DatasetReader):
         train = folder_records(img, "train", wnids, names)
         val_wnids, _ = wnid_classes(d, img, "val", self.registered_name)
         if val_wnids != wnids:
-            raise DatasetError(f"{self.registered_name}: {img / 'val'} and {img / 'train'} hold different class folders")
+            raise DatasetError(
+                f"{self.registered_name}: {img / 'val'} and {img / 'train'} hold different class folders"
+            )
         test = folder_records(img, "val", wnids, names)
         return Splits(train=train, val=test, test=test, classnames=names)

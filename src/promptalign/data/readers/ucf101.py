@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from ...registry import DATASETS
-from ..base import Splits, SplitJsonReader, camel_to_words
+from ..base import SplitJsonReader, Splits, camel_to_words
 
 
 @DATASETS.register("ucf101")
@@ -18,6 +18,10 @@ class UCF101(SplitJsonReader):
         # split files hold "Apply_Eye_Makeup"; older ones "ApplyEyeMakeup": normalise both
         fix = {c: c if "_" in c else camel_to_words(c) for c in splits.classnames}
         for name in ("train", "val", "test"):
-            setattr(splits, name, [r.__class__(r.path, r.label, fix[r.classname]) for r in splits.split(name)])
+            setattr(
+                splits,
+                name,
+                [r.__class__(r.path, r.label, fix[r.classname]) for r in splits.split(name)],
+            )
         splits.classnames = [fix[c] for c in splits.classnames]
         return splits
