@@ -192,7 +192,8 @@ class PromptSRC(IVLP):
 
     # ------------------------------------------------------------------ objective
     def loss_terms(self, out: MethodOutput, batch: Any) -> dict[str, torch.Tensor]:
-        """The three self-regularising consistency terms (already weighted)."""
+        """Cross-entropy, the regularisers and the three self-regularising consistency terms
+        (already weighted)."""
         images = batch[0]
         cfg = self.config
         teacher = self.teacher_text()
@@ -211,24 +212,11 @@ class PromptSRC(IVLP):
             / out.logits.numel()
         )
         return {
+            **super().loss_terms(out, batch),  # cross-entropy + configured regularisers
             "scl_text": F.l1_loss(out.text_features, teacher) * cfg.text_loss_weight,
             "scl_image": F.l1_loss(out.image_features, zs_img) * cfg.image_loss_weight,
             "scl_logits": kl,
         }
-
-    def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Cross-entropy + :meth:`loss_terms` + configured regularisers."""
-        images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch[:2]
-        out = self(images)
-        terms = {
-            "ce": F.cross_entropy(out.logits, labels),
-            **self.loss_terms(out, (images, labels)),
-        }
-        for reg in self.regularizer_modules:
-            terms.update(reg(out, labels))
-        with torch.no_grad():
-            acc = (out.logits.argmax(-1) == labels).float().mean()
-        return {"loss": sum(terms.values()), **terms, "acc": acc, **out.extras}
 
     # ------------------------------------------------------------------ aggregation
     @torch.no_grad()
