@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod
+from .base import Batch, MethodConfig, MethodOutput, OptimPreset, PromptMethod
 from .prompts import build_class_prompts, normal_init
 
 POSITIONS = ("front", "middle", "end")
@@ -179,7 +179,7 @@ class ProDA(PromptMethod):
         if self.config.diversity_weight:
             terms["diversity"] = self.config.diversity_weight * self.diversity()
         for reg in self.regularizer_modules:
-            terms.update(reg(out, labels))
+            terms.update(reg(out, Batch(images, labels), self))
         with torch.no_grad():
             ce = F.cross_entropy(out.logits, labels)
             acc = (out.logits.argmax(-1) == labels).float().mean()
