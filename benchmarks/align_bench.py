@@ -164,7 +164,9 @@ def main() -> None:
         return m.to(device)
 
     g = torch.Generator().manual_seed(args.seed)
-    images = lambda n: torch.randn(n, 3, *size, generator=g).to(device)
+
+    def images(n):
+        return torch.randn(n, 3, *size, generator=g).to(device)
 
     # ---- train steps: forward + backward of the full method (text tower included)
     for k in train_ks:
@@ -214,7 +216,10 @@ def main() -> None:
     # ---- token-level OT alone: synthetic features with ViT-B/16 shapes, fp16 / fp32 features
     J, D, L, M = 198, 512, args.ot_l, args.sets
     dt = torch.float16 if gpu else torch.float32
-    mk = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dt)
+
+    def mk(*s):
+        return F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dt)
+
     feats = (mk(ot_b, M, D), mk(ot_b, M, J, D), mk(ot_k, M, D), mk(ot_k, M, L, D))
     lengths = torch.randint(max(1, L // 2), L + 1, (ot_k, M), generator=g).to(device)
     for form in forms:

@@ -117,7 +117,10 @@ def main() -> None:
     B, M, N, J, L, D = args.images, args.m, args.n, args.j, args.l, args.d
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     g = torch.Generator(device="cpu").manual_seed(args.seed)
-    mk = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dtype)
+
+    def mk(*s):
+        return F.normalize(torch.randn(*s, generator=g), dim=-1).to(device, dtype)
+
     ig, it, tg, tt = mk(B, M, D), mk(B, M, J, D), mk(K, N, D), mk(K, N, L, D)
     lengths = torch.randint(max(1, L // 2), L + 1, (K,), generator=g).to(device)
     common = dict(
@@ -163,7 +166,9 @@ def main() -> None:
                 base = torch.cuda.memory_allocated(device)
             with torch.no_grad():
                 t = _time(
-                    lambda: hierarchical_ot(ig, it, tg, tt, backend=be, **kw), device, args.repeat
+                    lambda be=be, kw=kw: hierarchical_ot(ig, it, tg, tt, backend=be, **kw),
+                    device,
+                    args.repeat,
                 )
                 res = hierarchical_ot(ig, it, tg, tt, backend=be, **kw)
             key = f"{be}_{name}"

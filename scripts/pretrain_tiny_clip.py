@@ -1,6 +1,7 @@
 """Pretrain promptalign's tiny CLIP ("tiny-shapes") on the synthetic image-caption world.
 
-    python scripts/pretrain_tiny_clip.py --out src/promptalign/backbone/weights/tiny-shapes.safetensors
+    python scripts/pretrain_tiny_clip.py \\
+        --out src/promptalign/backbone/weights/tiny-shapes.safetensors
 
 Contrastive (CLIP) training of the open_clip architecture ``pa-tiny-shapes`` (48 px ViT, 4 layers,
 width 96; text transformer 3 layers, width 48; joint width 64) on a fixed pool of rendered
@@ -202,7 +203,8 @@ def main() -> None:
         if step % 100 == 0 or step == args.steps - 1:
             acc = (logits.argmax(-1) == target).float().mean().item()
             print(
-                f"step {step} loss {loss.item():.3f} acc {acc:.3f} lr {lr:.2e} {time.time() - t0:.0f}s",
+                f"step {step} loss {loss.item():.3f} acc {acc:.3f} lr {lr:.2e} "
+                f"{time.time() - t0:.0f}s",
                 flush=True,
             )
     out = Path(args.out)

@@ -45,7 +45,8 @@ def test_list_datasets(capsys):
 
 
 def test_shipped_model_name_means_its_own_weights():
-    """`--arch tiny-shapes` without --weights must not inherit the 'openai' default of ViT configs."""
+    """`--arch tiny-shapes` without --weights must not inherit the 'openai' default of ViT
+    configs."""
     from promptalign.cli import _train_config, build_parser
 
     parse = build_parser().parse_args

@@ -321,7 +321,7 @@ def test_benchmark_runs_plot_two_stage_recipe(tmp_path, data_root):
         )
 
 
-# --------------------------------------------------------------------------- ALIGN reference stopping
+# ------------------------------------------------------------------------- ALIGN reference stopping
 def _trained_like(seed: int, B=6, K=8, M=4, N=4, J=24, L=8, D=64):
     """Features whose costs look like a trained CLIP's: global cosines ~0.06-0.8, token cosines
     up to ~0.64, and prompt sets spread enough that the OT moves the logits by a few per cent."""

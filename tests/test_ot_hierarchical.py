@@ -21,7 +21,8 @@ def _features(seed=0, dtype=torch.float64):
 
 
 def _naive(ig, it, tg, tt, lengths, beta, eps, form):
-    """Per-pair loops with POT as the solver: the meaning of the hierarchical OT, written plainly."""
+    """Per-pair loops with POT as the solver: the meaning of the hierarchical OT, written
+    plainly."""
     ig, it, tg, tt = (F.normalize(x, dim=-1).numpy() for x in (ig, it, tg, tt))
     out = np.zeros((B, K))
     for b in range(B):

@@ -60,7 +60,8 @@ CROSS_TARGETS = (
 
 
 def default_datasets(protocol: str) -> tuple[str, ...]:
-    """The datasets the papers report for ``protocol`` (ImageNet + 10 others, or ImageNet as source)."""
+    """The datasets the papers report for ``protocol`` (ImageNet + 10 others, or ImageNet as
+    source)."""
     return (
         ("imagenet",)
         if protocol in ("cross_dataset", "domain_generalisation")

@@ -123,7 +123,8 @@ def _check_method_preset(cfg) -> None:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # PyTorch's advice to load untrusted files unsafely must never be repeated to users
 _UNSAFE_ADVICE = re.compile(
-    r"This file can still be loaded.*?(checkpoint\.|$)|[^.;()]*weights_only\s*=\s*False[^.;()]*[.;]?",
+    r"This file can still be loaded.*?(checkpoint\.|$)"
+    r"|[^.;()]*weights_only\s*=\s*False[^.;()]*[.;]?",
     re.IGNORECASE,
 )
 
@@ -252,7 +253,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         res = train(cfg, args.out)
     m = res.metrics
     print(
-        f"run {res.run_dir}: {res.epochs} epochs, {res.steps} steps; test accuracy {m['accuracy']:.2f}% "
+        f"run {res.run_dir}: {res.epochs} epochs, {res.steps} steps; "
+        f"test accuracy {m['accuracy']:.2f}% "
         f"macro-F1 {m['macro_f1']:.2f}% on {m['n']} images"
     )
     return 0
@@ -415,7 +417,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     for md in s.tables.values():
         print(md)
     print(
-        f"{len(s.ran)} job(s) run, {len(s.skipped)} already finished, {len(s.failed)} failed; tables in {s.out_dir}"
+        f"{len(s.ran)} job(s) run, {len(s.skipped)} already finished, {len(s.failed)} failed; "
+        f"tables in {s.out_dir}"
     )
     for key, err in s.failed.items():
         print(f"  FAILED {key}: {err} (details in its error.txt)")
@@ -432,8 +435,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     res = run_demo(args.out, seed=args.seed, progress=not args.no_progress, workers=args.workers)
     print(res.table())
     print(
-        f"\nwrote {res.out_dir}/results.md, results.json, results.png and one run folder per method "
-        f"({time.perf_counter() - t:.0f} s)"
+        f"\nwrote {res.out_dir}/results.md, results.json, results.png and one run folder "
+        f"per method ({time.perf_counter() - t:.0f} s)"
     )
     return 0
 
@@ -463,8 +466,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             csv.writer(buf, lineterminator="\n").writerows(emb.csv_rows())
             atomic_write_text(out / "embeddings.csv", buf.getvalue())
             print(
-                f"{emb.projection.upper()} of {emb.coords.shape[1]} images x {emb.coords.shape[0]} visual "
-                f"prompt set(s): wrote {png} and {out / 'embeddings.csv'}"
+                f"{emb.projection.upper()} of {emb.coords.shape[1]} images x "
+                f"{emb.coords.shape[0]} visual prompt set(s): wrote {png} and "
+                f"{out / 'embeddings.csv'}"
             )
             return 0
         if not args.images:
@@ -676,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--panels",
         choices=["auto", "ot", "cosine"],
         default="auto",
-        help="ot: transport plans (OT methods only); cosine: patch cosine maps; auto: ot when available",
+        help="ot: transport plans (OT methods only); cosine: patch cosine maps; "
+        "auto: ot when available",
     )
     px.add_argument("--out", help="output folder (default: RUN/explain)")
     px.add_argument(

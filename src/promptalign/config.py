@@ -261,7 +261,8 @@ class OptimConfig:
 
     def merged(self, over: OptimConfig) -> OptimConfig:
         """These settings with every field that ``over`` sets (not None) taken from ``over``
-        (fields of this class only: a method's subclass may carry more, e.g. an iteration budget)."""
+        (fields of this class only: a method's subclass may carry more, e.g. an iteration
+        budget)."""
         mine = {f.name for f in dataclasses.fields(self)}
         return dataclasses.replace(
             self, **{k: v for k, v in _fields(over).items() if v is not None and k in mine}

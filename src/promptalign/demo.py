@@ -37,7 +37,8 @@ class DemoResult:
         lines = ["| method | base | new | H | train s |", "|---|---:|---:|---:|---:|"]
         for r in self.rows:
             lines.append(
-                f"| {r['method']} | {r['base']:.2f} | {r['new']:.2f} | {r['H']:.2f} | {r['seconds']:.1f} |"
+                f"| {r['method']} | {r['base']:.2f} | {r['new']:.2f} | {r['H']:.2f} "
+                f"| {r['seconds']:.1f} |"
             )
         return "\n".join(lines)
 

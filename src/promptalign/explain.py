@@ -96,7 +96,8 @@ class ClassExplanation:
         prompt_plan: ``[M, N]`` prompt-level plan (None without OT).
         global_sim: ``[M, N]`` cosine of the global features of every (visual set, text set).
         token_term: ``[M, N]`` token-level OT quantity in the prompt cost (ALIGN: the transported
-            distance ``<T_hat, 1 - S>`` in the paper form, similarity ``<T_hat, S>`` in the released).
+            distance ``<T_hat, 1 - S>`` in the paper form, similarity ``<T_hat, S>`` in the
+            released).
         prompt_cost: ``[M, N]`` prompt-level cost.
         logit_global, logit_token: ``[M, N]`` parts of the logit per pair; their sum plus
             ``logit_extra`` is ``logit``.
@@ -136,7 +137,8 @@ class ClassExplanation:
     entropy: dict[str, Any] = field(default_factory=dict)
 
     def dominant_pairs(self, k: int = 1) -> list[tuple[int, int]]:
-        """The ``k`` (m, n) pairs carrying the most prompt-level mass (all pairs' order without OT)."""
+        """The ``k`` (m, n) pairs carrying the most prompt-level mass (all pairs' order without
+        OT)."""
         plan = self.prompt_plan if self.prompt_plan is not None else self.global_sim
         order = np.argsort(-plan.ravel(), kind="stable")[:k]
         return [tuple(int(i) for i in np.unravel_index(o, plan.shape)) for o in order]

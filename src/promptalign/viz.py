@@ -196,8 +196,9 @@ def draw_image(
             ax.axis("off")
         what = (
             (
-                f"token-level plan of pair v{pm}-t{pn}: mass per patch for each text token, bright = "
-                f"2x the uniform plan's or more; entropy {c.entropy['token'][pm, pn]:.3f} of uniform"
+                f"token-level plan of pair v{pm}-t{pn}: mass per patch for each text token, "
+                f"bright = 2x the uniform plan's or more; "
+                f"entropy {c.entropy['token'][pm, pn]:.3f} of uniform"
             )
             if kind == "token"
             else "cosine of each patch token with the class feature"

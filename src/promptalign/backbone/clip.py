@@ -178,7 +178,8 @@ class Backbone(nn.Module):
 
     @property
     def n_prefix(self) -> int:
-        """Tokens before the patches in the vision sequence (class token, registers; 0 for SigLIP)."""
+        """Tokens before the patches in the vision sequence (class token, registers; 0 for
+        SigLIP)."""
         return self.vision.n_prefix
 
     @property
@@ -235,7 +236,8 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------ text tower
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Same result as open_clip's ``encode_text`` (causal towers run only up to the longest EOT)."""
+        """Same result as open_clip's ``encode_text`` (causal towers run only up to the longest
+        EOT)."""
         out = self.forward_text(tokens).pooled
         return F.normalize(out, dim=-1) if normalize else out
 
@@ -366,7 +368,8 @@ class Backbone(nn.Module):
     def _place(
         x: torch.Tensor, prompt: torch.Tensor, positions: torch.Tensor | None
     ) -> torch.Tensor:
-        """Out-of-place write of ``prompt [S, n, W]`` into ``x [S, T, W]`` at ``positions [S, n]``."""
+        """Out-of-place write of ``prompt [S, n, W]`` into ``x [S, T, W]`` at
+        ``positions [S, n]``."""
         if prompt.shape[1] == 0:
             return x
         if positions is None:
@@ -397,9 +400,9 @@ class Backbone(nn.Module):
 
         Args:
             images: ``[B, 3, H, W]`` preprocessed images.
-            prompts: shallow visual prompt ``[n, vision_width]`` (one set) or ``[P, n, vision_width]``
-                (P sets; every image is encoded once per set and outputs gain a P axis). Inserted
-                after the positional embedding, before the pre-block norm.
+            prompts: shallow visual prompt ``[n, vision_width]`` (one set) or
+                ``[P, n, vision_width]`` (P sets; every image is encoded once per set and outputs
+                gain a P axis). Inserted after the positional embedding, before the pre-block norm.
             deep: prompts for layers 1..len(deep), each ``[n, W]`` or ``[P, n, W]``, replacing the
                 prompt slots before those blocks.
             position: "after_patches" (MaPLe / VPT / IVLP) or "after_cls" (UPT): after the prefix
@@ -449,7 +452,8 @@ class Backbone(nn.Module):
                 d = self._expand_visual(deep[i - 1], B, n_sets).to(x.dtype)
                 if d.shape[1] != n:
                     raise ValueError(
-                        f"deep visual prompt for layer {i} has {d.shape[1]} tokens, the shallow prompt {n}"
+                        f"deep visual prompt for layer {i} has {d.shape[1]} tokens, "
+                        f"the shallow prompt {n}"
                     )
                 x = torch.cat([x[:, :start], d, x[:, start + n :]], dim=1)
             x = run(i, x)

@@ -128,7 +128,8 @@ def _tokenizer(name: str, cfg: dict[str, Any]):
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a safetensors or weights-only torch file, with errors naming the file."""
+    """Read a state dict from a safetensors or weights-only torch file, with errors naming the
+    file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")

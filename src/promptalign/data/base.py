@@ -86,7 +86,10 @@ class Dataset:
     def summary(self) -> str:
         """A one-table summary: classes / train / val / test / shots."""
         shots = "all" if self.shots is None else str(self.shots)
-        head = f"{'dataset':<16}{'subset':<8}{'classes':>8}{'train':>9}{'val':>8}{'test':>8}{'shots':>7}"
+        head = (
+            f"{'dataset':<16}{'subset':<8}{'classes':>8}{'train':>9}{'val':>8}{'test':>8}"
+            f"{'shots':>7}"
+        )
         row = (
             f"{self.name:<16}{self.subsample:<8}{self.num_classes:>8}{len(self.train):>9}"
             f"{len(self.val):>8}{len(self.test):>8}{shots:>7}"
@@ -139,7 +142,8 @@ class DatasetReader(abc.ABC):
         if not d.is_dir():
             raise DatasetError(
                 f"{self.registered_name}: dataset folder {d} does not exist; prepare it under the "
-                f"data root as {self.folder}/ (CoOp's DATASETS.md layout) or pass the right --data-root"
+                f"data root as {self.folder}/ (CoOp's DATASETS.md layout) or pass the right "
+                "--data-root"
             )
         return d
 
@@ -166,7 +170,8 @@ class SplitJsonReader(DatasetReader):
 def read_split_json(
     path: Path, dataset: str, image_root: Path, rename: dict[str, str] | None = None
 ) -> Splits:
-    """Read a CoOp ``split_zhou_*.json``: {"train"|"val"|"test": [[relpath, label, classname], ...]}."""
+    """Read a CoOp ``split_zhou_*.json``:
+    {"train"|"val"|"test": [[relpath, label, classname], ...]}."""
     if not path.is_file():
         raise DatasetError(f"{dataset}: split file {path} does not exist")
     try:
@@ -194,7 +199,8 @@ def read_split_json(
                 or not isinstance(item[2], str)
             ):
                 raise DatasetError(
-                    f"{dataset}: {path}: {split}[{i}] = {item!r} is not [relpath, int label, classname]"
+                    f"{dataset}: {path}: {split}[{i}] = {item!r} is not "
+                    "[relpath, int label, classname]"
                 )
             rel, label, cname = item
             if label < 0:
@@ -203,8 +209,8 @@ def read_split_json(
             cname = (rename or {}).get(cname, cname)
             if names.setdefault(label, cname) != cname:
                 raise DatasetError(
-                    f"{dataset}: {path}: {split}[{i}] labels {label} as {cname!r}, earlier entries as "
-                    f"{names[label]!r}"
+                    f"{dataset}: {path}: {split}[{i}] labels {label} as {cname!r}, "
+                    f"earlier entries as {names[label]!r}"
                 )
             recs.append(Record(rel, label, cname))
         out[split] = recs

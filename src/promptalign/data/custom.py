@@ -73,8 +73,8 @@ class CustomReader(DatasetReader):
                 for r in splits.split(split):
                     if listed.get(r.path, r.label) != r.label or r.path not in listed:
                         raise DatasetError(
-                            f"{name}: {self.split_file}: {split} entry {r.path!r} (label {r.label}) is "
-                            f"not listed in {self.source} with that label"
+                            f"{name}: {self.split_file}: {split} entry {r.path!r} "
+                            f"(label {r.label}) is not listed in {self.source} with that label"
                         )
             return splits
         if self.split_file is not None:
@@ -159,7 +159,8 @@ def _names(recs: list[Record], where: str, rows: list[int] | None = None) -> lis
         at = f":{first[top]}" if first[top] else ""
         raise DatasetError(
             f"{where}{at}: label {top} is out of range: only {len(names)} distinct labels are used "
-            f"and labels {missing[:10]} never occur; labels must be 0..{len(names) - 1} (one per class)"
+            f"and labels {missing[:10]} never occur; labels must be 0..{len(names) - 1} "
+            "(one per class)"
         )
     return [names[i] for i in range(n)]
 

@@ -13,9 +13,9 @@ private generator seeded with ``(seed, e)`` (iterating twice gives the same orde
 bar that calls ``iter(loader)`` an extra time changes nothing) and hands each index to the dataset
 together with a per-sample seed; :class:`ImageDataset` runs the transform of that sample under that
 seed (restoring the RNG afterwards), so the crop and flip of sample ``i`` do not depend on which
-worker process reads it or on how many there are. The loaders never draw from the global torch RNG. A trainer
-calls ``loader.sampler.set_epoch(epoch)`` before each epoch (or builds a loader per epoch with
-``epoch=``) to get the next epoch's order and augmentations.
+worker process reads it or on how many there are. The loaders never draw from the global torch
+RNG. A trainer calls ``loader.sampler.set_epoch(epoch)`` before each epoch (or builds a loader per
+epoch with ``epoch=``) to get the next epoch's order and augmentations.
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ class ImageDataset(torch.utils.data.Dataset):
                 )
                 return None
             raise DatasetError(
-                f"{self.name}: cannot read image {path} (entry {index}, label {r.label} {r.classname!r}): {e}. "
-                "Fix or remove the file, or set data.skip_corrupt=true to skip and count such images"
+                f"{self.name}: cannot read image {path} "
+                f"(entry {index}, label {r.label} {r.classname!r}): {e}. "
+                "Fix or remove the file, or set data.skip_corrupt=true to skip and count such "
+                "images"
             ) from e
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
@@ -191,8 +193,8 @@ def make_loader(
     if train and len(dataset) == 0:
         name = getattr(dataset, "name", "dataset")
         raise DatasetError(
-            f"{name}: no training images: the dataset has no train split (a CSV or a folder of class "
-            "folders without a split file is evaluation-only); give a split file with "
+            f"{name}: no training images: the dataset has no train split (a CSV or a folder of "
+            "class folders without a split file is evaluation-only); give a split file with "
             "--split-file / data.split_file, or a train/ folder of class folders"
         )
     if seed is None:  # an unseeded training order: one draw from the global RNG picks it

@@ -152,8 +152,8 @@ CAPTION_MODES = ("plain", "rich")
 
 
 def sample_scene_rich(rng: np.random.Generator, *, extra_prob: float = 0.35) -> Scene:
-    """A scene of the rich world: :func:`sample_scene`, plus with probability ``extra_prob`` a second
-    object of another shape and colour in a spatial relation (see :class:`Scene`)."""
+    """A scene of the rich world: :func:`sample_scene`, plus with probability ``extra_prob`` a
+    second object of another shape and colour in a spatial relation (see :class:`Scene`)."""
     scene = sample_scene(rng)
     if rng.uniform() >= extra_prob:
         return scene
@@ -184,7 +184,10 @@ def _article(word: str) -> str:
 
 def caption_rich(scene: Scene, rng: np.random.Generator) -> str:
     """A caption drawn from the rich distribution for ``scene`` (``rng`` picks the wording only)."""
-    pick = lambda options: str(options[int(rng.integers(len(options)))])
+
+    def pick(options):
+        return str(options[int(rng.integers(len(options)))])
+
     colour, noun, size = (
         pick(COLOUR_WORDS[scene.colour]),
         pick(SHAPE_WORDS[scene.shape]),
@@ -221,7 +224,10 @@ def caption_rich(scene: Scene, rng: np.random.Generator) -> str:
         phrase = f"{phrase} {pick(RELATION_WORDS[relation])} {_article(other)} {other}"
     if rng.uniform() < 0.65:
         bg = pick(BACKGROUND_WORDS[scene.background])
-        phrase = f"{phrase} {pick(('on', 'on', 'against'))} {_article(bg)} {bg} {pick(('background', 'background', 'backdrop'))}"
+        phrase = (
+            f"{phrase} {pick(('on', 'on', 'against'))} {_article(bg)} {bg} "
+            f"{pick(('background', 'background', 'backdrop'))}"
+        )
     if scene.style == "outline":
         phrase = pick(
             ("an outline of {}", "the outline of {}", "{} drawn in outline", "a line drawing of {}")

@@ -16,9 +16,9 @@ Two forms (``form``):
 * "released" (preset ``reference``): the released code's semantics - transported similarity added
   to the cost (beta = 1), logit = scale * <T, s> (token level only moves the plan), text token
   window = positions 0 .. eot(prompt 0) - 2 for every prompt of a class (so "." and EOT are left
-  out for prompt 0 and included for the shorter prompts n >= 1; for any tokenizer: through the last token of prompt 0's
-  class name), Sinkhorn eps 0.1, <= 100
-  iterations. Deviations kept on purpose: fp32 (fp16 kernels underflow, see the spec) and the
+  out for prompt 0 and included for the shorter prompts n >= 1; for any tokenizer: through the
+  last token of prompt 0's class name), Sinkhorn eps 0.1, <= 100 iterations. Deviations kept on
+  purpose: fp32 (fp16 kernels underflow, see the spec) and the
   stopping rule is per problem, on its L1 column-marginal error, with tolerance 1e-5 instead of the
   released code's mean |change of the row scaling| < 1e-2 over the whole call's batch. The
   released rule stops within ~3e-5 (relative, logits) of the converged answer on trained-like

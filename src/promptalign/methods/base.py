@@ -276,8 +276,9 @@ class PromptMethod(nn.Module, abc.ABC):
         ]
 
     # ------------------------------------------------------------------ engine hooks (no-ops)
-    # Each is called from exactly one place in the engine (loop.py); methods that need data beyond the
-    # training batches (a feature cache, a validation search) or epoch-level state override them.
+    # Each is called from exactly one place in the engine (loop.py); methods that need data beyond
+    # the training batches (a feature cache, a validation search) or epoch-level state override
+    # them.
     def fit_before_training(
         self, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
     ) -> None:

@@ -106,7 +106,8 @@ class CLIPLoRAConfig(MethodConfig):
 
 
 class LoRAAdapter(nn.Module):
-    """A and B of every target projection of one attention block (``{t}_A [r, W]``, ``{t}_B [W, r]``)."""
+    """A and B of every target projection of one attention block (``{t}_A [r, W]``,
+    ``{t}_B [W, r]``)."""
 
     def __init__(self, width: int, rank: int, targets: tuple[str, ...]):
         super().__init__()
@@ -217,7 +218,8 @@ class CLIPLoRA(PromptMethod):
                 mha = block.attn
                 if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
                     raise ValueError(
-                        f"{tower} block {i} of {backbone.arch!r} has attention {type(mha).__name__}; "
+                        f"{tower} block {i} of {backbone.arch!r} has attention "
+                        f"{type(mha).__name__}; "
                         "CLIP-LoRA needs nn.MultiheadAttention with packed q/k/v projections"
                     )
                 self.adapters[f"{tower}_{i}"] = LoRAAdapter(mha.embed_dim, cfg.rank, cfg.targets)

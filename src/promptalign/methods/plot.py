@@ -48,7 +48,8 @@ from .explainable import ExplainFeatures
 from .heads import PromptSetOTHead
 from .prompts import build_class_prompts, check_depth, normal_init, remaining_words
 
-# the phrase pattern of the released per-dataset CTX_INIT lists (Caltech101 / SUN397 / Stanford Cars)
+# the phrase pattern of the released per-dataset CTX_INIT lists
+# (Caltech101 / SUN397 / Stanford Cars)
 RELEASED_CTX_INIT = ("a photo of a", "this is a photo", "this is picture of", "one picture of a")
 
 

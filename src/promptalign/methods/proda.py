@@ -74,11 +74,13 @@ class ProDAConfig(MethodConfig):
             raise ValueError(f"n_prompts {self.n_prompts} and n_ctx {self.n_ctx} must be >= 1")
         if not 1 <= self.prompts_per_step <= self.n_prompts:
             raise ValueError(
-                f"prompts_per_step {self.prompts_per_step} must be in 1..n_prompts ({self.n_prompts})"
+                f"prompts_per_step {self.prompts_per_step} must be in 1..n_prompts "
+                f"({self.n_prompts})"
             )
         if len(self.position_mix) != 3 or min(self.position_mix) < 0 or sum(self.position_mix) <= 0:
             raise ValueError(
-                f"position_mix {self.position_mix} must be 3 non-negative fractions (front, middle, end)"
+                f"position_mix {self.position_mix} must be 3 non-negative fractions "
+                "(front, middle, end)"
             )
 
 
@@ -93,7 +95,8 @@ def surrogate_logits(
     per_prompt: torch.Tensor, image: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """``s mu z + s^2/2 Var_p[(w_j^p - w_y^p) z]``: the logits whose cross-entropy is ProDA's
-    upper bound. ``per_prompt [P, K, D]``, ``image [B, D]`` (normalised), ``labels [B]`` -> ``[B, K]``."""
+    upper bound. ``per_prompt [P, K, D]``, ``image [B, D]`` (normalised), ``labels [B]`` ->
+    ``[B, K]``."""
     a = torch.einsum("bd,pkd->bpk", image, per_prompt)  # [B, P, K] per-prompt cosines
     diff = a - a.gather(2, labels.view(-1, 1, 1).expand(-1, a.shape[1], 1))  # [B, P, K]
     var = diff.var(dim=1, unbiased=False)  # [B, K], zero at the label

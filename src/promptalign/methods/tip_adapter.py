@@ -17,9 +17,10 @@ Few-shot Classification", ECCV 2022, arXiv 2207.09519, https://github.com/gaopen
 Differences from the released code, on purpose: the released script keeps the epoch with the
 best *test* accuracy and reports max(best test, searched); here the last epoch is kept and only
 the validation split chooses anything. Its cosine schedule is stepped per iteration; here per
-epoch by the shared trainer (no warm-up), and AdamW keeps the trainer's eps (1e-8, released 1e-4). Class names may change after training (base -> new): a
-cache entry contributes to the column of its own class name when that class is scored, else
-nothing, so new classes fall back to zero-shot CLIP.
+epoch by the shared trainer (no warm-up), and AdamW keeps the trainer's eps (1e-8, released
+1e-4). Class names may change after training (base -> new): a cache entry contributes to the
+column of its own class name when that class is scored, else nothing, so new classes fall back
+to zero-shot CLIP.
 """
 
 from __future__ import annotations

@@ -101,9 +101,9 @@ def lengths_to_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device) < lengths.unsqueeze(-1)
 
 
-def class_chunk_size(batch: int, m: int, n: int, j: int, l: int, memory_budget: int) -> int:
+def class_chunk_size(batch: int, m: int, n: int, j: int, text_len: int, memory_budget: int) -> int:
     """Classes per chunk so that the torch token level stays under ``memory_budget`` bytes."""
-    per_class = batch * m * n * j * l * _TORCH_BYTES_PER_ENTRY
+    per_class = batch * m * n * j * text_len * _TORCH_BYTES_PER_ENTRY
     return max(1, int(memory_budget // max(per_class, 1)))
 
 
@@ -160,7 +160,8 @@ def hierarchical_ot(
         text_mask: ``[K, N, L]`` or ``[K, L]`` bool, True for real tokens; or give
             ``text_lengths`` (``[K]`` or ``[K, N]``). Default: all L tokens are real.
         beta: weight of the token-level term in the prompt-level cost.
-        eps, eps_token: entropic regularisation of the prompt and token level (token defaults to eps).
+        eps, eps_token: entropic regularisation of the prompt and token level (token defaults to
+            eps).
         max_iter, max_iter_token, tol, tol_token: Sinkhorn limits per level (tol on the L1
             marginal error; token level defaults to the prompt-level values).
         form: "paper" (distance, gradient through the token level) or "released" (the released

@@ -43,7 +43,8 @@ KERNEL_DOMAIN_MAX_RATIO = 40.0
 
 
 def auto_domain(eps: float, cost_spread: float = 2.0) -> Domain:
-    """The domain ``domain="auto"`` picks: "kernel" (faster) when ``cost_spread / eps <= 40``, else "log".
+    """The domain ``domain="auto"`` picks: "kernel" (faster) when ``cost_spread / eps <= 40``,
+    else "log".
 
     ``cost_spread`` bounds max C - min C within a problem; the default 2.0 covers cosine costs
     ``1 - cos`` of any features (PLOT, ALIGN). Pass the real spread for other costs.
@@ -56,7 +57,8 @@ class SinkhornResult:
     """What a batched Sinkhorn solve produced.
 
     Attributes:
-        plan: transport plans ``[..., n, m]`` (fp32; fp64 for fp64 costs); zero on masked rows and columns.
+        plan: transport plans ``[..., n, m]`` (fp32; fp64 for fp64 costs); zero on masked rows
+            and columns.
         cost: transport cost ``<T, C>`` per problem ``[...]``; differentiable w.r.t. the cost
             according to the gradient mode.
         converged: per-problem flag ``[...]``: column-marginal error <= tol at a check.

@@ -236,7 +236,8 @@ def vision_tower(visual: nn.Module | None) -> VisionTower:
         return OpenCLIPViT(visual)
     raise UnsupportedTower(
         "vision",
-        f"token-sequence seams (patch embedding, class token, transformer) of {type(visual).__name__}",
+        "token-sequence seams (patch embedding, class token, transformer) of "
+        f"{type(visual).__name__}",
         "prompt learning needs a ViT image tower: open_clip's VisionTransformer or a timm ViT/EVA "
         "trunk (ResNet towers such as RN50 are not supported)",
     )

@@ -1,6 +1,7 @@
-"""Caltech101 (Fei-Fei et al. 2004) with CoOp's split; the split file already holds the cleaned names
-(BACKGROUND_Google and Faces_easy dropped; airplanes -> airplane, Faces -> face, Leopards -> leopard,
-Motorbikes -> motorbike), and the same renames are applied here to older files."""
+"""Caltech101 (Fei-Fei et al. 2004) with CoOp's split; the split file already holds the cleaned
+names (BACKGROUND_Google and Faces_easy dropped; airplanes -> airplane, Faces -> face,
+Leopards -> leopard, Motorbikes -> motorbike), and the same renames are applied here to older
+files."""
 
 from ...registry import DATASETS
 from ..base import SplitJsonReader

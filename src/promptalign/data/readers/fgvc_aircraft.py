@@ -34,8 +34,8 @@ class FGVCAircraft(DatasetReader):
                 parts = line.strip().split(" ", 1)
                 if len(parts) != 2 or parts[1] not in index:
                     raise DatasetError(
-                        f"{self.registered_name}: {path}:{i}: {line!r} is not '<image id> <variant>' "
-                        f"with a variant listed in {vpath}"
+                        f"{self.registered_name}: {path}:{i}: {line!r} is not "
+                        f"'<image id> <variant>' with a variant listed in {vpath}"
                     )
                 recs.append(Record(f"{parts[0]}.jpg", index[parts[1]], parts[1]))
             out[split] = recs

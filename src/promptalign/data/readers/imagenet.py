@@ -18,7 +18,8 @@ from ..base import (
 def wnid_classes(
     root_dir: Path, image_root: Path, sub: str, dataset: str
 ) -> tuple[list[str], list[str]]:
-    """Sorted wnid folders under ``image_root/sub`` and their names from ``root_dir/classnames.txt``."""
+    """Sorted wnid folders under ``image_root/sub`` and their names from
+    ``root_dir/classnames.txt``."""
     names = read_classnames_txt(root_dir / "classnames.txt", dataset)
     folder = image_root / sub if sub else image_root
     if not folder.is_dir():
@@ -58,7 +59,8 @@ class ImageNet(DatasetReader):
         val_wnids, _ = wnid_classes(d, img, "val", self.registered_name)
         if val_wnids != wnids:
             raise DatasetError(
-                f"{self.registered_name}: {img / 'val'} and {img / 'train'} hold different class folders"
+                f"{self.registered_name}: {img / 'val'} and {img / 'train'} hold different "
+                "class folders"
             )
         test = folder_records(img, "val", wnids, names)
         return Splits(train=train, val=test, test=test, classnames=names)

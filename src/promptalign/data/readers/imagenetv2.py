@@ -37,7 +37,8 @@ class ImageNetV2(DatasetReader):
         ):
             if not folder.isdigit() or int(folder) >= len(names):
                 raise DatasetError(
-                    f"{self.registered_name}: folder {img / folder} is not a label index 0..{len(names) - 1}"
+                    f"{self.registered_name}: folder {img / folder} is not a label index "
+                    f"0..{len(names) - 1}"
                 )
             label = int(folder)
             test += [

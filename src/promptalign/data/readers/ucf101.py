@@ -1,4 +1,5 @@
-"""UCF101 mid-frames (Soomro et al. 2012) with CoOp's split; CamelCase names become words joined by '_'."""
+"""UCF101 mid-frames (Soomro et al. 2012) with CoOp's split; CamelCase names become words joined
+by '_'."""
 
 from pathlib import Path
 
