@@ -68,7 +68,7 @@ def test_tuple_option_from_one_word_is_one_item(tmp_path):
         ("optim=3", r"optim: expected a mapping of optim.\* keys"),
         (
             "optim.amp=fp8",
-            r"optim.amp: 'fp8' is not allowed; choose one of \['none', 'bf16', 'fp16'\]",
+            r"optim.amp: 'fp8' is not allowed; choose one of \['auto', 'none', 'bf16', 'fp16'\]",
         ),
         ("data.workers=-1", "data.workers: -1 must be >= 0"),
         ("data.shots=0", "data.shots: 0 must be >= 1"),

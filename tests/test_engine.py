@@ -230,7 +230,7 @@ def test_config_overrides_are_typed():
     assert cfg.optim.lr == 0.01 and cfg.data.shots is None and cfg.method.options == {"n_ctx": 8}
     with pytest.raises(
         ConfigError,
-        match=r"optim.amp: 'fp8' is not allowed; choose one of \['none', 'bf16', 'fp16'\]",
+        match=r"optim.amp: 'fp8' is not allowed; choose one of \['auto', 'none', 'bf16', 'fp16'\]",
     ):
         apply_overrides(RunConfig(), ["optim.amp=fp8"])
     with pytest.raises(ConfigError, match="optim.lr: expected a number"):

@@ -224,7 +224,11 @@ class OptimConfig:
         scheduler: "cosine" (stepped once per epoch) or "constant".
         eval_batch_size: evaluation batch size (>= 1).
         grad_clip: max gradient norm (None = no clipping).
-        amp: autocast dtype: "none", "bf16" or "fp16" (fp32 master parameters).
+        amp: autocast dtype: "auto" (the default: none on CPU; on CUDA bf16 for training, fp16
+            for evaluation), "none", "bf16" or "fp16" (fp32 master parameters; the OT solvers
+            always run in fp32).
+        compile: compile the training step with ``torch.compile``: "auto" (on CUDA only),
+            "on" or "off" (the default until GPU measurements show it helps every method).
     """
 
     optimizer: Literal["sgd", "adamw"] | None = None
@@ -239,7 +243,8 @@ class OptimConfig:
     scheduler: Literal["cosine", "constant"] | None = None
     eval_batch_size: int | None = None
     grad_clip: float | None = None
-    amp: Literal["none", "bf16", "fp16"] | None = None
+    amp: Literal["auto", "none", "bf16", "fp16"] | None = None
+    compile: Literal["auto", "on", "off"] | None = None
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -296,7 +301,8 @@ DEFAULT_OPTIM = OptimConfig(
     scheduler="cosine",
     eval_batch_size=100,
     grad_clip=None,
-    amp="none",
+    amp="auto",
+    compile="off",
 )
 
 

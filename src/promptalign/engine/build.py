@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..accel import resolve_amp
 from ..backbone import load_backbone
 from ..config import (
     ConfigError,
@@ -207,7 +208,8 @@ def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
     method.fit_before_training(record_batches(cfg, data, data.train, method, device, augment=True))
     params = method.trainable_parameters()
     names = {id(p): n for n, p in method.named_parameters() if p.requires_grad}
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.optim.amp == "fp16")
+    amp = resolve_amp(cfg.optim.amp, device, training=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     train_set, test_set = image_sets(cfg, data, method)
     return Run(cfg, data, method, build_optimizer(params, cfg), scaler, train_set, test_set, names)
 

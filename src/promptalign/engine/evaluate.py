@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from ..accel import resolve_amp
 from ..data import ImageDataset, make_loader
 from . import distributed as dist_utils
 
@@ -95,8 +96,10 @@ def evaluate(
     return out
 
 
-def autocast(device: torch.device, amp: str):
-    """Mixed-precision context for ``amp`` in {"none", "bf16", "fp16"}."""
+def autocast(device: torch.device, amp: str, *, training: bool = False):
+    """Mixed-precision context for ``amp`` in {"auto", "none", "bf16", "fp16"} ("auto": see
+    :func:`promptalign.accel.resolve_amp`)."""
+    amp = resolve_amp(amp, device, training=training)
     if amp == "none":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]

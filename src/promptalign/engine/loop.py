@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..accel import compile_step
 from ..config import RunConfig
 from ..data import make_loader
 from . import checkpoint as ck
@@ -99,7 +100,7 @@ def train_epoch(
             continue
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        with autocast(device, o.amp):
+        with autocast(device, o.amp, training=True):
             out = step_module(images, labels)
         scalars = {
             k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1
@@ -204,6 +205,8 @@ def _train(
             broadcast_buffers=False,
             find_unused_parameters=True,
         )
+    if r.optimizer is not None:  # optim.compile: torch.compile over the step (eager OT inside)
+        step_module = compile_step(step_module, o.compile, device=device)
     skipped = 0
     for epoch in range(start_epoch, epochs):
         steps, lost = train_epoch(r, step_module, epoch, steps, run_dir, device, callbacks)
