@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_methods import build
 
 from promptalign.accel import compile_step, resolve_amp
 
+from conftest import build_method as build
 from conftest import images_for
 
 

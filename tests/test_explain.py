@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_methods import small_config
 
 import promptalign
 from promptalign.cli import main
@@ -25,7 +24,7 @@ from promptalign.explain import (
 from promptalign.methods import create_method
 from promptalign.methods.explainable import plan_entropy_ratio
 
-from conftest import assert_rel_close, images_for
+from conftest import assert_rel_close, images_for, small_config
 from data_fixtures import make_json_dataset
 
 CLASSES = ["red circle", "blue square", "green zorbluxian", "tree"]
