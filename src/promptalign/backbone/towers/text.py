@@ -10,6 +10,7 @@ tower's own forward (tested per family).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch
@@ -28,7 +29,7 @@ def _project(x: torch.Tensor, proj: nn.Module | torch.Tensor | None) -> torch.Te
     return x @ proj
 
 
-class TextTower:
+class TextTower(abc.ABC):
     """Common interface; subclasses wrap one tower type (no parameters of their own).
 
     Attributes:
@@ -46,8 +47,9 @@ class TextTower:
     truncatable: bool = False
     needs_key_mask: bool = False
 
+    @abc.abstractmethod
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Token ids ``[S, T]`` -> word embeddings ``[S, T, W]`` (no positions yet)."""
 
     def pool_index(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Where the tower pools for these tokens, when it pools at the end-of-text token."""
@@ -57,6 +59,7 @@ class TextTower:
         """``[S, T]`` True for tokens attention may look at, when the tower masks padding."""
         return None
 
+    @abc.abstractmethod
     def encode(
         self,
         x: torch.Tensor,
@@ -65,15 +68,15 @@ class TextTower:
         before_block: BeforeBlock,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [S, T, W]`` word embeddings -> (pooled ``[S, D]``, final hidden ``[S, T, W]``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states -> joint space, token-wise."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """A parameter of the tower, for its dtype and device."""
 
 
 class OpenCLIPText(TextTower):

@@ -19,6 +19,7 @@ over its own tokens (class token, mean over patches, or the attention-pool "map"
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ def _linear_out(module: nn.Module | None, default: int) -> int:
     return out
 
 
-class VisionTower:
+class VisionTower(abc.ABC):
     """Common interface; subclasses wrap one tower type (no parameters of their own)."""
 
     kind: str = ""
@@ -51,25 +52,32 @@ class VisionTower:
     n_patches: int
     embed_dim: int
 
+    @abc.abstractmethod
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError
+        """Images -> prefix (class/register) + patch tokens ``[B, P+G, W]`` with absolute positions
+        where the tower adds them, and the state its blocks need (e.g. rotary positions)."""
 
+    @abc.abstractmethod
     def pre(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """What the tower applies after the prompts are inserted, before block 0 (pre-norm)."""
 
+    @abc.abstractmethod
     def runner(self, aux: Any, at: int, n: int) -> Runner:
-        raise NotImplementedError
+        """``(i, x) -> x`` running block ``i``, with ``n`` prompt tokens at position ``at`` (rotary
+        towers give them an identity rotation)."""
 
+    @abc.abstractmethod
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Final tokens -> the tower's pooled, projected feature."""
 
+    @abc.abstractmethod
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Final tokens -> every non-prefix token, normed and projected."""
 
     @property
+    @abc.abstractmethod
     def weight(self) -> torch.Tensor:
         """A parameter of the tower, for its dtype and device."""
-        raise NotImplementedError
 
 
 class OpenCLIPViT(VisionTower):
