@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
+from .heads import normalize_mean
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +189,21 @@ class CoupledPrompts(nn.Module):
     def visual(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Visual prompts ``[S, n, Wv]`` and deep ones, each Linear_l of the text prompt."""
         return self.proj(self.ctx), [p(d) for p, d in zip(self.deep_proj, self.deep_ctx.unbind(0))]
+
+
+def check_templates(templates: Sequence[str]) -> None:
+    """Every hand-made template must hold the class name's ``{}`` slot."""
+    for t in templates:
+        if "{}" not in t:
+            raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
+
+
+@torch.no_grad()
+def template_ensemble(
+    backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """Frozen CLIP class features from hand-made templates: the mean of each class's normalised
+    template features, normalised again (CLIP's prompt ensemble). ``[K, D]``"""
+    texts = [t.format(c) for c in classnames for t in templates]
+    feats = backbone.encode_text(backbone.tokenize(texts))  # [K*T, D]
+    return normalize_mean(feats.view(len(classnames), len(templates), -1), dim=1)  # [K, D]

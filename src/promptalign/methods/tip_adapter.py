@@ -41,8 +41,8 @@ from .base import (
     OptimPreset,
     PromptMethod,
     cosine_logits,
-    normalize_mean,
 )
+from .prompts import check_templates, template_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,7 @@ class TipAdapterF(PromptMethod):
 
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
-        for t in self.templates:
-            if "{}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
+        check_templates(self.templates)
         # the cache's labels index this vocabulary (the classes the method was built for)
         self._vocab = self.classnames
         D = backbone.embed_dim
@@ -205,12 +203,7 @@ class TipAdapterF(PromptMethod):
 
     # ------------------------------------------------------------------ roles
     def encode_classes(self) -> torch.Tensor:
-        texts = [t.format(c) for c in self.classnames for t in self.templates]
-        with torch.no_grad():
-            feats = self.backbone.encode_text(self.backbone.tokenize(texts))  # [K*T, D]
-        return normalize_mean(
-            feats.view(self.num_classes, len(self.templates), -1), dim=1
-        )  # [K, D]
+        return template_ensemble(self.backbone, self.classnames, self.templates)  # [K, D]
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         with torch.no_grad():

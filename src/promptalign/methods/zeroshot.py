@@ -19,8 +19,8 @@ from .base import (
     OptimPreset,
     PromptMethod,
     cosine_logits,
-    normalize_mean,
 )
+from .prompts import check_templates, template_ensemble
 
 
 @dataclass(frozen=True)
@@ -42,21 +42,14 @@ class ZeroShotCLIP(PromptMethod):
 
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
-        for t in self.templates:
-            if "{}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
+        check_templates(self.templates)
 
     @property
     def templates(self) -> tuple[str, ...]:
         return tuple(self.config.templates) or (self.config.template,)
 
     def encode_classes(self) -> torch.Tensor:
-        texts = [t.format(c) for c in self.classnames for t in self.templates]
-        with torch.no_grad():
-            feats = self.backbone.encode_text(self.backbone.tokenize(texts))  # [K*T, D]
-        return normalize_mean(
-            feats.view(self.num_classes, len(self.templates), -1), dim=1
-        )  # [K, D]
+        return template_ensemble(self.backbone, self.classnames, self.templates)  # [K, D]
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
         with torch.no_grad():
