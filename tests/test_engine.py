@@ -307,7 +307,9 @@ def test_two_process_gloo_training_and_sharded_eval(setup, tmp_path):
     # sharded evaluation is exact: two processes score the same checkpoint identically to one
     res = _torchrun(["eval", str(one), "--json", "--device", "cpu"])
     assert res.returncode == 0, res.stderr[-3000:]
-    sharded = json.loads(res.stdout.splitlines()[0])
+    out_lines = res.stdout.splitlines()
+    assert len(out_lines) == 1, res.stdout  # rank 0 alone reports the result
+    sharded = json.loads(out_lines[0])
     single = evaluate_run(one, device="cpu")
     assert sharded["accuracy"] == single["accuracy"] and sharded["n"] == single["n"] == 10
     assert sharded["per_class_accuracy"] == single["per_class_accuracy"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -709,6 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _launched_rank() -> int:
+    """This process's rank under torchrun (RANK in the environment), 0 otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:  # a usage error (or --help) ends parsing with its exit code, returned like any other
@@ -738,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
+        if _launched_rank() > 0:  # under torchrun only rank 0 reports: one result, not one per rank
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return args.func(args)
         code = args.func(args)
         sys.stdout.flush()
         return code
