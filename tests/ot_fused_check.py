@@ -46,6 +46,10 @@ def main() -> None:
             out[f"{form}_{name}_distance"] = diff(fus.token_distance, ref.token_distance)
             out[f"{form}_{name}_similarity"] = diff(fus.token_similarity, ref.token_similarity)
             out[f"{form}_{name}_score"] = diff(fus.score, ref.score)
+            out[f"{form}_{name}_entropy"] = abs(
+                fus.token_stats.mean_entropy.item() - ref.token_stats.mean_entropy.item()
+            )
+            out[f"{form}_{name}_entropy_value"] = fus.token_stats.mean_entropy.item()
             out[f"{form}_{name}_iters_equal"] = bool(
                 torch.equal(fus.token_stats.max_iter, ref.token_stats.max_iter)
             )

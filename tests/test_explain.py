@@ -14,6 +14,7 @@ from PIL import Image
 
 import promptalign
 from promptalign.cli import main
+from promptalign.engine import evaluate_run
 from promptalign.explain import (
     ExplainError,
     decode_tokens,
@@ -250,6 +251,9 @@ def test_training_step_logs_the_prompt_plan_entropy(shapes, name, key):
     m = _method(name, shapes, **({"n_sets": 2} if name == "align" else {})).train()
     out = m.training_step((images_for(shapes, 2), torch.tensor([0, 1])))
     assert out[key].dim() == 0 and 0.5 - 1e-6 <= float(out[key]) <= 1 + 1e-6
+    if name == "align":  # the token level too: mean over every (image, class, m, n) plan
+        tok = out["ot_token_entropy"]
+        assert tok.dim() == 0 and 0.5 - 1e-6 <= float(tok) < 1.0
 
 
 def test_projection_falls_back_to_pca_without_scikit_learn(monkeypatch):
@@ -305,6 +309,33 @@ def runs(tmp_path_factory):
         out[name] = run
     images = sorted((root / "data" / "oxford_pets" / "images").rglob("*_test_*.jpg"))[:2]
     return root, out, images
+
+
+@pytest.mark.parametrize(
+    "name,keys",
+    [
+        ("align", {"ot_prompt_entropy", "ot_token_entropy"}),
+        ("plot", {"ot_entropy"}),
+        ("coop", set()),
+    ],
+)
+def test_plan_entropies_are_logged_in_training_and_evaluation(runs, name, keys, capsys):
+    _, run, _ = runs
+    lines = [json.loads(ln) for ln in (run[name] / "metrics.jsonl").read_text().splitlines()]
+    steps = [ln for ln in lines if "loss" in ln]
+    assert steps and all(keys <= ln.keys() for ln in steps)
+    final = json.loads((run[name] / "run.json").read_text())["metrics"]
+    diag = final.get("diagnostics", {})
+    assert keys <= diag.keys()
+    for k in keys:  # image means of ratios in [floor, 1]
+        assert 0.5 - 1e-6 <= diag[k] <= 1 + 1e-6, (k, diag[k])
+    capsys.readouterr()
+    assert main(["eval", str(run[name]), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert ("ot_" in printed) == bool(keys)
+    again = evaluate_run(run[name], device="cpu")  # re-evaluation reports the same means
+    for k in keys:
+        assert again["diagnostics"][k] == pytest.approx(diag[k], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["align", "plot", "coop"])

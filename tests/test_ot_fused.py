@@ -53,6 +53,11 @@ def _assert_matches(res: dict) -> None:
         for what in ("distance", "similarity", "score"):
             assert res[f"{key}_{what}"] <= 1e-5, (key, what, res[f"{key}_{what}"])
         assert res[f"{key}_iters_equal"], key
+        # the kernel's plan entropy (relative to uniform) is the torch path's ot.plan_entropy_ratio
+        assert res[f"{key}_entropy"] <= 1e-5, (key, res[f"{key}_entropy"])
+        assert 0.5 < res[f"{key}_entropy_value"] < 1.0, (
+            key
+        )  # random costs: neither floor nor uniform
 
 
 def _assert_gradients(res: dict) -> None:

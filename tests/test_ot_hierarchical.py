@@ -73,6 +73,40 @@ def test_batched_chunked_matches_naive_per_pair_reference(form, beta, domain):
         assert res.backend == "torch"
 
 
+def _entropy_ratio(T: np.ndarray) -> float:
+    """H(T) / (H(a) + H(b)) of a plan with total mass 1, written plainly."""
+    h = lambda p: -sum(x * np.log(x) for x in p.ravel() if x > 0)  # noqa: E731
+    return h(T) / (h(T.sum(1)) + h(T.sum(0)))
+
+
+def test_plan_entropies_of_both_levels_match_a_per_pair_reference():
+    """token_stats / prompt_stats.mean_entropy (what ALIGN logs in training and evaluation) are
+    the mean entropy ratios of the plans, padding words excluded."""
+    ig, it, tg, tt = feats = _features(2)
+    res = hierarchical_ot(
+        *feats, text_lengths=LENGTHS, beta=0.7, eps=0.1, tol=1e-11, max_iter=20000, form="paper"
+    )
+    ig, it, tg, tt = (F.normalize(x, dim=-1).numpy() for x in (ig, it, tg, tt))
+    tokens, prompts = [], []
+    for b in range(B):
+        for k in range(K):
+            C = np.zeros((M, N))
+            for m in range(M):
+                for n in range(N):
+                    length = int(LENGTHS[k, n])
+                    S = it[b, m] @ tt[k, n, :length].T
+                    T_hat = ot.bregman.sinkhorn_log(
+                        np.ones(J) / J, np.ones(length) / length, 1 - S, 0.1, stopThr=1e-13
+                    )
+                    tokens.append(_entropy_ratio(T_hat) if length > 1 else 1.0)
+                    C[m, n] = (1 - ig[b, m] @ tg[k, n]) + 0.7 * (T_hat * (1 - S)).sum()
+            T = ot.bregman.sinkhorn_log(np.ones(M) / M, np.ones(N) / N, C, 0.1, stopThr=1e-13)
+            prompts.append(_entropy_ratio(T))
+    assert float(res.token_stats.mean_entropy) == pytest.approx(np.mean(tokens), rel=1e-6)
+    assert float(res.prompt_stats.mean_entropy) == pytest.approx(np.mean(prompts), rel=1e-6)
+    assert 0.5 < np.mean(tokens) < 1.0  # random costs: the plans are neither uniform nor maps
+
+
 def test_same_numbers_whatever_the_chunk_size():
     feats = _features(1, dtype=torch.float32)
     results = [

@@ -300,6 +300,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             ],
             ["dataset", "classes", "#classes", "images", "accuracy", "macro-F1", "skipped"],
         )
+        if m.get("diagnostics"):  # e.g. OT plan entropies, 1.0 = uniform plans
+            print(
+                "mean over images: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in m["diagnostics"].items())
+            )
     return 0
 
 

@@ -62,6 +62,9 @@ def evaluate(
 ) -> dict:
     """Score ``data`` with ``method`` (its current class names) and return the metrics.
 
+    Scalar diagnostics the method reports with its logits (``MethodOutput.extras``, e.g. the OT
+    plan entropies) are averaged over the images under ``"diagnostics"``.
+
     Raises :class:`NonFiniteError` (naming ``where`` and the batch) when a logit is NaN or inf,
     instead of scoring every image as class 0."""
     device = torch.device(device)
@@ -72,12 +75,17 @@ def evaluate(
     )
     loader = make_loader(shard, batch_size, train=False, workers=workers, device=device)
     preds, labels, skipped = [], [], 0
+    sums: dict[str, torch.Tensor] = {}  # image-weighted sums of the method's scalar diagnostics
     for i, batch in enumerate(loader):
         skipped += batch["skipped"]
         if batch["image"] is None:
             continue
         with autocast(device, amp):
-            logits = method.logits(batch["image"].to(device, non_blocking=True))
+            res = method(batch["image"].to(device, non_blocking=True))
+        logits = res.logits
+        for k, v in res.extras.items():
+            if torch.is_tensor(v) and v.numel() == 1:  # batch means (e.g. OT plan entropy)
+                sums[k] = sums.get(k, 0.0) + v.detach().float().reshape(()) * len(logits)
         if not torch.isfinite(logits).all():
             raise NonFiniteError(
                 f"{where}: the method's logits are NaN/inf on test batch {i} (images "
@@ -88,11 +96,18 @@ def evaluate(
         labels.append(batch["label"])
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
     lab = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-    gathered = dist_utils.gather_objects((pred, lab, skipped))
+    host_sums = {k: v.item() for k, v in sums.items()}
+    gathered = dist_utils.gather_objects((pred, lab, skipped, host_sums))
     pred = torch.cat([g[0] for g in gathered])
     lab = torch.cat([g[1] for g in gathered])
     out = metrics_from_predictions(pred, lab, method.num_classes)
     out["skipped"] = sum(g[2] for g in gathered)
+    if host_sums and out["n"]:
+        # averaged over the images scored, e.g. ot_prompt_entropy / ot_token_entropy: how far the
+        # transport plans are from uniform (1.0) on this data
+        out["diagnostics"] = {
+            k: sum(g[3].get(k, 0.0) for g in gathered) / out["n"] for k in sorted(host_sums)
+        }
     return out
 
 

@@ -18,6 +18,10 @@ from typing import Any, Literal
 
 import torch
 
+from ..ot.entropy import plan_entropies, plan_entropy_ratio
+
+__all__ = ["ExplainFeatures", "Scorer", "plan_entropies", "plan_entropy_ratio"]
+
 Scorer = Literal["hierarchical_ot", "prompt_set_ot"]
 
 
@@ -56,33 +60,3 @@ class ExplainFeatures:
     context_slots: torch.Tensor | None = None
     extra_logits: torch.Tensor | None = None
     notes: dict[str, Any] = field(default_factory=dict)
-
-
-def _entropy(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Shannon entropy (nats) of non-negative masses over ``dims`` (0 log 0 = 0)."""
-    p = p.clamp_min(0)
-    return -(torch.where(p > 0, p * p.clamp_min(1e-38).log(), torch.zeros_like(p))).sum(dims)
-
-
-def plan_entropies(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entropy of plans ``[..., n, m]`` and the two references, all ``[...]`` in nats.
-
-    Returns:
-        (H(T), H(a) + H(b), max(H(a), H(b))) with a, b the plan's row and column sums (zero rows
-        or columns, e.g. padding, drop out): the entropy of the plan, of the uniform (independent)
-        coupling a b^T of the same marginals - the largest any such plan has - and the smallest
-        any such plan can have (a deterministic map).
-    """
-    total = plan.sum((-2, -1), keepdim=True).clamp_min(1e-38)
-    p = plan / total  # entropies of the plan as a distribution over pairs
-    h = _entropy(p, (-2, -1))
-    ha, hb = _entropy(p.sum(-1), (-1,)), _entropy(p.sum(-2), (-1,))
-    return h, ha + hb, torch.maximum(ha, hb)
-
-
-def plan_entropy_ratio(plan: torch.Tensor) -> torch.Tensor:
-    """``H(T) / H(a b^T)`` per plan ``[..., n, m] -> [...]``: 1.0 for the uniform coupling (the OT
-    does nothing), down to ``max(H(a), H(b)) / (H(a) + H(b))`` (0.5 for square uniform marginals)
-    for a deterministic plan. 1.0 for 1 x 1 plans."""
-    h, h_uniform, _ = plan_entropies(plan)
-    return torch.where(h_uniform > 0, h / h_uniform.clamp_min(1e-38), torch.ones_like(h))

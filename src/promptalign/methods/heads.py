@@ -123,6 +123,7 @@ class HierarchicalOTHead:
             "ot_token_converged": res.token_stats.converged.detach(),
             "ot_prompt_converged": res.prompt_stats.converged.detach(),
             "ot_token_iters": res.token_stats.mean_iter.detach(),
-            "ot_prompt_entropy": plan_entropy_ratio(res.prompt_plan.detach()).mean(),
+            "ot_token_entropy": res.token_stats.mean_entropy.detach(),  # 1.0 = uniform plans
+            "ot_prompt_entropy": res.prompt_stats.mean_entropy.detach(),
         }
         return scale * res.score, extras

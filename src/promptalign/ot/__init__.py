@@ -4,6 +4,7 @@ Pure torch (an optional Triton kernel is used on CUDA when available); imports n
 promptalign.
 """
 
+from .entropy import plan_entropies, plan_entropy_ratio
 from .hierarchical import (
     HierarchicalOTResult,
     OTStats,
@@ -21,5 +22,7 @@ __all__ = [
     "class_chunk_size",
     "hierarchical_ot",
     "lengths_to_mask",
+    "plan_entropies",
+    "plan_entropy_ratio",
     "sinkhorn",
 ]

@@ -78,6 +78,7 @@ class TokenOTResult:
     error: torch.Tensor  # [B, K, M, N]  final L1 column-marginal error
     n_iter: torch.Tensor  # [B, K, M, N]  iterations run
     converged: torch.Tensor  # [B, K, M, N]  error <= tol
+    entropy: torch.Tensor  # [B, K, M, N]  H(T) / H(a b^T) of the plan's own marginals (1 = uniform)
 
 
 if _HAVE_TRITON:
@@ -92,6 +93,7 @@ if _HAVE_TRITON:
         OUT_SIM,
         OUT_ERR,
         OUT_ITER,
+        OUT_ENT,
         M,
         KC,
         N,
@@ -164,6 +166,16 @@ if _HAVE_TRITON:
         tl.store(OUT_SIM + out, simv)
         tl.store(OUT_ERR + out, err)
         tl.store(OUT_ITER + out, it)
+        # entropy relative to the independent coupling of the plan's marginals (ot.entropy)
+        p = plan / tl.maximum(mass, 1e-38)
+        h = -tl.sum(
+            tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=1), axis=0
+        )
+        pa = tl.sum(p, axis=0)  # [BJ] image-token marginal
+        pb = tl.sum(p, axis=1)  # [BL] word marginal
+        h_u = -tl.sum(tl.where(pa > 0, pa * tl.log(tl.where(pa > 0, pa, 1.0)), 0.0), axis=0)
+        h_u -= tl.sum(tl.where(pb > 0, pb * tl.log(tl.where(pb > 0, pb, 1.0)), 0.0), axis=0)
+        tl.store(OUT_ENT + out, tl.where(h_u > 0, h / tl.maximum(h_u, 1e-38), 1.0))
         if STORE_PLAN:  # padding rows get 0, so the buffer holds exactly T for the backward
             tl.store(ptrs, plan, mask=(offs_l < L)[:, None] & mj[None, :])
 
@@ -221,9 +233,10 @@ def _forward(
     sim = torch.empty_like(dist)
     err = torch.empty_like(dist)
     iters = torch.empty(shape, device=dev, dtype=torch.int32)
+    ent = torch.empty_like(dist)
     plans: list[torch.Tensor] = []
     if dist.numel() == 0:
-        return dist, sim, err, iters, plans
+        return dist, sim, err, iters, ent, plans
     r2 = r.reshape(B * M * J, D)
     inv_r = inv_r.reshape(-1).contiguous()
     inv_s = inv_s.reshape(K, N * L)
@@ -240,6 +253,7 @@ def _forward(
             sim,
             err,
             iters,
+            ent,
             M,
             kc,
             N,
@@ -259,7 +273,7 @@ def _forward(
         )
         if store_plan:
             plans.append(g)
-    return dist, sim, err, iters, plans
+    return dist, sim, err, iters, ent, plans
 
 
 class TokenOT(torch.autograd.Function):
@@ -270,17 +284,17 @@ class TokenOT(torch.autograd.Function):
         inv_r = _inv_norm(r, normalize)  # [B, M, J]
         inv_s = _inv_norm(s, normalize)  # [K, N, L]
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        dist, sim, err, iters, plans = _forward(
+        dist, sim, err, iters, ent, plans = _forward(
             r, s, lengths, inv_r, inv_s, eps, max_iter, tol, check_every, chunk, need
         )
-        ctx.mark_non_differentiable(err, iters)
+        ctx.mark_non_differentiable(err, iters, ent)
         if need:
             ctx.save_for_backward(r, s, inv_r, inv_s, *plans)
             ctx.chunk, ctx.normalize = chunk, normalize
-        return dist, sim, err, iters
+        return dist, sim, err, iters, ent
 
     @staticmethod
-    def backward(ctx, g_dist, g_sim, _g_err, _g_iter):
+    def backward(ctx, g_dist, g_sim, _g_err, _g_iter, _g_ent):
         r, s, inv_r, inv_s, *plans = ctx.saved_tensors
         B, M, J, D = r.shape
         K, N, L, _ = s.shape
@@ -361,7 +375,7 @@ def token_ot(
         text_tokens = text_tokens.to(image_tokens.dtype)
     chunk = class_chunk or chunk_classes(B, M, N, J, L, memory_budget)
     with torch.autocast(image_tokens.device.type, enabled=False):
-        dist, sim, err, iters = TokenOT.apply(
+        dist, sim, err, iters, ent = TokenOT.apply(
             image_tokens.contiguous(),
             text_tokens.contiguous(),
             lengths,
@@ -372,4 +386,4 @@ def token_ot(
             int(check_every),
             int(chunk),
         )
-    return TokenOTResult(dist, sim, err, iters.long(), err <= tol)
+    return TokenOTResult(dist, sim, err, iters.long(), err <= tol, ent)

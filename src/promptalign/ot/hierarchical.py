@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .entropy import plan_entropy_ratio
 from .sinkhorn import Domain, GradMode, sinkhorn
 
 Form = Literal["paper", "released"]
@@ -58,6 +59,8 @@ class OTStats:
     mean_iter: torch.Tensor  # mean iterations run, scalar
     max_iter: torch.Tensor  # most iterations any problem ran, scalar
     max_error: torch.Tensor  # largest final marginal error, scalar
+    # mean plan entropy relative to the uniform coupling (1.0 = the OT did not move the plan)
+    mean_entropy: torch.Tensor
 
 
 @dataclass
@@ -87,12 +90,15 @@ class HierarchicalOTResult:
     backend: str
 
 
-def _stats(converged: torch.Tensor, n_iter: torch.Tensor, err: torch.Tensor) -> OTStats:
+def _stats(
+    converged: torch.Tensor, n_iter: torch.Tensor, err: torch.Tensor, entropy: torch.Tensor
+) -> OTStats:
     return OTStats(
         converged=converged.float().mean(),
         mean_iter=n_iter.float().mean(),
         max_iter=n_iter.max(),
         max_error=err.max(),
+        mean_entropy=entropy.float().mean(),
     )
 
 
@@ -306,7 +312,7 @@ def _hierarchical(
             class_chunk=class_chunk,
         )
         token_distance, token_similarity = tok.distance, tok.similarity.detach()
-        token_stats = _stats(tok.converged, tok.n_iter, tok.error)
+        token_stats = _stats(tok.converged, tok.n_iter, tok.error, tok.entropy)
     else:
         token_distance, token_similarity, token_stats = _token_level_torch(
             prep(image_tokens),
@@ -348,7 +354,12 @@ def _hierarchical(
         token_distance=token_distance,
         token_similarity=token_similarity,
         token_stats=token_stats,
-        prompt_stats=_stats(outer.converged, outer.n_iter, outer.marginal_error),
+        prompt_stats=_stats(
+            outer.converged,
+            outer.n_iter,
+            outer.marginal_error,
+            plan_entropy_ratio(outer.plan.detach()),
+        ),
         backend="fused" if use_fused else "torch",
     )
 
@@ -371,7 +382,7 @@ def _token_level_torch(
     B, M, J, _ = image_tokens.shape
     K, N, L, _ = text_tokens.shape
     chunk = class_chunk or class_chunk_size(B, M, N, J, L, memory_budget)
-    dists, sims, convs, iters, errs = [], [], [], [], []
+    dists, sims, convs, iters, errs, ents = [], [], [], [], [], []
     work = torch.promote_types(image_tokens.dtype, torch.float32)
     r = image_tokens.to(work)
     for k0 in range(0, K, chunk):
@@ -395,5 +406,6 @@ def _token_level_torch(
         convs.append(res.converged)
         iters.append(res.n_iter)
         errs.append(res.marginal_error)
+        ents.append(plan_entropy_ratio(res.plan.detach()))  # padding columns carry no mass
     cat = lambda xs: torch.cat(xs, dim=1)  # noqa: E731  (classes are dim 1)
-    return cat(dists), cat(sims), _stats(cat(convs), cat(iters), cat(errs))
+    return cat(dists), cat(sims), _stats(cat(convs), cat(iters), cat(errs), cat(ents))
