@@ -107,6 +107,23 @@ def test_plan_entropies_of_both_levels_match_a_per_pair_reference():
     assert 0.5 < np.mean(tokens) < 1.0  # random costs: the plans are neither uniform nor maps
 
 
+@pytest.mark.parametrize("domain", ["kernel", "log"])
+def test_entropy_from_the_scalings_equals_the_entropy_of_the_plan(domain):
+    """The token level logs entropies from Sinkhorn's scalings (no log per plan entry)."""
+    from promptalign.ot import sinkhorn
+    from promptalign.ot.entropy import entropy_ratio_from_potentials, plan_entropy_ratio
+
+    C = torch.rand(3, 4, 36, 12, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 4, 12, dtype=torch.bool)
+    mask[0, :, 5:] = False  # padded words
+    mask[1, 1, 1:] = False  # a one-word text: its plan is the uniform one, ratio 1
+    res = sinkhorn(C, eps=0.1, max_iter=30, tol=1e-9, domain=domain, mask_b=mask)
+    fast = entropy_ratio_from_potentials(res.plan, res.cost, res.log_u, res.log_v, 0.1)
+    torch.testing.assert_close(fast, plan_entropy_ratio(res.plan), rtol=0, atol=2e-6)
+    assert float(fast[1, 1]) == pytest.approx(1.0, abs=1e-6)
+    assert 0.5 < float(fast[2].min()) and float(fast[2].max()) < 1.0
+
+
 def test_same_numbers_whatever_the_chunk_size():
     feats = _features(1, dtype=torch.float32)
     results = [

@@ -34,7 +34,14 @@ _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 # Pretrained models shipped inside the package: name -> (architecture config, weights file).
 # They load through the same path as any local weights file.
-SHIPPED_PRETRAINED = {"tiny-shapes": ("pa-tiny-shapes", "weights/tiny-shapes.safetensors")}
+# shipped models: name -> (open_clip-style config in configs/, weights file in this package)
+SHIPPED_PRETRAINED = {
+    # the first tiny CLIP (3-layer, 48-wide text tower): kept so earlier run folders still load
+    "tiny-shapes": ("pa-tiny-shapes", "weights/tiny-shapes.safetensors"),
+    # its image tower, locked, with a 4-layer, 96-wide text tower trained on rich captions: the
+    # model of the demo and the README tables (issue 18)
+    "tiny-shapes-v2": ("pa-tiny-shapes-v2", "weights/tiny-shapes-v2.safetensors"),
+}
 
 
 class WeightsError(ValueError):
@@ -316,7 +323,8 @@ def load_backbone(
 
     Args:
         arch: open_clip architecture name, shipped promptalign config, JSON config path, or dict;
-            "tiny-shapes" is the small CLIP pretrained on the synthetic world (weights shipped).
+            "tiny-shapes-v2" (and the earlier "tiny-shapes") are small CLIPs pretrained on the
+            synthetic world, weights shipped.
         weights: None (random init), an open_clip pretrained tag, or a local weights file.
         device: where to put the model.
         dtype: parameter dtype (fp32 default; use autocast for mixed precision).

@@ -39,3 +39,34 @@ def plan_entropy_ratio(plan: torch.Tensor) -> torch.Tensor:
     for a deterministic plan. 1.0 for 1 x 1 plans."""
     h, h_uniform, _ = plan_entropies(plan)
     return torch.where(h_uniform > 0, h / h_uniform.clamp_min(1e-38), torch.ones_like(h))
+
+
+def _xlogx_sum(p: torch.Tensor) -> torch.Tensor:
+    return torch.special.xlogy(p, p).sum(-1)
+
+
+def entropy_ratio_from_potentials(
+    plan: torch.Tensor,
+    cost: torch.Tensor,
+    log_u: torch.Tensor,
+    log_v: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """:func:`plan_entropy_ratio` of Sinkhorn plans ``[..., n, m]`` without a log per entry.
+
+    A Sinkhorn plan is ``T_ij = u_i exp(-C_ij / eps) v_j``, so ``sum T log T = <r, log u> +
+    <c, log v> - <T, C> / eps`` with ``r, c`` its row and column sums: the plan's entropy needs only
+    its marginals, the scalings and the transport cost (``SinkhornResult.cost``), not a
+    logarithm of every entry. Same value as :func:`plan_entropy_ratio` up to float rounding.
+    """
+    r, c = plan.sum(-1), plan.sum(-2)
+    total = r.sum(-1).clamp_min(1e-38)
+    t_log_t = (
+        torch.where(r > 0, r * log_u, torch.zeros_like(r)).sum(-1)
+        + torch.where(c > 0, c * log_v, torch.zeros_like(c)).sum(-1)
+        - cost / eps
+    )
+    h = -t_log_t / total + total.log()  # entropy of T / total
+    qa, qb = r / total.unsqueeze(-1), c / total.unsqueeze(-1)
+    h_uniform = -_xlogx_sum(qa) - _xlogx_sum(qb)
+    return torch.where(h_uniform > 0, h / h_uniform.clamp_min(1e-38), torch.ones_like(h))

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .entropy import plan_entropy_ratio
+from .entropy import entropy_ratio_from_potentials, plan_entropy_ratio
 from .sinkhorn import Domain, GradMode, sinkhorn
 
 Form = Literal["paper", "released"]
@@ -406,6 +406,10 @@ def _token_level_torch(
         convs.append(res.converged)
         iters.append(res.n_iter)
         errs.append(res.marginal_error)
-        ents.append(plan_entropy_ratio(res.plan.detach()))  # padding columns carry no mass
+        ents.append(  # from the scalings: no log per entry (padding columns carry no mass)
+            entropy_ratio_from_potentials(
+                res.plan.detach(), res.cost.detach(), res.log_u.detach(), res.log_v.detach(), eps
+            )
+        )
     cat = lambda xs: torch.cat(xs, dim=1)  # noqa: E731  (classes are dim 1)
     return cat(dists), cat(sims), _stats(cat(convs), cat(iters), cat(errs), cat(ents))
