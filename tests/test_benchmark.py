@@ -208,3 +208,57 @@ def test_cli_benchmark_typo_is_one_line_and_zero_shots_is_clear(tmp_path, capsys
     assert err.strip().splitlines() == [
         "promptalign benchmark: error: --shots 0: shots per class must be >= 1"
     ]
+
+
+def test_a_job_run_by_another_process_is_left_to_it_and_a_stale_claim_is_taken_over(tmp_path, bb):
+    """Two benchmark processes on one --out folder (e.g. one per method) each ran the same
+    unfinished job: the second wiped the first's run folder and the first failed. A job is now
+    claimed with a lock file; a claim of a live process is respected, that of a dead one is not."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from promptalign.benchmark import LOCK, acquire_job, plan_jobs, release_job
+
+    kw = {
+        "methods": ["coop"],
+        "datasets": ["synthetic_shapes"],
+        "seeds": [1],
+        "data_root": str(tmp_path / "data"),
+        "out": tmp_path / "bench",
+        "overrides": OVERRIDES,
+        "backbone": bb,
+    }
+    plan = plan_jobs(
+        "base2new",
+        methods=kw["methods"],
+        datasets=kw["datasets"],
+        seeds=kw["seeds"],
+        data_root=kw["data_root"],
+        out_dir=tmp_path / "bench" / "base2new",
+        overrides=OVERRIDES,
+    )
+    (job, _, jdir) = plan[0]
+    host = socket.gethostname()
+    jdir.mkdir(parents=True)
+    (jdir / LOCK).write_text(f"{host} {os.getppid()}")  # a live process holds it
+    held = run_benchmark("base2new", **kw)
+    assert not held.ran and list(held.busy) == [job.key] and str(os.getppid()) in held.busy[job.key]
+    assert not (jdir / "result.json").exists() and not (jdir / "run").exists()
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    (jdir / LOCK).write_text(f"{host} {int(gone.stdout)}")  # its process has exited: stale
+    took = run_benchmark("base2new", **kw)
+    assert took.ran == [job.key] and not took.busy and (jdir / "result.json").is_file()
+    assert not (jdir / LOCK).exists()  # released after the job
+
+    assert acquire_job(jdir) is None and acquire_job(jdir) is not None  # exclusive
+    release_job(jdir)
+    assert acquire_job(jdir) is None
+    release_job(jdir)

@@ -25,7 +25,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import socket
 import statistics
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -89,6 +91,7 @@ class BenchmarkSummary:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    busy: dict[str, str] = field(default_factory=dict)  # job -> who runs it (another process)
     tables: dict[str, str] = field(default_factory=dict)  # file name -> markdown
 
 
@@ -312,6 +315,50 @@ def _train_or_resume(cfg: RunConfig, run_dir: Path, backbone) -> None:
         train(cfg, run_dir, backbone=backbone)
 
 
+LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def acquire_job(job_dir: Path) -> str | None:
+    """Claim ``job_dir`` for this process (a ``.lock`` file created exclusively, holding host and
+    pid). Returns None when claimed, else who holds it: benchmark processes sharing an ``--out``
+    folder (e.g. one per method) then never run the same job at once. A lock left by a process
+    that is gone on this host is taken over."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    lock = job_dir / LOCK
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text(encoding="utf-8").split()
+                holder_alive = host != socket.gethostname() or _pid_alive(int(pid))
+            except (OSError, ValueError):  # unreadable / half-written: treat as held
+                return "another process"
+            if holder_alive:
+                return f"process {pid} on {host}"
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+        return None
+    return "another process"
+
+
+def release_job(job_dir: Path) -> None:
+    (job_dir / LOCK).unlink(missing_ok=True)
+
+
 def _finished(run_dir: Path) -> bool:
     """A run whose final evaluation was written (its run.json holds metrics)."""
     try:
@@ -353,8 +400,23 @@ def run_benchmark(
         if result_path.is_file():
             summary.skipped.append(job.key)
             continue
+        holder = acquire_job(jdir)
+        if holder is not None:  # another benchmark process on the same folder runs it now
+            summary.busy[job.key] = holder
+            continue
         try:
+            if result_path.is_file():  # finished by that other process meanwhile
+                summary.skipped.append(job.key)
+                continue
             result = run_job(job, cfg, jdir, backbone)
+            (jdir / "error.txt").unlink(missing_ok=True)
+            write_text(
+                result_path,
+                json.dumps(
+                    {"job": dataclasses.asdict(job), "result": result, "config": to_dict(cfg)},
+                    indent=2,
+                ),
+            )
         except KeyboardInterrupt:
             raise
         except Exception as e:  # a failed job is reported (once, by the caller), the others go on
@@ -363,13 +425,8 @@ def run_benchmark(
             write_text(jdir / "error.txt", traceback.format_exc())
             summary.failed[job.key] = f"{type(e).__name__}: {first}"
             continue
-        (jdir / "error.txt").unlink(missing_ok=True)
-        write_text(
-            result_path,
-            json.dumps(
-                {"job": dataclasses.asdict(job), "result": result, "config": to_dict(cfg)}, indent=2
-            ),
-        )
+        finally:
+            release_job(jdir)
         summary.ran.append(job.key)
         if on_job_done:
             on_job_done(job, result)

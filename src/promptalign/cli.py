@@ -423,11 +423,14 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     for md in s.tables.values():
         print(md)
     print(
-        f"{len(s.ran)} job(s) run, {len(s.skipped)} already finished, {len(s.failed)} failed; "
-        f"tables in {s.out_dir}"
+        f"{len(s.ran)} job(s) run, {len(s.skipped)} already finished, {len(s.failed)} failed"
+        + (f", {len(s.busy)} running elsewhere" if s.busy else "")
+        + f"; tables in {s.out_dir}"
     )
     for key, err in s.failed.items():
         print(f"  FAILED {key}: {err} (details in its error.txt)")
+    for key, holder in s.busy.items():
+        print(f"  BUSY {key}: being run by {holder}; re-run this command once it ends")
     return 1 if s.failed else 0
 
 
