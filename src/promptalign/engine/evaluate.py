@@ -102,12 +102,11 @@ def evaluate(
     lab = torch.cat([g[1] for g in gathered])
     out = metrics_from_predictions(pred, lab, method.num_classes)
     out["skipped"] = sum(g[2] for g in gathered)
-    if host_sums and out["n"]:
+    keys = sorted(set().union(*(g[3] for g in gathered)))  # a rank may have scored no images
+    if keys and out["n"]:
         # averaged over the images scored, e.g. ot_prompt_entropy / ot_token_entropy: how far the
         # transport plans are from uniform (1.0) on this data
-        out["diagnostics"] = {
-            k: sum(g[3].get(k, 0.0) for g in gathered) / out["n"] for k in sorted(host_sums)
-        }
+        out["diagnostics"] = {k: sum(g[3].get(k, 0.0) for g in gathered) / out["n"] for k in keys}
     return out
 
 
