@@ -257,6 +257,44 @@ def test_npt_method_wraps_a_base_method(tiny):
     assert m.num_trainable() == m.inner.num_trainable()
 
 
+def test_npt_resolved_config_spells_out_its_base_method(tiny, monkeypatch):
+    import dataclasses
+
+    from promptalign.benchmark import config_fingerprint
+    from promptalign.config import MethodSpec, RunConfig
+    from promptalign.engine.build import resolve_method
+    from promptalign.methods.maple import MaPLeConfig
+    from promptalign.registry import METHODS
+
+    spec = resolve_method(MethodSpec(name="npt", options={"base_options": {"depth": 2}}), "a {}")
+    base = spec.options["base_options"]
+    # every MaPLe field is in the record, with the run's change and MaPLe's published defaults
+    assert base["depth"] == 2 and base["n_ctx"] == 2 and base["ctx_init"] == "a photo of a"
+    assert base["optim"]["lr"] == 0.0035 and base["optim"]["batch_size"] == 4
+    assert resolve_method(spec, "a {}") == spec  # resolving a resolved record changes nothing
+    short = create_method("npt", tiny, CLASSES, base_options={"depth": 2})
+    full = create_method("npt", tiny, CLASSES, **spec.options)
+    assert full.inner.config == short.inner.config
+    assert full.optim_preset == short.optim_preset
+    # the dataset's template reaches a base that has a template field, unless the run sets one
+    vpt = resolve_method(MethodSpec(name="npt", options={"base": "vpt"}), "a {}")
+    assert vpt.options["base_options"]["template"] == "a {}"
+    own = {"base": "vpt", "base_options": {"template": "my {}"}}
+    assert resolve_method(MethodSpec(name="npt", options=own), "a {}").options["base_options"][
+        "template"
+    ] == "my {}"
+    # a benchmark job's fingerprint follows the wrapped method's defaults
+    cfg = RunConfig(method=MethodSpec(name="npt"))
+    before = config_fingerprint(cfg)
+
+    @dataclasses.dataclass(frozen=True)
+    class WiderMaPLe(MaPLeConfig):
+        n_ctx: int = 3
+
+    monkeypatch.setattr(METHODS.get("maple"), "config_class", WiderMaPLe)
+    assert config_fingerprint(cfg) != before
+
+
 def test_presets(tiny):
     m = create_method("maple", tiny, CLASSES, preset="cross_dataset", depth=2)
     assert m.config.optim.lr == 0.0026 and m.config.optim.epochs == 2

@@ -72,9 +72,7 @@ def resolve_method(spec: MethodSpec, template: str | None = None) -> MethodSpec:
     """``spec`` with every field of the method's config in ``options``; a method with a
     ``template`` field gets the dataset's ``template`` unless the run sets one."""
     options = dict(spec.options)
-    config = spec.build()
-    if template is not None and "template" in config.to_dict() and "template" not in options:
-        config = config.replace(template=template)
+    config = spec.build().resolved(None if "template" in options else template)
     return dataclasses.replace(spec, options=config.to_dict())
 
 

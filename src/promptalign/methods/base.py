@@ -100,6 +100,16 @@ class MethodConfig:
             base = base.replace(**dict(cls.PRESETS[preset]))
         return base.replace(**changes)
 
+    def resolved(self, template: str | None = None) -> MethodConfig:
+        """This config with everything that decides the method filled in, as a run folder
+        records it: the dataset's hand-written ``template`` for a method with a ``template``
+        field (pass None when the run sets its own). A method that wraps another (NPT) also
+        spells out the wrapped method's whole config here, so the record and a benchmark
+        job's fingerprint change when the wrapped method's defaults do."""
+        if template is not None and "template" in {f.name for f in dataclasses.fields(self)}:
+            return self.replace(template=template)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain data (what a run folder's config.yaml records)."""
         return to_dict(self)

@@ -119,6 +119,17 @@ class NPTConfig(MethodConfig):
     too_many_classes: Literal["hinge", "error"] = "hinge"
     optim: OptimConfig = OptimConfig()
 
+    def resolved(self, template: str | None = None) -> NPTConfig:
+        """``base_options`` spelled out as the base method's whole resolved config (the
+        dataset's template reaches a base with a ``template`` field unless ``base_options``
+        sets one), so the run record holds every setting of the wrapped method."""
+        inner_cls = METHODS.get(self.base).config_class
+        if issubclass(inner_cls, NPTConfig):
+            raise ValueError("NPT cannot wrap itself; choose another base method")
+        opts = dict(self.base_options)
+        inner = inner_cls.from_preset(**opts).resolved(None if "template" in opts else template)
+        return self.replace(base_options=inner.to_dict())
+
 
 @METHODS.register("npt")
 class NPT(PromptMethod):
