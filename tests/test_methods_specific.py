@@ -280,9 +280,8 @@ def test_npt_resolved_config_spells_out_its_base_method(tiny, monkeypatch):
     vpt = resolve_method(MethodSpec(name="npt", options={"base": "vpt"}), "a {}")
     assert vpt.options["base_options"]["template"] == "a {}"
     own = {"base": "vpt", "base_options": {"template": "my {}"}}
-    assert resolve_method(MethodSpec(name="npt", options=own), "a {}").options["base_options"][
-        "template"
-    ] == "my {}"
+    mine = resolve_method(MethodSpec(name="npt", options=own), "a {}")
+    assert mine.options["base_options"]["template"] == "my {}"
     # a benchmark job's fingerprint follows the wrapped method's defaults
     cfg = RunConfig(method=MethodSpec(name="npt"))
     before = config_fingerprint(cfg)
