@@ -303,6 +303,12 @@ def row_unknown_method_option(t: Path):
     return _train(_folder(t / "d"), t / "run", "method.options.n_ctxx=4"), "n_ctxx"
 
 
+def row_npt_unknown_base_method(t: Path):
+    args = _train(_folder(t / "d"), t / "run", "method.options.base=mapel")
+    args[args.index("coop")] = "npt"
+    return args, "method.options.base: unknown method 'mapel'"
+
+
 def row_epochs_negative(t: Path):
     return _train(_folder(t / "d"), t / "run", "optim.epochs=-5"), "optim.epochs"
 
@@ -345,6 +351,7 @@ ROWS = [
     row_batch_size_zero,
     row_optim_not_a_section,
     row_unknown_method_option,
+    row_npt_unknown_base_method,
     row_epochs_negative,
 ]
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ..config import OptimConfig
+from ..config import FieldError, OptimConfig
 from ..registry import METHODS, REGULARIZERS
 from .base import Batch, MethodConfig, MethodOutput, PromptMethod, Regularizer, create_method
 
@@ -118,6 +118,13 @@ class NPTConfig(MethodConfig):
     image_weight: float = 1.0
     too_many_classes: Literal["hinge", "error"] = "hinge"
     optim: OptimConfig = OptimConfig()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.base not in METHODS.names():
+            raise FieldError(
+                f"base: unknown method {self.base!r}; registered: {', '.join(METHODS.names())}"
+            )
 
     def resolved(self, template: str | None = None) -> NPTConfig:
         """``base_options`` spelled out as the base method's whole resolved config (the
