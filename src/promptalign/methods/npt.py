@@ -125,14 +125,14 @@ class NPTConfig(MethodConfig):
             raise FieldError(
                 f"base: unknown method {self.base!r}; registered: {', '.join(METHODS.names())}"
             )
+        if issubclass(METHODS.get(self.base).config_class, NPTConfig):
+            raise FieldError(f"base: NPT cannot wrap itself ({self.base!r}); choose another method")
 
     def resolved(self, template: str | None = None) -> NPTConfig:
         """``base_options`` spelled out as the base method's whole resolved config (the
         dataset's template reaches a base with a ``template`` field unless ``base_options``
         sets one), so the run record holds every setting of the wrapped method."""
         inner_cls = METHODS.get(self.base).config_class
-        if issubclass(inner_cls, NPTConfig):
-            raise ValueError("NPT cannot wrap itself; choose another base method")
         opts = dict(self.base_options)
         inner = inner_cls.from_preset(**opts).resolved(None if "template" in opts else template)
         return self.replace(base_options=inner.to_dict())
@@ -147,8 +147,6 @@ class NPT(PromptMethod):
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
         cfg = self.config
-        if cfg.base == self.registered_name:
-            raise ValueError("NPT cannot wrap itself; choose another base method")
         self.inner = create_method(cfg.base, backbone, classnames, **dict(cfg.base_options))
         self.class_side_trainable = self.inner.class_side_trainable
         self.regularizer_modules.append(
