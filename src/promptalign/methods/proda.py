@@ -17,6 +17,9 @@ prompt-learning codebase) and marked as such below.
   ``E[-log softmax(s w z)_y] <= CE(s mu z + s^2/2 v, y)`` with
   ``v_j = z^T (Sigma_jj + Sigma_yy - Sigma_jy - Sigma_yj) z = Var_p[(w_j^p - w_y^p) . z]``
   (computed exactly from the P per-prompt logits). With zero covariance it is plain CE.
+  ``covariance="diagonal"`` keeps only the per-dimension part of every class-pair block,
+  ``v_j = sum_d z_d^2 sum_p (c_jd^p - c_yd^p)^2 / (P + 1)`` with ``c = w - mu``: what both public
+  reimplementations compute (divisor ``P + 1`` included); a Gaussian with independent dimensions.
 * Diversity: besides the mixed positions and independent initialisations, the reimplementation
   adds ``diversity_weight * mean_{p != q} |cos(c_p, c_q)|`` over the text features ``c_p`` of the
   contexts alone (no class name), pushing the prompts apart; 0 turns it off.
@@ -31,7 +34,7 @@ which the paper builds; its exact schedule is not restated here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,8 @@ class ProDAConfig(MethodConfig):
     position_mix: fractions of prompts with the class name at the front, middle and end.
     prompts_per_step: prompts encoded per training step (<= n_prompts; all by default).
     diversity_weight: weight of the context-orthogonality term (0 = off).
+    covariance: "full" (the prompts' empirical covariance over classes and dimensions) or
+        "diagonal" (per-dimension, as both public reimplementations compute it).
     """
 
     n_prompts: int = 32
@@ -59,6 +64,7 @@ class ProDAConfig(MethodConfig):
     position_mix: tuple[float, float, float] = (0.25, 0.25, 0.5)
     prompts_per_step: int = 32
     diversity_weight: float = 1.0
+    covariance: Literal["full", "diagonal"] = "full"
     optim: OptimPreset = OptimPreset(
         lr=0.002, batch_size=32, epochs=50, epochs_by_shots=((1, 50), (4, 100), (16, 200))
     )
@@ -92,14 +98,29 @@ def position_counts(n: int, mix: tuple[float, float, float]) -> list[int]:
 
 
 def surrogate_logits(
-    per_prompt: torch.Tensor, image: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
+    per_prompt: torch.Tensor,
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+    covariance: str = "full",
 ) -> torch.Tensor:
-    """``s mu z + s^2/2 Var_p[(w_j^p - w_y^p) z]``: the logits whose cross-entropy is ProDA's
-    upper bound. ``per_prompt [P, K, D]``, ``image [B, D]`` (normalised), ``labels [B]`` ->
-    ``[B, K]``."""
+    """``s mu z + s^2/2 v``: the logits whose cross-entropy is ProDA's upper bound.
+    ``per_prompt [P, K, D]``, ``image [B, D]`` (normalised), ``labels [B]`` -> ``[B, K]``.
+
+    ``covariance="full"``: ``v_j = Var_p[(w_j^p - w_y^p) . z]``, the prompts' whole empirical
+    covariance. ``"diagonal"``: only its per-dimension part, ``v_j = sum_d z_d^2
+    sum_p (c_jd^p - c_yd^p)^2 / (P + 1)`` with ``c = w - mu``, as both public reimplementations
+    compute it (their divisor ``P + 1`` included)."""
     a = torch.einsum("bd,pkd->bpk", image, per_prompt)  # [B, P, K] per-prompt cosines
-    diff = a - a.gather(2, labels.view(-1, 1, 1).expand(-1, a.shape[1], 1))  # [B, P, K]
-    var = diff.var(dim=1, unbiased=False)  # [B, K], zero at the label
+    if covariance == "full":
+        diff = a - a.gather(2, labels.view(-1, 1, 1).expand(-1, a.shape[1], 1))  # [B, P, K]
+        var = diff.var(dim=1, unbiased=False)  # [B, K], zero at the label
+    else:
+        c = per_prompt - per_prompt.mean(0)  # [P, K, D]
+        z2 = image * image  # [B, D]
+        own = z2 @ (c * c).sum(0).t()  # [B, K]: sum_d z_d^2 sum_p c_jd^2
+        cross = torch.einsum("pbd,pkd->bk", c[:, labels] * z2, c)  # sum_d z_d^2 sum_p c_yd c_jd
+        var = (own + own.gather(1, labels.view(-1, 1)) - 2 * cross) / (per_prompt.shape[0] + 1)
     return scale * a.mean(1) + 0.5 * scale**2 * var
 
 
@@ -177,7 +198,13 @@ class ProDA(PromptMethod):
         images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch[:2]
         per_prompt = self.class_features()  # [P, K, D]
         out = self.forward_with_text(images, per_prompt)
-        bound = surrogate_logits(per_prompt, out.image_features, labels, self.backbone.logit_scale)
+        bound = surrogate_logits(
+            per_prompt,
+            out.image_features,
+            labels,
+            self.backbone.logit_scale,
+            self.config.covariance,
+        )
         terms = {"surrogate": F.cross_entropy(bound, labels)}
         if self.config.diversity_weight:
             terms["diversity"] = self.config.diversity_weight * self.diversity()
