@@ -28,7 +28,12 @@ prompt-learning codebase) and marked as such below.
 * Inference: ``s * z . mu`` with the mean class embedding over all prompts.
 
 Optimisation: CoOp's schedule (SGD, lr 0.002, batch 32, cosine, 50/100/200 epochs by shots), on
-which the paper builds; its exact schedule is not restated here.
+which the paper builds; its exact schedule is not restated here. Base-to-new (the ``base2new``
+preset, which the protocol's run preset uses) follows the one public base-to-new recipe, from
+the CLIP_Calibration code base (Wang et al., "Open-Vocabulary Calibration for Fine-tuned CLIP",
+ICLR 2024): SGD lr 0.001, batch 4, 100 epochs, 4 of the 32 prompts per step (a random subset
+each step here; that code cycles through a random permutation), diversity weight 0.1 and the
+per-dimension covariance.
 """
 
 from __future__ import annotations
@@ -73,6 +78,16 @@ class ProDAConfig(MethodConfig):
         "end_only": {"position_mix": (0.0, 0.0, 1.0)},
         # the reimplementation's prompt batch: 8 of the 32 prompts per step
         "prompt_batch_8": {"prompts_per_step": 8},
+        # the one public base-to-new recipe (CLIP_Calibration, Wang et al., ICLR 2024,
+        # configs/trainers/ProDA/vit_b16_c16_ep100_batch4.yaml and its ProDA defaults): 4 of
+        # the 32 prompts per step, diversity weight 0.1, per-dimension covariance, SGD lr 0.001,
+        # batch 4, 100 epochs
+        "base2new": {
+            "prompts_per_step": 4,
+            "diversity_weight": 0.1,
+            "covariance": "diagonal",
+            "optim": {"lr": 0.001, "batch_size": 4, "epochs": 100},
+        },
     }
 
     def __post_init__(self) -> None:
