@@ -15,7 +15,14 @@ from safetensors.torch import load_file, save_file
 
 import promptalign
 from promptalign.cli import main
-from promptalign.config import ConfigError, RunConfig, apply_overrides, load_yaml
+from promptalign.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_yaml,
+    method_config_class,
+    resolve_optim,
+)
 from promptalign.engine import CheckpointError, evaluate_run, lr_at, metrics_from_predictions, train
 from promptalign.presets import PROTOCOLS, list_presets, make_preset
 
@@ -253,6 +260,13 @@ def test_shipped_presets_match_the_method_configs():
             )
     assert load_preset("maple-cross_dataset").optim.epochs == 2
     assert load_preset("coop-fewshot").optim.epochs is None  # shot-dependent
+    # a method's config preset named after the protocol is what the protocol's run preset uses
+    b2n = load_preset("proda-base2new")
+    proda = method_config_class("proda").from_preset(b2n.method.preset)
+    optim = resolve_optim(b2n.optim, proda.optim, b2n.data.shots)
+    assert (proda.prompts_per_step, proda.covariance) == (4, "diagonal")
+    assert (optim.lr, optim.batch_size, optim.epochs) == (0.001, 4, 100)
+    assert load_preset("proda-fewshot").method.preset is None  # few-shot keeps CoOp's schedule
 
 
 def test_lr_schedule_constant_warmup_then_cosine():
