@@ -229,17 +229,22 @@ def test_promptsrc_consistency_terms_vanish_at_the_frozen_clip(tiny):
 
 
 # ---------------------------------------------------------------------------- ProDA
-def test_proda_loss_is_cross_entropy_when_the_covariance_is_zero(tiny):
-    m = create_method(
+def small_proda(tiny, **changes):
+    """4 prompts of 3 tokens, all encoded every step, no diversity term."""
+    return create_method(
         "proda",
         tiny,
         CLASSES,
         n_prompts=4,
         n_ctx=3,
         prompts_per_step=4,
-        position_mix=(0.0, 0.0, 1.0),
         diversity_weight=0.0,
+        **changes,
     )
+
+
+def test_proda_loss_is_cross_entropy_when_the_covariance_is_zero(tiny):
+    m = small_proda(tiny, position_mix=(0.0, 0.0, 1.0))
     with torch.no_grad():
         m.ctx.copy_(m.ctx[:1].expand_as(m.ctx))  # every prompt the same: zero covariance
     m.train()
@@ -315,16 +320,7 @@ def test_proda_training_step_uses_the_configured_covariance(tiny, covariance):
     from promptalign.methods.proda import surrogate_logits
 
     torch.manual_seed(0)
-    m = create_method(
-        "proda",
-        tiny,
-        CLASSES,
-        n_prompts=4,
-        n_ctx=3,
-        prompts_per_step=4,
-        diversity_weight=0.0,
-        covariance=covariance,
-    ).train()
+    m = small_proda(tiny, covariance=covariance).train()
     x, y = images_for(tiny, 4, seed=3), torch.tensor([0, 3, 1, 4])
     out = m.training_step((x, y))
     with torch.no_grad():
