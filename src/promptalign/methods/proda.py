@@ -117,7 +117,7 @@ def surrogate_logits(
     image: torch.Tensor,
     labels: torch.Tensor,
     scale: torch.Tensor,
-    covariance: str = "full",
+    covariance: Literal["full", "diagonal"] = "full",
 ) -> torch.Tensor:
     """``s mu z + s^2/2 v``: the logits whose cross-entropy is ProDA's upper bound.
     ``per_prompt [P, K, D]``, ``image [B, D]`` (normalised), ``labels [B]`` -> ``[B, K]``.
@@ -130,12 +130,14 @@ def surrogate_logits(
     if covariance == "full":
         diff = a - a.gather(2, labels.view(-1, 1, 1).expand(-1, a.shape[1], 1))  # [B, P, K]
         var = diff.var(dim=1, unbiased=False)  # [B, K], zero at the label
-    else:
+    elif covariance == "diagonal":
         c = per_prompt - per_prompt.mean(0)  # [P, K, D]
         z2 = image * image  # [B, D]
         own = z2 @ (c * c).sum(0).t()  # [B, K]: sum_d z_d^2 sum_p c_jd^2
         cross = torch.einsum("pbd,pkd->bk", c[:, labels] * z2, c)  # sum_d z_d^2 sum_p c_yd c_jd
         var = (own + own.gather(1, labels.view(-1, 1)) - 2 * cross) / (per_prompt.shape[0] + 1)
+    else:
+        raise ValueError(f"covariance {covariance!r} must be 'full' or 'diagonal'")
     return scale * a.mean(1) + 0.5 * scale**2 * var
 
 
