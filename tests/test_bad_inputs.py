@@ -295,6 +295,10 @@ def row_batch_size_zero(t: Path):
     return _train(_folder(t / "d"), t / "run", "optim.batch_size=0"), "optim.batch_size"
 
 
+def row_crop_scale_reversed(t: Path):
+    return _train(_folder(t / "d"), t / "run", "data.crop_scale=[0.9,0.5]"), "data.crop_scale"
+
+
 def row_optim_not_a_section(t: Path):
     return _train(_folder(t / "d"), t / "run", "optim=3"), "optim"
 
@@ -349,6 +353,7 @@ ROWS = [
     row_benchmark_fewshot_zero_shots,
     row_lr_negative,
     row_batch_size_zero,
+    row_crop_scale_reversed,
     row_optim_not_a_section,
     row_unknown_method_option,
     row_npt_unknown_base_method,

@@ -262,3 +262,23 @@ def test_a_job_run_by_another_process_is_left_to_it_and_a_stale_claim_is_taken_o
     release_job(jdir)
     assert acquire_job(jdir) is None
     release_job(jdir)
+
+
+def test_the_training_crop_is_part_of_the_job_fingerprint(tmp_path):
+    from promptalign.benchmark import plan_jobs
+
+    def folder(dataset, *overrides):
+        plan = plan_jobs(
+            "base2new",
+            methods=["coop"],
+            datasets=[dataset],
+            seeds=[1],
+            data_root=str(tmp_path),
+            out_dir=tmp_path,
+            overrides=overrides,
+        )
+        return plan[0][2].name
+
+    # unset = the dataset's crop, so spelling out that default names the same job
+    assert folder("dtd") == folder("dtd", "data.crop_scale=[0.08,1]")
+    assert folder("dtd") != folder("dtd", "data.crop_scale=[0.5,1]")

@@ -394,6 +394,9 @@ def test_transforms_follow_backbone_preprocess(root, tiny):
     assert names[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
     rrc = build_transform(tiny.preprocess, train=True).transforms[0]
     assert rrc.scale == (0.08, 1.0) and rrc.interpolation.value == "bicubic"
+    assert ds.crop_scale == (0.08, 1.0)  # CoOp/Dassl's crop for the photograph datasets
+    rrc = build_transform(tiny.preprocess, train=True, crop_scale=(0.5, 1.0)).transforms[0]
+    assert rrc.scale == (0.5, 1.0)
     names = [type(s).__name__ for s in build_transform(tiny.preprocess, train=False).transforms]
     assert names[:2] == ["Resize", "CenterCrop"]
 

@@ -353,6 +353,23 @@ def test_resolved_config_alone_recreates_the_run_bit_identically(setup, tmp_path
     assert load_yaml(tmp_path / "b" / "config.yaml") == stored
 
 
+def test_crop_scale_is_the_datasets_unless_set_and_is_stored_and_used(setup, tmp_path):
+    from promptalign.engine.build import build_run
+
+    settings = {
+        "default": [],
+        "dassl": ["data.crop_scale=[0.08,1]"],
+        "half": ["data.crop_scale=[0.5, 1]"],
+    }
+    for name, extra in settings.items():
+        train(_cfg(setup, tmp_path / name, "coop", extra), tmp_path / name)
+        stored = load_yaml(tmp_path / name / "config.yaml")
+        expected = (0.5, 1.0) if name == "half" else (0.08, 1.0)  # oxford_pets: CoOp/Dassl's
+        assert stored.data.crop_scale == expected
+        run = build_run(stored, torch.device("cpu"))
+        assert run.train_set.transform.transforms[0].scale == expected  # what training crops
+
+
 def test_progress_bar_never_changes_results(setup, tmp_path, monkeypatch):
     quiet = train(_cfg(setup, tmp_path / "quiet"), tmp_path / "quiet")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)

@@ -181,13 +181,21 @@ def job_config(job: Job, base_overrides: Sequence[str], data_root: str) -> RunCo
 
 def resolved_job_config(cfg: RunConfig) -> RunConfig:
     """``cfg`` with every method field and the method's published optimisation preset filled in
-    (what training uses), without building the model; a bad method name, preset or option is a
-    ConfigError."""
+    (what training uses) and the dataset's training crop, without building the model or reading
+    the data; a bad method name, preset or option is a ConfigError."""
+    from .data.base import DEFAULT_CROP_SCALE
     from .engine.build import resolve_method
+    from .registry import DATASETS
 
     spec = resolve_method(cfg.method)  # unknown method / preset / option: ConfigError
     optim = resolve_optim(cfg.optim, spec.build().optim, cfg.data.shots)
-    return dataclasses.replace(cfg, method=spec, optim=optim)
+    crop = cfg.data.crop_scale or (
+        DATASETS.get(cfg.data.dataset).crop_scale
+        if cfg.data.dataset in DATASETS
+        else DEFAULT_CROP_SCALE  # a custom ImageFolder / CSV dataset
+    )
+    data = dataclasses.replace(cfg.data, crop_scale=tuple(crop))
+    return dataclasses.replace(cfg, method=spec, optim=optim, data=data)
 
 
 # settings that never change a job's result (the data order and augmentation do not depend on them)

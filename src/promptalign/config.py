@@ -423,6 +423,10 @@ class DataConfig:
     subsample: "all", "base" or "new" classes.
     workers: data-loading worker processes (None = :func:`default_workers`; >= 0).
     skip_corrupt: skip (and count) unreadable images instead of failing.
+    crop_scale: (min, max) fraction of the image area the training RandomResizedCrop keeps
+        (None = the dataset's: (0.08, 1.0), CoOp/Dassl's, unless its reader sets another; e.g.
+        (0.5, 1.0) where objects are small in the frame and 8 % crops cut them out). A run
+        folder stores the value used.
     """
 
     dataset: str = ""
@@ -432,10 +436,18 @@ class DataConfig:
     subsample: Literal["all", "base", "new"] = "all"
     workers: int | None = None
     skip_corrupt: bool = False
+    crop_scale: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         check_choices(self)
         _at_least(self, shots=(1, True), workers=(0, True))
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            if not 0 < lo <= hi <= 1:
+                raise FieldError(
+                    f"crop_scale: {list(self.crop_scale)} must be [min, max] with "
+                    "0 < min <= max <= 1 (fractions of the image area), e.g. [0.08, 1.0]"
+                )
 
 
 @dataclass(frozen=True)

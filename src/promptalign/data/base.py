@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 Subsample = Literal["all", "base", "new"]
 SPLITS = ("train", "val", "test")
+# RandomResizedCrop's area range in CoOp/Dassl's training pipeline (torchvision's default)
+DEFAULT_CROP_SCALE = (0.08, 1.0)
 
 
 class DatasetError(ValueError):
@@ -78,6 +80,7 @@ class Dataset:
     seed: int | None = None
     subsample: Subsample = "all"
     label_map: dict[int, int] = field(default_factory=dict)  # original label -> label here
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE  # the reader's training crop
 
     @property
     def num_classes(self) -> int:
@@ -114,11 +117,13 @@ def display_name(name: str) -> str:
 
 class DatasetReader(abc.ABC):
     """Base of the readers. Subclasses set ``folder``, ``image_dir``, ``template`` and implement
-    :meth:`read`; ``test_only`` marks evaluation-only datasets."""
+    :meth:`read`; ``test_only`` marks evaluation-only datasets; ``crop_scale`` is the area range
+    of the training RandomResizedCrop (CoOp/Dassl's for real photographs)."""
 
     folder: ClassVar[str] = ""
     image_dir: ClassVar[str] = ""
     template: ClassVar[str] = "a photo of a {}."
+    crop_scale: ClassVar[tuple[float, float]] = DEFAULT_CROP_SCALE
     test_only: ClassVar[bool] = False
     generates: ClassVar[bool] = False  # renders its own images under the root (synthetic world)
     registered_name: ClassVar[str] = ""
@@ -383,6 +388,7 @@ def load_dataset(
         test=_relabel(splits.test, mapping),
         classnames=[display_name(splits.classnames[old]) for old in keep],
         template=reader.template,
+        crop_scale=reader.crop_scale,
         shots=shots,
         seed=seed,
         subsample=subsample,

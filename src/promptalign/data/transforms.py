@@ -18,6 +18,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from ..backbone import Preprocess
+from .base import DEFAULT_CROP_SCALE
 
 _INTERP = {
     "bicubic": T.InterpolationMode.BICUBIC,
@@ -64,8 +65,11 @@ def eval_resize(pre: Preprocess, interp: T.InterpolationMode) -> list:
     raise ValueError(f"resize_mode {pre.resize_mode!r} unknown; use one of {list(RESIZE_MODES)}")
 
 
-def build_transform(pre: Preprocess, train: bool) -> T.Compose:
-    """The torchvision pipeline for training (augmenting) or evaluation."""
+def build_transform(
+    pre: Preprocess, train: bool, crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE
+) -> T.Compose:
+    """The torchvision pipeline for training (augmenting: a random crop of ``crop_scale`` of the
+    image area, resized, and a horizontal flip) or evaluation."""
     interp = _INTERP.get(pre.interpolation)
     if interp is None:
         raise ValueError(
@@ -76,7 +80,7 @@ def build_transform(pre: Preprocess, train: bool) -> T.Compose:
     if train:
         return T.Compose(
             [
-                T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=interp),
+                T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=interp),
                 T.RandomHorizontalFlip(),
                 *norm,
             ]

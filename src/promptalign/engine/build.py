@@ -84,8 +84,13 @@ def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunCo
         cfg,
         method=resolve_method(cfg.method, data.template),
         optim=o,
-        data=dataclasses.replace(cfg.data, workers=workers),
+        data=dataclasses.replace(cfg.data, workers=workers, crop_scale=crop_scale(cfg, data)),
     )
+
+
+def crop_scale(cfg: RunConfig, data: Dataset) -> tuple[float, float]:
+    """The training crop's area range: the run's ``data.crop_scale``, else the dataset's."""
+    return tuple(cfg.data.crop_scale or data.crop_scale)
 
 
 def build_method(
@@ -132,7 +137,7 @@ def image_sets(
         data.name,
         data.image_root,
         data.train,
-        build_transform(pre, train=True),
+        build_transform(pre, train=True, crop_scale=crop_scale(cfg, data)),
         cfg.data.skip_corrupt,
     )
     test = ImageDataset(
@@ -161,7 +166,7 @@ def record_batches(
         data.name,
         data.image_root,
         records,
-        build_transform(pre, train=augment),
+        build_transform(pre, train=augment, crop_scale=crop_scale(cfg, data)),
         cfg.data.skip_corrupt,
     )
 
