@@ -50,6 +50,7 @@ ARCH_FLAGS = {
     "text_heads": ("text_cfg", "heads"),
     "vision_layers": ("vision_cfg", "layers"),
     "vision_width": ("vision_cfg", "width"),
+    "vision_patch": ("vision_cfg", "patch_size"),
     "embed_dim": (None, "embed_dim"),
 }
 NEW_DEFAULTS = {
@@ -73,6 +74,12 @@ def model_config(args: argparse.Namespace) -> dict | None:
         raise SystemExit(
             f"--text-width {cfg['text_cfg']['width']} is not divisible by --text-heads "
             f"{cfg['text_cfg']['heads']}; choose a width that is a multiple of the heads"
+        )
+    vis = cfg["vision_cfg"]
+    if vis["image_size"] % vis["patch_size"]:
+        raise SystemExit(
+            f"--vision-patch {vis['patch_size']} does not divide the {vis['image_size']} px image; "
+            "choose a divisor such as 4, 6, 8 or 12"
         )
     return cfg
 
@@ -117,6 +124,12 @@ def main() -> None:
     p.add_argument("--text-heads", type=int, default=None, help="text attention heads (shipped: 4)")
     p.add_argument("--vision-layers", type=int, default=None, help="ViT depth (shipped: 4)")
     p.add_argument("--vision-width", type=int, default=None, help="ViT width (shipped: 96)")
+    p.add_argument(
+        "--vision-patch",
+        type=int,
+        default=None,
+        help="ViT patch size in pixels; must divide the 48 px image (shipped: 8, 36 patches)",
+    )
     p.add_argument(
         "--embed-dim", type=int, default=None, help="joint embedding width (shipped: 64)"
     )

@@ -82,3 +82,26 @@ def test_lock_image_without_init_is_refused(tmp_path):
         text=True,
     )
     assert res.returncode != 0 and "--init-image" in res.stderr
+
+
+def test_vision_patch_flag_sets_the_patch_grid_and_refuses_a_non_divisor(tmp_path):
+    script = [sys.executable, str(REPO / "scripts" / "pretrain_tiny_clip.py")]
+    out = tmp_path / "p6.safetensors"
+    res = subprocess.run(
+        [*script, "--out", str(out), "--pool", "32", "--steps", "1", "--batch", "8"]
+        + ["--vision-patch", "6"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(out.with_suffix(".json").read_text())["vision_cfg"]["patch_size"] == 6
+    bb = load_backbone(str(out.with_suffix(".json")), str(out))
+    assert bb.clip.visual.positional_embedding.shape[0] == 1 + (48 // 6) ** 2  # CLS + 64 patches
+    res = subprocess.run(
+        [*script, "--out", str(tmp_path / "p5.safetensors"), "--vision-patch", "5"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "--vision-patch 5 does not divide the 48 px image" in res.stderr
