@@ -29,6 +29,7 @@ def shapes_root(tmp_path_factory):
     [
         ("tiny-shapes", "pa-tiny-shapes", 48, 10e6),
         ("tiny-shapes-v2", "pa-tiny-shapes-v2", 96, 20e6),
+        ("tiny-shapes-v3", "pa-tiny-shapes-v3", 96, 20e6),
     ],
 )
 def test_shipped_model_loads_through_the_weights_path_and_is_small(name, config, text_width, limit):
@@ -47,7 +48,19 @@ def test_v2_shares_the_first_models_locked_image_tower():
     assert torch.equal(one.encode_image(x), two.encode_image(x))
 
 
-@pytest.mark.parametrize("name,times_chance", [("tiny-shapes", 3), ("tiny-shapes-v2", 5)])
+def test_v3_has_the_finer_patch_grid():
+    """tiny-shapes-v3: 6 px patches, an 8 x 8 grid (v2: 8 px, 6 x 6)."""
+    v2, v3 = (
+        promptalign.load_backbone("tiny-shapes-v2"),
+        promptalign.load_backbone("tiny-shapes-v3"),
+    )
+    assert v2.clip.visual.positional_embedding.shape[0] == 1 + 36
+    assert v3.clip.visual.positional_embedding.shape[0] == 1 + 64
+
+
+@pytest.mark.parametrize(
+    "name,times_chance", [("tiny-shapes", 3), ("tiny-shapes-v2", 5), ("tiny-shapes-v3", 5)]
+)
 def test_zero_shot_is_far_above_chance(shapes_root, name, times_chance):
     bb = promptalign.load_backbone(name)
     ds = load_dataset("synthetic_colour_shapes", shapes_root)

@@ -41,6 +41,9 @@ SHIPPED_PRETRAINED = {
     # its image tower, locked, with a 4-layer, 96-wide text tower trained on rich captions: the
     # model of the demo and the README tables (issue 18)
     "tiny-shapes-v2": ("pa-tiny-shapes-v2", "weights/tiny-shapes-v2.safetensors"),
+    # the same text recipe on a new image tower with 6 px patches (64 patches, not 36): deep
+    # visual prompts then displace less of the image (issue 18)
+    "tiny-shapes-v3": ("pa-tiny-shapes-v3", "weights/tiny-shapes-v3.safetensors"),
 }
 
 
@@ -323,8 +326,8 @@ def load_backbone(
 
     Args:
         arch: open_clip architecture name, shipped promptalign config, JSON config path, or dict;
-            "tiny-shapes-v2" (and the earlier "tiny-shapes") are small CLIPs pretrained on the
-            synthetic world, weights shipped.
+            "tiny-shapes-v2", "tiny-shapes-v3" (6 px patches) and the earlier "tiny-shapes"
+            are small CLIPs pretrained on the synthetic world, weights shipped.
         weights: None (random init), an open_clip pretrained tag, or a local weights file.
         device: where to put the model.
         dtype: parameter dtype (fp32 default; use autocast for mixed precision).
