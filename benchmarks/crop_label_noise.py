@@ -25,32 +25,27 @@ import argparse
 import json
 
 import torch
-from PIL import Image
 
 import promptalign
-from promptalign.data import build_transform, load_dataset
+from promptalign.data import ImageDataset, build_transform, load_dataset
 from promptalign.methods.prompts import template_ensemble
 
 
 def accuracy(bb, ds, classes: torch.Tensor, transform, draws: int, seed: int) -> float:
     """Zero-shot accuracy (%) over ``draws`` passes of ``transform`` over the training images."""
     torch.manual_seed(seed)  # RandomResizedCrop draws from torch's global generator
+    images = ImageDataset(ds.name, ds.image_root, ds.train, transform)
     correct = total = 0
     for _ in range(draws):
-        for i in range(0, len(ds.train), 256):
-            recs = ds.train[i : i + 256]
-            x = torch.stack([transform(load_rgb(ds, r)) for r in recs])
-            y = torch.tensor([r.label for r in recs])
+        for i in range(0, len(images), 256):
+            items = [images[j] for j in range(i, min(i + 256, len(images)))]
+            x = torch.stack([it["image"] for it in items])
+            y = torch.tensor([int(it["label"]) for it in items])
             with torch.no_grad():
                 f = torch.nn.functional.normalize(bb.encode_image(x), dim=-1)
             correct += int(((f @ classes.t()).argmax(-1) == y).sum())
-            total += len(recs)
+            total += len(items)
     return 100.0 * correct / total
-
-
-def load_rgb(ds, record) -> Image.Image:
-    with Image.open(ds.image_root / record.path) as im:
-        return im.convert("RGB")
 
 
 def main() -> None:
