@@ -282,3 +282,7 @@ def test_the_training_crop_is_part_of_the_job_fingerprint(tmp_path):
     # unset = the dataset's crop, so spelling out that default names the same job
     assert folder("dtd") == folder("dtd", "data.crop_scale=[0.08,1]")
     assert folder("dtd") != folder("dtd", "data.crop_scale=[0.5,1]")
+    # the synthetic world's readers keep half the image or more: its own default, same rule
+    synth = "synthetic_colour_shapes"
+    assert folder(synth) == folder(synth, "data.crop_scale=[0.5,1]")
+    assert folder(synth) != folder(synth, "data.crop_scale=[0.08,1]")

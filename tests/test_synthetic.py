@@ -217,3 +217,24 @@ def test_fine_grained_size_task_has_twins_that_differ_in_size_alone(tmp_path):
     assert np.median(areas["large"]) > 1.8 * np.median(areas["small"])
     base = load_dataset("synthetic_size_shapes", tmp_path, shots=2, seed=1, subsample="base")
     assert {c.split()[0] for c in base.classnames} == set(SIZES)  # base mixes both sizes
+
+
+def test_the_worlds_training_crops_keep_a_small_object_smaller_than_a_large_one(tmp_path):
+    """The synthetic readers' crop range (50-100 % of the image) keeps a crop's label true; the
+    photographs' 8-100 % would turn a "small square" into one larger than a "large square"."""
+    import torch
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+    ds = load_dataset("synthetic_size_shapes", tmp_path, shots=1, seed=1)
+    assert ds.crop_scale == (0.5, 1.0)
+    small = render(Scene("square", "red", "small", 1, "plain", "filled"), scene_rng(1, 7))
+    large = render(Scene("square", "red", "large", 1, "plain", "filled"), scene_rng(1, 8))
+    large_area = _foreground(np.asarray(large)).sum()
+
+    def largest_crop_area(scale):
+        torch.manual_seed(0)
+        crop = RandomResizedCrop(48, scale=scale, interpolation=InterpolationMode.BICUBIC)
+        return max(_foreground(np.asarray(crop(small))).sum() for _ in range(200))
+
+    assert largest_crop_area(ds.crop_scale) < large_area
+    assert largest_crop_area((0.08, 1.0)) > large_area
