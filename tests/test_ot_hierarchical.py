@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from promptalign.ot import class_chunk_size, hierarchical_ot
+from promptalign.ot import hierarchical as hier
 
 B, M, J, D, K, N, L = 2, 3, 11, 8, 4, 2, 6
 LENGTHS = torch.tensor([[6, 4], [3, 3], [5, 2], [1, 6]])  # [K, N] ragged text lengths
@@ -138,6 +139,32 @@ def test_same_numbers_whatever_the_chunk_size():
         torch.testing.assert_close(
             r.token_distance, results[0].token_distance, rtol=1e-6, atol=1e-7
         )
+
+
+def test_cpu_chunks_are_cache_sized_and_change_no_number(monkeypatch):
+    """On a CPU the token level runs in cache-sized chunks of classes, then of images; the
+    numbers are those of one chunk of everything, bit for bit, and so are the gradients up to
+    the order in which autograd sums the chunks' contributions."""
+    per = M * N * J * L  # token-cost entries of one (image, class) pair
+    assert hier.cpu_chunks(B, K, M, N, J, L, 2**31) == (B, K)  # all fits
+    monkeypatch.setattr(hier, "CPU_CHUNK_ENTRIES", 2 * B * per)
+    assert hier.cpu_chunks(B, K, M, N, J, L, 2**31) == (B, 2)  # classes first
+    monkeypatch.setattr(hier, "CPU_CHUNK_ENTRIES", per)
+    assert hier.cpu_chunks(B, K, M, N, J, L, 2**31) == (1, 1)  # then images
+    assert hier.cpu_chunks(B, K, M, N, J, L, 1) == (1, 1)  # and never over the memory budget
+
+    def run(**kw):
+        feats = [f.requires_grad_() for f in _features(2, dtype=torch.float32)]
+        res = hierarchical_ot(*feats, text_lengths=LENGTHS, max_iter=50, tol=1e-5, **kw)
+        res.score.sum().backward()
+        return res, [f.grad for f in feats]
+
+    (one, g_one), (split, g_split) = run(class_chunk=K), run()  # split: 1 image x 1 class
+    for name in ("score", "token_distance", "token_similarity", "prompt_plan"):
+        assert torch.equal(getattr(one, name), getattr(split, name)), name
+    for a, b in zip(g_one, g_split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.equal(one.token_stats.mean_iter, split.token_stats.mean_iter)
 
 
 def test_class_chunk_size_follows_budget():
