@@ -122,3 +122,25 @@ def test_demo_numbers_do_not_depend_on_the_progress_bar_or_workers(tmp_path, sha
     b = run_demo(tmp_path / "b", spec=small, progress=False, workers=2, data_root=shapes_root)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a.rows) == strip(b.rows)
+
+
+def test_the_shipped_demo_spec_builds_every_method_on_its_model():
+    """demo.yaml names the newest shipped model and methods that build on it as configured."""
+    from promptalign.demo import demo_spec
+    from promptalign.methods.base import create_method
+
+    spec = demo_spec()
+    assert spec["backbone"] == "tiny-shapes-v3"
+    backbone = promptalign.load_backbone(spec["backbone"])
+    names = ["red circle", "blue star"]
+    built = {
+        e["name"]: create_method(e["name"], backbone, names, **e.get("options", {}))
+        for e in spec["methods"]
+    }
+    assert list(built) == ["zeroshot", "coop", "maple", "align"]
+    assert built["align"].config.n_sets == 2  # its released SUN397 setting, to fit two minutes
+    x = torch.zeros(2, 3, 48, 48)
+    for method in built.values():
+        method.eval()
+        with torch.no_grad():
+            assert method.logits(x).shape == (2, 2)

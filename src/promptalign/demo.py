@@ -1,6 +1,6 @@
 """The built-in demo: zero-shot vs prompt learning on the synthetic world, offline, on a CPU.
 
-Base-to-new on the synthetic colour x shape task with the shipped tiny CLIP ("tiny-shapes-v2"): each
+Base-to-new on the synthetic colour x shape task with the shipped tiny CLIP ("tiny-shapes-v3"): each
 method of ``demo.yaml`` is trained on the base classes (16 shots, one seed) through the ordinary
 trainer and evaluated on base and new classes. Writes under the output folder: one run folder per
 method (resolved config, prompts, metrics), ``results.md`` / ``results.json`` (base / new / H) and
