@@ -14,7 +14,8 @@ the 16-shot probe; CoOp 16 shots >= 5 points above zero-shot and rising with sho
 Measured for issue 18 (2026-11-23, torch 2.14.1, seed 1, colour x shape, all 48 classes, chance
 2.08 %): text towers trained by ``pretrain_tiny_clip.py --captions rich --init-image <shipped>
 --lock-image --steps 500 --batch 128 --pool 10000 --threads 1`` (the shipped image tower locked,
-so the 16-shot probe is 43.92 % for all):
+so the 16-shot probe is 43.92 % for all; CoOp trained with the 8-100 % crops that were then the
+synthetic world's default: add ``--override "data.crop_scale=[0.08,1]"`` to reproduce them):
 
     text tower          zero-shot  CoOp 1 / 4 / 16        targets met
     3 layers, width 48  25.87      28.30 / 26.91 / 29.17  zero-shot only
