@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -83,6 +84,9 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, Text):
         return str(cfg)
     return cfg
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def check_value(key: str, tp: Any, value: Any) -> Any:
@@ -157,6 +161,8 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # "1e-4": YAML 1.1 reads exponents without a dot as text
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -216,6 +222,8 @@ class OptimConfig:
     Attributes:
         optimizer: "sgd" or "adamw".
         lr, momentum, weight_decay: optimiser settings (lr > 0).
+        adam_eps: AdamW's ``eps`` (> 0; torch's default 1e-8; Tip-Adapter-F's release 1e-4),
+            unused by SGD.
         epochs: training epochs (0 = evaluate only); ``epochs_by_shots`` gives few-shot epochs as
             ((max_shots, epochs), ...) checked in order, e.g. ((1, 50), (4, 100), (16, 200)), used
             when the run does not set ``epochs``.
@@ -235,6 +243,7 @@ class OptimConfig:
     lr: float | None = None
     momentum: float | None = None
     weight_decay: float | None = None
+    adam_eps: float | None = None
     epochs: int | None = None
     epochs_by_shots: tuple[tuple[int, int], ...] | None = None
     batch_size: int | None = None
@@ -248,7 +257,13 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        _at_least(self, lr=(0.0, False), warmup_lr=(0.0, False), grad_clip=(0.0, False))
+        _at_least(
+            self,
+            lr=(0.0, False),
+            adam_eps=(0.0, False),
+            warmup_lr=(0.0, False),
+            grad_clip=(0.0, False),
+        )
         _at_least(
             self,
             momentum=(0.0, True),
@@ -293,6 +308,7 @@ DEFAULT_OPTIM = OptimConfig(
     lr=0.002,
     momentum=0.9,
     weight_decay=5e-4,
+    adam_eps=1e-8,
     epochs=50,
     epochs_by_shots=(),
     batch_size=32,

@@ -50,9 +50,13 @@ def make_preset(method: str, protocol: str) -> RunConfig:
         "cross_dataset": DataConfig(dataset="imagenet", shots=16, subsample="all"),
     }[protocol]
     # few-shot epochs depend on the shot count (resolved at run time); the other protocols use
-    # the method's fixed published epoch count
+    # the method's fixed published epoch count, unless it depends on the data: on the shots
+    # (an iteration budget) or on the dataset (the release's per-dataset epochs, e.g.
+    # Tip-Adapter-F's EuroSAT), which the run resolves
     optim = cls.from_preset(preset).optim
-    epochs = None if protocol == "fewshot" or optim.epochs_depend_on_data else optim.epochs
+    per_dataset = any(s.key == "optim.epochs" and s.dataset for s in cls.RELEASED.settings)
+    depends = protocol == "fewshot" or optim.epochs_depend_on_data or per_dataset
+    epochs = None if depends else optim.epochs
     return RunConfig(
         backbone=BackboneConfig("ViT-B-16", "openai"),
         method=MethodSpec(method, preset),

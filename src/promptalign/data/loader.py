@@ -15,7 +15,10 @@ together with a per-sample seed; :class:`ImageDataset` runs the transform of tha
 seed (restoring the RNG afterwards), so the crop and flip of sample ``i`` do not depend on which
 worker process reads it or on how many there are. The loaders never draw from the global torch
 RNG. A trainer calls ``loader.sampler.set_epoch(epoch)`` before each epoch (or builds a loader per
-epoch with ``epoch=``) to get the next epoch's order and augmentations.
+epoch with ``epoch=``) to get the next epoch's order and augmentations. Passes in a fixed order
+with augmentation (e.g. Tip-Adapter's augmented cache views) use :class:`ViewSampler`: the
+augmentation of sample ``i`` in view ``v`` is a pure function of ``(seed, v, i)``, so the views
+differ from one another and do not depend on the worker count either.
 """
 
 from __future__ import annotations
@@ -78,6 +81,28 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return (self.n + self.num_replicas - 1) // self.num_replicas
+
+
+# tags the seeds of augmented views apart from the training epochs' (seed, epoch, index)
+_VIEW_STREAM = 0x76696577
+
+
+class ViewSampler(torch.utils.data.Sampler):
+    """Indices ``0..n-1`` in order, each with the sample seed of ``(seed, view, index)``: view
+    ``view`` of a fixed-order augmented pass (:class:`ImageDataset` runs the transform of each
+    sample under its seed, so no worker process or earlier pass changes it)."""
+
+    def __init__(self, n: int, seed: int, view: int):
+        if n < 0:
+            raise ValueError(f"ViewSampler: bad n={n}")
+        self.n, self.seed, self.view = n, int(seed), int(view)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in range(self.n):
+            yield i, mix_seed(_VIEW_STREAM, self.seed, self.view, i)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class ImageDataset(torch.utils.data.Dataset):

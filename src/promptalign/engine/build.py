@@ -39,7 +39,9 @@ from ..data import (
     make_loader,
 )
 from ..data.base import DatasetError
+from ..data.loader import ViewSampler
 from ..methods import PromptMethod, create_method
+from .checkpoint import sample_hash
 
 
 def seed_everything(seed: int) -> None:
@@ -68,11 +70,17 @@ def load_data(cfg: RunConfig, seed: int, subsample: str | None = None) -> Datase
     )
 
 
-def resolve_method(spec: MethodSpec, template: str | None = None) -> MethodSpec:
-    """``spec`` with every field of the method's config in ``options``; a method with a
-    ``template`` field gets the dataset's ``template`` unless the run sets one."""
-    options = dict(spec.options)
-    config = spec.build().resolved(None if "template" in options else template)
+def resolve_method(
+    spec: MethodSpec, template: str | None = None, dataset: str | None = None
+) -> MethodSpec:
+    """``spec`` with every field of the method's config in ``options``, for a run on
+    ``dataset``: the release's settings for a registered dataset (the method's ``RELEASED``
+    table) under the preset and options, and for a method with a ``template`` field the
+    dataset's ``template`` unless the table or the run sets one
+    (:meth:`~promptalign.methods.base.MethodConfig.for_run`)."""
+    cls = type(spec.build())  # unknown method / preset / option: ConfigError
+    registered = dataset if dataset in list_datasets() else None  # not a custom folder's name
+    config = cls.for_run(spec.preset, spec.options, dataset=registered, template=template)
     return dataclasses.replace(spec, options=config.to_dict())
 
 
@@ -82,7 +90,7 @@ def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunCo
     workers = default_workers() if cfg.data.workers is None else cfg.data.workers
     return dataclasses.replace(
         cfg,
-        method=resolve_method(cfg.method, data.template),
+        method=resolve_method(cfg.method, data.template, cfg.data.dataset),
         optim=o,
         data=dataclasses.replace(cfg.data, workers=workers, crop_scale=crop_scale(cfg, data)),
     )
@@ -101,7 +109,7 @@ def build_method(
     template: str | None = None,
 ) -> PromptMethod:
     """The method of ``cfg`` on its backbone (or ``backbone``), prompts from the run seed."""
-    spec = resolve_method(cfg.method, template)
+    spec = resolve_method(cfg.method, template, cfg.data.dataset)
     bb = (
         backbone
         if backbone is not None
@@ -125,7 +133,7 @@ def build_optimizer(
         return None
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, eps=o.adam_eps)
 
 
 def image_sets(
@@ -158,23 +166,38 @@ def record_batches(
     device: torch.device,
     *,
     augment: bool,
-) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+) -> Callable[..., Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """For the method hooks: a callable iterating ``(images, labels)`` of ``records`` in a fixed
-    order (training augmentation when ``augment``), unreadable images skipped."""
+    order, unreadable images skipped. Without ``augment`` it takes no arguments (evaluation
+    preprocessing). With ``augment``, ``batches(view=0, crop_scale=None)`` gives augmented view
+    ``view``: the training crop (``crop_scale``: its area range; None = the run's training crop)
+    and flip of sample ``i`` are drawn from the seed ``(run seed, view, i)``, so views differ from
+    one another and none depends on the worker count (:class:`~promptalign.data.loader.
+    ViewSampler`)."""
     pre = method.backbone.preprocess
-    dataset = ImageDataset(
-        data.name,
-        data.image_root,
-        records,
-        build_transform(pre, train=augment, crop_scale=crop_scale(cfg, data)),
-        cfg.data.skip_corrupt,
-    )
+    run_crop = crop_scale(cfg, data)
+    transforms: dict[tuple[float, float], Any] = {}
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def dataset(scale: tuple[float, float]) -> ImageDataset:
+        if scale not in transforms:
+            transforms[scale] = build_transform(pre, train=augment, crop_scale=scale)
+        return ImageDataset(
+            data.name, data.image_root, records, transforms[scale], cfg.data.skip_corrupt
+        )
+
+    def batches(
+        view: int = 0, crop_scale: Sequence[float] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not len(records):
             return
+        scale = tuple(crop_scale) if augment and crop_scale is not None else run_crop
         loader = make_loader(
-            dataset, cfg.optim.eval_batch_size, train=False, workers=cfg.data.workers, device=device
+            dataset(scale),
+            cfg.optim.eval_batch_size,
+            train=False,
+            workers=cfg.data.workers,
+            device=device,
+            sampler=ViewSampler(len(records), cfg.run.seed, view) if augment else None,
         )
         for batch in loader:
             if batch["image"] is not None:
@@ -224,6 +247,7 @@ def run_info(
         "method": cfg.method.name,
         "classnames": list(method.classnames),
         "sampling": data.sampling_info(),
+        "sample_sha256": sample_hash(data),  # of the lists in sample.json
         "epoch": epoch,
         "metrics": metrics or {},
         "promptalign_config": to_dict(cfg),

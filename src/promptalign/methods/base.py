@@ -17,6 +17,13 @@ hooks a method overrides:
 
 The one trainer calls only ``trainable_parameters``, ``training_step`` (not overridden: the sum of
 ``loss_terms``), ``logits``, ``optim_preset`` and the state functions.
+
+What a method's released code sets (its defaults, per-dataset templates and hyper-parameters,
+presets) is one table on its config, :attr:`MethodConfig.RELEASED` (:class:`Released`: one
+:class:`ReleasedSetting` row per value, with the file and line of the release). Rows of one
+dataset are applied when a run on that dataset is resolved (:meth:`MethodConfig.for_run`); a test
+checks every row against the configs and the shipped run presets, so documentation rendered from
+the table and the code cannot disagree.
 """
 
 from __future__ import annotations
@@ -52,6 +59,73 @@ OptimPreset = OptimConfig  # the former name of the one optimiser-settings type
 
 
 @dataclass(frozen=True)
+class ReleasedSetting:
+    """One value a method's released code sets, and where (plain data).
+
+    Attributes:
+        key: the config field ("template", "init_alpha"; "optim.lr" for optimisation settings).
+        value: the released value, as the config holds it.
+        source: where the release sets it: a file of the repository and its line(s).
+        dataset: the registered dataset the row applies to ("" = every dataset); such rows are
+            applied when a run on that dataset is resolved.
+        preset: the config preset holding the value ("" = the config's own defaults).
+    """
+
+    key: str
+    value: Any
+    source: str
+    dataset: str = ""
+    preset: str = ""
+
+
+@dataclass(frozen=True)
+class Released:
+    """A method's released defaults: its repository and one :class:`ReleasedSetting` per value.
+
+    Attributes:
+        code: the repository (URL) the sources of the rows are files of; "" when none was released.
+        settings: the rows.
+    """
+
+    code: str = ""
+    settings: tuple[ReleasedSetting, ...] = ()
+
+    def datasets(self) -> list[str]:
+        """The datasets the release sets something for, sorted."""
+        return sorted({s.dataset for s in self.settings if s.dataset})
+
+    def expected(self, dataset: str | None = None, preset: str | None = None) -> dict[str, Any]:
+        """``{key: value}`` the release gives a run on ``dataset`` with config ``preset``: the
+        default rows, then the dataset's, then the preset's (the order of
+        :meth:`MethodConfig.for_run`)."""
+        layers = [("", "")] + [(dataset, "")] * bool(dataset) + [("", preset)] * bool(preset)
+        out: dict[str, Any] = {}
+        for d, p in layers:
+            out.update({s.key: s.value for s in self.settings if (s.dataset, s.preset) == (d, p)})
+        return out
+
+    def changes(self, dataset: str) -> dict[str, Any]:
+        """The config changes of ``dataset``'s rows, as :meth:`MethodConfig.replace` takes them
+        (``optim.*`` keys nested under ``optim``)."""
+        out: dict[str, Any] = {}
+        for s in self.settings:
+            if s.dataset == dataset and not s.preset:
+                head, _, rest = s.key.partition(".")
+                if rest:
+                    out.setdefault(head, {})[rest] = s.value
+                else:
+                    out[s.key] = s.value
+        return out
+
+
+def config_value(config: Any, key: str) -> Any:
+    """The value of a dotted ``key`` ("optim.lr") of a config."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Fields every method has. Subclasses add their own, with published defaults; values are
     checked here (Literal fields, registered regulariser names) and converted by field type in
@@ -70,6 +144,8 @@ class MethodConfig:
 
     # named presets: {preset name: {field: value}} (e.g. ALIGN's released-code reference)
     PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # what the method's released code sets, row by row with file and line (see Released)
+    RELEASED: ClassVar[Released] = Released()
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -90,22 +166,47 @@ class MethodConfig:
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **changes: Any) -> MethodConfig:
-        base = cls()
+        return cls()._layered(preset, changes)
+
+    def _layered(self, preset: str | None, changes: Mapping[str, Any]) -> MethodConfig:
+        """This config with ``preset`` then ``changes`` on top."""
+        base = self
         if preset is not None:
-            if preset not in cls.PRESETS:
+            if preset not in self.PRESETS:
                 raise ConfigError(
-                    f"{cls.__name__} has no preset {preset!r}; "
-                    f"presets: {sorted(cls.PRESETS) or 'none'}"
+                    f"{type(self).__name__} has no preset {preset!r}; "
+                    f"presets: {sorted(self.PRESETS) or 'none'}"
                 )
-            base = base.replace(**dict(cls.PRESETS[preset]))
+            base = base.replace(**dict(self.PRESETS[preset]))
         return base.replace(**changes)
 
-    def resolved(self, template: str | None = None) -> MethodConfig:
+    @classmethod
+    def for_run(
+        cls,
+        preset: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        dataset: str | None = None,
+        template: str | None = None,
+    ) -> MethodConfig:
+        """The resolved config of a run on ``dataset`` (a registered name; None for a custom
+        one): published defaults < the release's settings for that dataset (the dataset rows of
+        :attr:`RELEASED`, e.g. a per-dataset template) < ``preset`` < ``options``. A method with
+        a ``template`` field gets ``template`` (the dataset's hand-written one) unless the
+        release's rows or ``options`` set it."""
+        options = dict(options or {})
+        released = cls.RELEASED.changes(dataset) if dataset else {}
+        base = cls().replace(**released) if released else cls()
+        config = base._layered(preset, options)
+        own = "template" in options or "template" in released
+        return config.resolved(None if own else template, dataset=dataset)
+
+    def resolved(self, template: str | None = None, dataset: str | None = None) -> MethodConfig:
         """This config with everything that decides the method filled in, as a run folder
         records it: the dataset's hand-written ``template`` for a method with a ``template``
         field (pass None when the run sets its own). A method that wraps another (NPT) also
-        spells out the wrapped method's whole config here, so the record and a benchmark
-        job's fingerprint change when the wrapped method's defaults do."""
+        spells out the wrapped method's whole config here (for ``dataset``), so the record and
+        a benchmark job's fingerprint change when the wrapped method's defaults do."""
         if template is not None and "template" in {f.name for f in dataclasses.fields(self)}:
             return self.replace(template=template)
         return self
@@ -290,13 +391,16 @@ class PromptMethod(nn.Module, abc.ABC):
     # the training batches (a feature cache, a validation search) or epoch-level state override
     # them.
     def fit_before_training(
-        self, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+        self, train_batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor]]]
     ) -> None:
         """Hook: build data-dependent state before the optimiser is created (e.g. Tip-Adapter's
         cache from the few-shot training features). Called on fresh runs and on resume (a resume
-        then overwrites the state with the saved one), so it must be deterministic given the
-        global RNG. ``train_batches()`` iterates ``(images, labels)`` over the training split in a
-        fixed order with training augmentation. Parameters created here are optimised."""
+        then overwrites the state with the saved one), so it must be deterministic.
+        ``train_batches(view=0, crop_scale=None)`` iterates ``(images, labels)`` over the
+        training split in a fixed order with training augmentation: view ``view`` (each view's
+        crops and flips drawn from its own seeds, the same whatever the worker count), cropping
+        ``crop_scale`` of the image area (None: the run's training crop). Parameters created
+        here are optimised."""
 
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Hook: called after the last step of every epoch (0-based ``epoch`` of ``epochs``),

@@ -128,13 +128,13 @@ class NPTConfig(MethodConfig):
         if issubclass(METHODS.get(self.base).config_class, NPTConfig):
             raise FieldError(f"base: NPT cannot wrap itself ({self.base!r}); choose another method")
 
-    def resolved(self, template: str | None = None) -> NPTConfig:
-        """``base_options`` spelled out as the base method's whole resolved config (the
-        dataset's template reaches a base with a ``template`` field unless ``base_options``
-        sets one), so the run record holds every setting of the wrapped method."""
+    def resolved(self, template: str | None = None, dataset: str | None = None) -> NPTConfig:
+        """``base_options`` spelled out as the base method's whole resolved config for
+        ``dataset`` (the dataset's template reaches a base with a ``template`` field unless
+        ``base_options`` or the base's released per-dataset settings set one), so the run
+        record holds every setting of the wrapped method."""
         inner_cls = METHODS.get(self.base).config_class
-        opts = dict(self.base_options)
-        inner = inner_cls.from_preset(**opts).resolved(None if "template" in opts else template)
+        inner = inner_cls.for_run(None, self.base_options, dataset=dataset, template=template)
         return self.replace(base_options=inner.to_dict())
 
 

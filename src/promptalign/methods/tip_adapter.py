@@ -2,25 +2,53 @@
 
 Zhang, Zhang, Fang, Gao, Li, Dai, Qiao, Li. "Tip-Adapter: Training-free Adaption of CLIP for
 Few-shot Classification", ECCV 2022, arXiv 2207.09519, https://github.com/gaopengcuhk/Tip-Adapter
-(main.py, utils.py, configs/*.yaml followed here).
+(main.py, utils.py, datasets/*.py and configs/*.yaml at commit d0e2d6f followed here; every
+released value is a row of :attr:`TipAdapterFConfig.RELEASED`, with its file and line).
 
 * Cache (:meth:`TipAdapterF.fit_before_training`): keys are the L2-normalised CLIP image features
-  of the few-shot training images, averaged over ``augment_views`` augmented passes before the
-  normalisation (the released ``augment_epoch`` = 10); values are the one-hot labels.
+  of the few-shot training images, averaged over ``augment_views`` augmented views before the
+  normalisation (the released ``augment_epoch`` = 10, ``build_cache_model`` in utils.py:38-71);
+  values are the one-hot labels. Each view is a RandomResizedCrop of ``cache_crop_scale`` =
+  (0.5, 1) of the image area and a horizontal flip (main.py:173-178), drawn from its own seed
+  (run seed, view, image), so the ten views differ and do not depend on the loader's workers.
 * Logits: ``clip + alpha * exp(-beta (1 - f K^T)) V`` with ``clip = scale * f W^T`` the zero-shot
-  classifier of ``template`` (or a template ensemble) and ``f`` the normalised image feature.
+  classifier of ``template`` (or a template ensemble: ImageNet's seven) and ``f`` the normalised
+  image feature.
 * Tip-Adapter-F fine-tunes the keys (the released ``adapter.weight``) with AdamW (lr 1e-3,
-  eps 1e-4), batch 256, 20 epochs, cosine schedule, at the initial alpha/beta.
+  eps 1e-4, main.py:72), batch 256, 20 epochs (EuroSAT 100), cosine schedule, at the initial
+  alpha/beta.
 * After training, alpha and beta are searched on the validation split
-  (:meth:`TipAdapterF.select_on_validation`, the released ``search_hp`` grid); never on test.
+  (:meth:`TipAdapterF.select_on_validation`, the released ``search_hp`` grid, utils.py:99-129);
+  never on test. As released, a grid point must beat 0 % accuracy to be chosen: when none does,
+  (beta, alpha) = (0, 0), i.e. zero-shot CLIP, and a warning says so.
 
-Differences from the released code, on purpose: the released script keeps the epoch with the
-best *test* accuracy and reports max(best test, searched); here the last epoch is kept and only
-the validation split chooses anything. Its cosine schedule is stepped per iteration; here per
-epoch by the shared trainer (no warm-up), and AdamW keeps the trainer's eps (1e-8, released
-1e-4). Class names may change after training (base -> new): a cache entry contributes to the
-column of its own class name when that class is scored, else nothing, so new classes fall back
-to zero-shot CLIP.
+Per-dataset settings: a run on a dataset the release has a config for (caltech101, dtd, eurosat,
+fgvc_aircraft, food101, imagenet, oxford_flowers, oxford_pets, stanford_cars, sun397, ucf101) gets
+that config's ``search_scale``, ``init_alpha`` (and EuroSAT's 100 epochs) and the dataset's
+released template(s) unless the run sets them; other datasets get the ImageNet values (the
+defaults here). The released configs all name the RN50 backbone; the paper gives no other
+per-backbone values, so the same values are used for every backbone (ViT-B/16 in the shipped run
+presets). What carries over unchanged: the cache construction, the templates, the optimiser and
+schedule and the search grid's form. What is tuned on RN50 features: ``init_alpha`` / ``init_beta``
+(they set the scale of the cache term during training, and ViT features have other affinity
+statistics) and the grid's upper ends ``search_scale``; the search itself re-chooses alpha and beta
+on the validation split for the backbone at hand, within that grid.
+
+Deviations from the released code:
+
+* The released script keeps the epoch with the best *test* accuracy (main.py:121-126) and reports
+  max(best test, searched); here the last epoch is kept and only the validation split chooses
+  anything (no selection on test, ever).
+* The released cosine schedule steps per iteration (main.py:73); here per epoch, by the shared
+  trainer (no warm-up).
+* The release trains with the same (0.5, 1) crop as its cache views; here training batches use
+  the run's training crop (``data.crop_scale``, the dataset's, (0.08, 1) for the photo datasets);
+  set ``data.crop_scale=[0.5,1]`` for the released training crop.
+* The released ImageNet script (main_imagenet.py:110) searches alpha/beta on the test split; here
+  on the validation split, as for every dataset.
+* Class names may change after training (base -> new): a cache entry contributes to the column of
+  its own class name when that class is scored, else nothing, so new classes fall back to
+  zero-shot CLIP.
 """
 
 from __future__ import annotations
@@ -34,12 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.templates import IMAGENET_SELECT_TEMPLATES
 from ..registry import METHODS
 from .base import (
     MethodConfig,
     MethodOutput,
     OptimPreset,
     PromptMethod,
+    Released,
+    ReleasedSetting,
     cosine_logits,
 )
 from .prompts import check_templates, template_ensemble
@@ -47,12 +78,88 @@ from .prompts import check_templates, template_ensemble
 log = logging.getLogger(__name__)
 
 
+# the release's per-dataset configs: {registered dataset: (its configs/*.yaml, search_scale,
+# init_alpha, datasets/*.py with its template line, the template)}
+_DATASET_CONFIGS = {
+    "caltech101": ("caltech101", (12.0, 5.0), 3.0, "caltech101.py:7", "a photo of a {}."),
+    "dtd": ("dtd", (13.0, 13.0), 2.0, "dtd.py:8", "{} texture."),
+    "eurosat": ("eurosat", (12.0, 10.0), 2.0, "eurosat.py:7", "a centered satellite photo of {}."),
+    "fgvc_aircraft": (
+        "fgvc",
+        (30.0, 30.0),
+        5.0,
+        "fgvc.py:6",
+        "a photo of a {}, a type of aircraft.",
+    ),
+    "food101": ("food101", (10.0, 10.0), 1.17, "food101.py:7", "a photo of {}, a type of food."),
+    "imagenet": ("imagenet", (7.0, 3.0), 1.17, "", ""),
+    "oxford_flowers": (
+        "oxford_flowers",
+        (50.0, 50.0),
+        10.0,
+        "oxford_flowers.py:10",
+        "a photo of a {}, a type of flower.",
+    ),
+    "oxford_pets": (
+        "oxford_pets",
+        (7.0, 3.0),
+        1.17,
+        "oxford_pets.py:11",
+        "a photo of a {}, a type of pet.",
+    ),
+    "stanford_cars": ("stanford_cars", (20.0, 10.0), 3.0, "stanford_cars.py:8", "a photo of a {}."),
+    "sun397": ("sun397", (12.0, 10.0), 1.17, "sun397.py:8", "a photo of a {}."),
+    "ucf101": ("ucf101", (7.0, 3.0), 3.0, "ucf101.py:8", "a photo of a person doing {}."),
+}
+
+
+def _released_rows() -> tuple[ReleasedSetting, ...]:
+    every = "configs/*.yaml"  # the same line in every dataset's config
+    rows = [
+        ReleasedSetting("augment_views", 10, f"{every}:30 (augment_epoch)"),
+        ReleasedSetting("cache_crop_scale", (0.5, 1.0), "main.py:174"),
+        ReleasedSetting("init_alpha", 1.17, "configs/imagenet.yaml:21"),
+        ReleasedSetting("init_beta", 1.0, f"{every}:20"),
+        ReleasedSetting("search", True, f"{every}:14 (search_hp)"),
+        ReleasedSetting("search_scale", (7.0, 3.0), "configs/imagenet.yaml:17"),
+        ReleasedSetting("search_step", (200, 20), f"{every}:18"),
+        ReleasedSetting("train_keys", True, "main.py:66-71 (run_tip_adapter_F)"),
+        ReleasedSetting("optim.optimizer", "adamw", "main.py:72"),
+        ReleasedSetting("optim.lr", 0.001, f"{every}:29"),
+        ReleasedSetting("optim.adam_eps", 1e-4, "main.py:72"),
+        ReleasedSetting("optim.weight_decay", 0.01, "main.py:72 (AdamW's default)"),
+        ReleasedSetting("optim.batch_size", 256, "main.py:181"),
+        ReleasedSetting("optim.epochs", 20, f"{every}:31 (train_epoch)"),
+        ReleasedSetting("optim.scheduler", "cosine", "main.py:73"),
+        ReleasedSetting("optim.warmup_epochs", 0, "main.py:73 (no warm-up)"),
+        # the training-free Tip-Adapter the release evaluates first
+        ReleasedSetting("train_keys", False, "main.py:27-63", preset="training_free"),
+    ]
+    for name, (cfg, scale, alpha, tfile, template) in _DATASET_CONFIGS.items():
+        src = f"configs/{cfg}.yaml"
+        rows.append(ReleasedSetting("search_scale", scale, f"{src}:17", dataset=name))
+        rows.append(ReleasedSetting("init_alpha", alpha, f"{src}:21", dataset=name))
+        if template:
+            rows.append(ReleasedSetting("template", template, f"datasets/{tfile}", dataset=name))
+    rows.append(
+        ReleasedSetting(
+            "templates",
+            IMAGENET_SELECT_TEMPLATES,
+            "datasets/imagenet.py:177-183",
+            dataset="imagenet",
+        )
+    )
+    rows.append(ReleasedSetting("optim.epochs", 100, "configs/eurosat.yaml:31", dataset="eurosat"))
+    return tuple(rows)
+
+
 @dataclass(frozen=True)
 class TipAdapterFConfig(MethodConfig):
     """Attributes:
-    template: zero-shot prompt template (the dataset's own in benchmarks).
+    template: zero-shot prompt template (the dataset's own, or its released one, in runs).
     templates: a template ensemble replacing ``template`` (the released ImageNet setting).
-    augment_views: augmented passes over the training set averaged into the cache keys.
+    augment_views: augmented views of the training set averaged into the cache keys.
+    cache_crop_scale: area range of the RandomResizedCrop of the cache views.
     init_alpha, init_beta: residual ratio and affinity sharpness used in training (and at
         inference when the search is off or there is no validation data).
     search: search alpha/beta on the validation split after training.
@@ -63,6 +170,7 @@ class TipAdapterFConfig(MethodConfig):
     template: str = "a photo of a {}."
     templates: tuple[str, ...] = ()
     augment_views: int = 10
+    cache_crop_scale: tuple[float, float] = (0.5, 1.0)
     init_alpha: float = 1.17
     init_beta: float = 1.0
     search: bool = True
@@ -70,17 +178,20 @@ class TipAdapterFConfig(MethodConfig):
     search_step: tuple[int, int] = (200, 20)
     train_keys: bool = True
     optim: OptimPreset = OptimPreset(
-        optimizer="adamw", lr=0.001, weight_decay=0.01, epochs=20, batch_size=256, warmup_epochs=0
+        optimizer="adamw",
+        lr=0.001,
+        adam_eps=1e-4,
+        weight_decay=0.01,
+        epochs=20,
+        batch_size=256,
+        warmup_epochs=0,
+        scheduler="cosine",
     )
     PRESETS = {
-        # per-dataset settings of the released configs/*.yaml (ImageNet's are the defaults)
-        "dtd": {"search_scale": (13.0, 13.0), "init_alpha": 2.0},
-        "eurosat": {"search_scale": (12.0, 10.0), "init_alpha": 2.0},
-        "fgvc": {"search_scale": (30.0, 30.0), "init_alpha": 2.0},
-        "oxford_pets": {"search_scale": (7.0, 3.0), "init_alpha": 1.0},
         # training-free Tip-Adapter (cache only, searched alpha/beta)
         "training_free": {"train_keys": False},
     }
+    RELEASED = Released("https://github.com/gaopengcuhk/Tip-Adapter", _released_rows())
 
     def __post_init__(self) -> None:
         if self.augment_views < 1:
@@ -90,6 +201,8 @@ class TipAdapterFConfig(MethodConfig):
                 f"search_scale {self.search_scale} / search_step {self.search_step} must be "
                 "(beta, alpha) pairs with steps >= 1"
             )
+        if not 0 < self.cache_crop_scale[0] <= self.cache_crop_scale[1] <= 1:
+            raise ValueError(f"cache_crop_scale {self.cache_crop_scale} must be 0 < lo <= hi <= 1")
 
 
 @METHODS.register("tip_adapter_f")
@@ -135,14 +248,15 @@ class TipAdapterF(PromptMethod):
 
     @torch.no_grad()
     def fit_before_training(
-        self, train_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+        self, train_batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor]]]
     ) -> None:
-        """Build the cache: keys = normalised mean over ``augment_views`` augmented passes of the
-        training features (released ``build_cache_model``), labels from the first pass."""
+        """Build the cache: keys = normalised mean over ``augment_views`` augmented views of the
+        training features (released ``build_cache_model``), each view cropped to
+        ``cache_crop_scale`` of the image area; labels from the first view."""
         total, labels = None, []
         for view in range(self.config.augment_views):
             feats = []
-            for images, y in train_batches():
+            for images, y in train_batches(view, self.config.cache_crop_scale):
                 feats.append(self.backbone.encode_image(images).float())  # [B, D]
                 if view == 0:
                     labels.append(y)
@@ -162,7 +276,8 @@ class TipAdapterF(PromptMethod):
         self, val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
     ) -> dict[str, float]:
         """Grid search of (beta, alpha) on the validation split (released ``search_hp``): the
-        first best accuracy wins, scanning beta then alpha in increasing order."""
+        first best accuracy wins, scanning beta then alpha in increasing order; when no grid
+        point gets any image right, (0, 0): zero-shot CLIP."""
         if not self.config.search or len(self.keys) == 0:
             return {}
         feats, labels = [], []
@@ -182,7 +297,7 @@ class TipAdapterF(PromptMethod):
         (bmax, amax), (bn, an) = self.config.search_scale, self.config.search_step
         betas = torch.tensor([i * (bmax - 0.1) / bn + 0.1 for i in range(bn)], device=f.device)
         alphas = torch.tensor([i * (amax - 0.1) / an + 0.1 for i in range(an)], device=f.device)
-        best = (-1.0, float(self.beta), float(self.alpha))
+        best = (0.0, 0.0, 0.0)  # released: a point must beat 0 %, else (beta, alpha) = (0, 0)
         for beta in betas:
             cache = torch.exp(-beta * (1 - affinity)) @ self.values  # [V, K]
             logits = clip.unsqueeze(0) + alphas.view(-1, 1, 1) * cache.unsqueeze(0)  # [A, V, K]
@@ -190,6 +305,12 @@ class TipAdapterF(PromptMethod):
             a = int(acc.argmax())
             if float(acc[a]) > best[0]:
                 best = (float(acc[a]), float(beta), float(alphas[a]))
+        if best[0] == 0.0:
+            log.warning(
+                "Tip-Adapter: no point of the alpha/beta grid classifies any of the %d validation "
+                "images correctly; using beta = alpha = 0 (zero-shot CLIP), as the release does",
+                len(y),
+            )
         self.beta.fill_(best[1])
         self.alpha.fill_(best[2])
         return {"val_accuracy": 100.0 * best[0], "beta": best[1], "alpha": best[2]}
