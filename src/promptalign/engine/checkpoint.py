@@ -3,8 +3,11 @@
 Layout of a run folder::
 
     config.yaml           the fully resolved RunConfig (re-creates the run on its own)
+    sample.json           the images the run trained and validated on: its few-shot sample
+                          (relative paths, labels, class names) and the sample's hash
     prompts.safetensors   the method's own state (never CLIP weights)
-    run.json              method, class names, data sampling info, epoch, metrics
+    run.json              method, class names, data sampling info, the sample's hash, epoch,
+                          metrics
     resume.safetensors    prompts + optimiser state at the end of the last epoch, with the
                           epoch, step count, optimiser scalars and AMP scaler state in its
                           metadata (one file, so a resume never mixes two epochs)
@@ -13,14 +16,21 @@ Layout of a run folder::
 Every file except the log is written to a temporary name and renamed (``promptalign.io``), so an
 interrupted write never replaces a good checkpoint; temporaries a killed write left behind are
 removed when the run folder is opened again. Loading checks everything and names the file.
+
+The sample record lets a later ``eval`` or ``--resume`` tell whether the dataset on disk still
+gives the run's sample (:func:`check_sample`): a few-shot sample is a function of the data, its
+split files, the shot count and the seed, and any of them may change after training. For a run on
+the full training split (no ``shots``) only the hash and sizes are stored, not the list.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,12 +39,15 @@ from safetensors.torch import load_file, save_file
 from ..config import RunConfig, dump_yaml, load_yaml
 from ..io import atomic_write, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 PROMPTS = "prompts.safetensors"
 RUN_INFO = "run.json"
 CONFIG = "config.yaml"
 RESUME_STATE = "resume.safetensors"
 METRICS = "metrics.jsonl"
-RUN_FILES = (CONFIG, PROMPTS, RUN_INFO, RESUME_STATE, METRICS)
+SAMPLE = "sample.json"
+RUN_FILES = (CONFIG, SAMPLE, PROMPTS, RUN_INFO, RESUME_STATE, METRICS)
 
 
 class CheckpointError(ValueError):
@@ -114,7 +127,7 @@ def remove_failed_start(run_dir: Path, created: bool) -> None:
     it made it), so a retry with the same --out starts cleanly."""
     if holds_run(run_dir):
         return
-    for name in (CONFIG, METRICS):
+    for name in (CONFIG, SAMPLE, METRICS):
         (run_dir / name).unlink(missing_ok=True)
     clean_temporaries(run_dir)
     if created and run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -127,6 +140,87 @@ def write_config(run_dir: Path, cfg: RunConfig) -> None:
 
 def read_config(run_dir: Path) -> RunConfig:
     return load_yaml(run_dir / CONFIG)
+
+
+# --------------------------------------------------------------------------- the few-shot sample
+SampleCheck = Literal["same", "changed", "unrecorded"]
+
+
+def _records(recs) -> list[list]:
+    return [[r.path, r.label, r.classname] for r in recs]
+
+
+def sample_hash(data) -> str:
+    """sha256 of a dataset's training and validation lists (relative path, label, class name, in
+    order): what identifies the sample a run trains and selects on."""
+    blob = json.dumps({"train": _records(data.train), "val": _records(data.val)})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def sample_record(data) -> dict[str, Any]:
+    """What ``sample.json`` holds for ``data`` (a loaded :class:`~promptalign.data.Dataset`): its
+    sampling settings, the hash and sizes of the lists, and the lists themselves for a few-shot
+    sample."""
+    record: dict[str, Any] = {
+        **data.sampling_info(),
+        "sha256": sample_hash(data),
+        "sizes": {"train": len(data.train), "val": len(data.val)},
+    }
+    if data.shots is not None:
+        record.update(train=_records(data.train), val=_records(data.val))
+    return record
+
+
+def write_sample(run_dir: Path, data) -> None:
+    write_text(run_dir / SAMPLE, json.dumps(sample_record(data), indent=1))
+
+
+def check_sample(run_dir: Path, data) -> tuple[SampleCheck, str]:
+    """Does ``data`` (the run's dataset as loaded now) give the sample recorded in ``run_dir``?
+    Returns ("same", ""), ("unrecorded", why) for a run folder without a readable record, or
+    ("changed", a sentence naming what differs)."""
+    path = run_dir / SAMPLE
+    if not path.is_file():
+        return "unrecorded", f"{run_dir} has no {SAMPLE} (written by an older version)"
+    try:
+        stored = read_json(path)
+    except CheckpointError as e:
+        return "unrecorded", str(e)
+    if stored.get("sha256") == sample_hash(data):
+        return "same", ""
+    parts = []
+    for split in ("train", "val"):
+        now = _records(getattr(data, split))
+        if split in stored:
+            old = [list(r) for r in stored[split]]
+            differ = sum(a != b for a, b in zip(old, now)) + abs(len(old) - len(now))
+            if differ:
+                first = next((a for a, b in zip(old, now) if a != b), (old or now)[-1])
+                parts.append(f"{differ} of {len(old)} {split} entries differ, first {first[0]!r}")
+        elif stored.get("sizes", {}).get(split) != len(now):
+            parts.append(f"{split}: {stored.get('sizes', {}).get(split)} -> {len(now)} images")
+    detail = "; ".join(parts) or "the training / validation lists differ"
+    return "changed", (
+        f"{path}: the dataset {data.name!r} as read now no longer gives this run's sample "
+        f"({detail}); the data, its split files or its few-shot cache changed since training"
+    )
+
+
+def record_sample(run_dir: Path, data, *, resume: bool, write: bool = True) -> None:
+    """A new run records its sample (``write``: on the main process); a resumed one checks that
+    the data still gives it and refuses to continue on another sample."""
+    if not resume:
+        if write:
+            write_sample(run_dir, data)
+        return
+    status, message = check_sample(run_dir, data)
+    if status == "changed":
+        raise CheckpointError(
+            f"{message}; --resume continues a run only on its own sample: restore the data, or "
+            "start a new run with another --out"
+        )
+    if status == "unrecorded":
+        log.warning("%s; cannot check that the resumed run trains on its own sample", message)
 
 
 def save_checkpoint(run_dir: Path, method, info: dict[str, Any]) -> None:

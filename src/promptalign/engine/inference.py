@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from . import checkpoint as ck
 from . import distributed as du
 from .build import build_method, image_sets, load_data
 from .evaluate import evaluate
+
+log = logging.getLogger(__name__)
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str = "auto", backbone=None):
@@ -57,7 +60,11 @@ def evaluate_run(
     dataset (cross-dataset / domain generalisation).
 
     "new" classes of the run's own dataset are refused for a run trained on all classes: they
-    would be trained classes."""
+    would be trained classes. On the run's own dataset, the data as read now is checked against
+    the run's recorded sample (``sample.json``): when it no longer gives that sample (the data,
+    its split files or its few-shot cache changed), a warning says so. The result's
+    ``"sample_check"`` is "same", "changed", "unrecorded" (an older run folder) or "not checked"
+    (another dataset)."""
     method, cfg, info = load_run(run_dir, device=device, backbone=backbone)
     if subsample == "new" and dataset is None and cfg.data.subsample == "all":
         raise ConfigError(
@@ -66,6 +73,7 @@ def evaluate_run(
             "(evaluate this one with --subsample all, or on another --dataset)"
         )
     data_cfg = cfg.data
+    own = dataset is None or (dataset == data_cfg.dataset and data_cfg.split_file is None)
     if dataset is not None:
         data_cfg = dataclasses.replace(
             data_cfg, dataset=dataset, root=root or data_cfg.root, split_file=None
@@ -74,6 +82,7 @@ def evaluate_run(
         data_cfg = dataclasses.replace(data_cfg, root=root)
     cfg = dataclasses.replace(cfg, data=data_cfg)
     data = load_data(cfg, cfg.run.seed, subsample)
+    check = _check_sample(Path(run_dir).expanduser(), cfg, data, own=own)
     method.set_classnames(data.classnames)
     _, test = image_sets(cfg, data, method)
     dev = method.backbone.device
@@ -86,8 +95,28 @@ def evaluate_run(
             amp=cfg.optim.amp,
             where=f"evaluation of {run_dir}",
         )
-    m.update(dataset=data.name, subsample=data.subsample, num_classes=data.num_classes)
+    m.update(
+        dataset=data.name,
+        subsample=data.subsample,
+        num_classes=data.num_classes,
+        sample_check=check,
+    )
     return m
+
+
+def _check_sample(run_dir: Path, cfg, data, *, own: bool) -> str:
+    """Compare the run's recorded sample with its dataset as read now (the run's own subsample,
+    read again when the evaluation uses another); warn when it changed."""
+    if not own:
+        return "not checked"
+    if data.subsample != cfg.data.subsample:
+        data = load_data(cfg, cfg.run.seed)
+    status, message = ck.check_sample(run_dir, data)
+    if status == "changed":
+        log.warning("%s", message)
+    elif status == "unrecorded":
+        log.info("%s; the sample is not checked", message)
+    return status
 
 
 def predict(

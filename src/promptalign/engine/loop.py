@@ -183,6 +183,7 @@ def _train(
     callbacks: Sequence[StepCallback],
 ) -> TrainResult:
     cfg, o = r.cfg, r.cfg.optim
+    ck.record_sample(run_dir, r.data, resume=resume, write=du.is_main())  # a resume checks it
     if du.is_main():
         ck.write_config(run_dir, cfg)
     start_epoch, steps = 0, 0

@@ -16,6 +16,15 @@ original module back on exit (also on errors). In evaluation (or with dropout 0)
 calls the original module functionally with merged weights ``W + s B A``, so zero B matrices give
 exactly zero-shot CLIP and :meth:`CLIPLoRA.merged_state_dict` (a copy of the CLIP weights with
 the adapters merged, for export) gives the same logits as the unmerged adapters.
+
+Checked against the release (commit 358f0d7; every released value is a row of
+:attr:`CLIPLoRAConfig.RELEASED`, with its file and line): the class prompt is "a photo of a {}."
+for every dataset. Each released ``datasets/*.py`` first writes its dataset's hand-written
+template and then overwrites it with this prompt (e.g. datasets/dtd.py:7-10, datasets/imagenet.py:
+179-188), so the ``prompt`` field is not the dataset's template and the engine never fills it in.
+
+Deviations from the released code: the released cosine schedule steps per iteration down to 1e-6
+(lora.py:76); here it steps per epoch down to 0, by the shared trainer.
 """
 
 from __future__ import annotations
@@ -34,7 +43,15 @@ from torch import nn
 
 from ..backbone.towers import UnsupportedTower
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
+from .base import (
+    MethodConfig,
+    MethodOutput,
+    OptimPreset,
+    PromptMethod,
+    Released,
+    ReleasedSetting,
+    cosine_logits,
+)
 
 TARGETS = ("q", "k", "v", "o")
 
@@ -57,6 +74,30 @@ class IterationPreset(OptimPreset):
             return self.epochs
         steps_per_epoch = math.ceil(shots * self.num_classes / self.batch_size)
         return max(1, math.ceil(self.iterations_per_shot * shots / steps_per_epoch))
+
+
+_RELEASED = Released(
+    "https://github.com/MaxZanella/CLIP-LoRA",
+    (
+        ReleasedSetting("rank", 2, "run_utils.py:35"),
+        ReleasedSetting("lora_alpha", 1.0, "run_utils.py:36"),
+        ReleasedSetting("dropout", 0.25, "run_utils.py:37"),
+        ReleasedSetting("targets", ("q", "k", "v"), "run_utils.py:34"),
+        ReleasedSetting("encoders", "both", "run_utils.py:33"),
+        ReleasedSetting(
+            "prompt", "a photo of a {}.", "datasets/*.py (e.g. dtd.py:10, imagenet.py:188)"
+        ),
+        ReleasedSetting("optim.optimizer", "adamw", "lora.py:75"),
+        ReleasedSetting("optim.lr", 2e-4, "run_utils.py:28"),
+        ReleasedSetting("optim.weight_decay", 0.01, "lora.py:75"),
+        ReleasedSetting("optim.batch_size", 32, "run_utils.py:30"),
+        ReleasedSetting("optim.iterations_per_shot", 500, "run_utils.py:29, lora.py:73"),
+        ReleasedSetting("optim.warmup_epochs", 0, "lora.py:76 (no warm-up)"),
+        ReleasedSetting("optim.scheduler", "cosine", "lora.py:76"),
+        ReleasedSetting("encoders", "vision", "run_utils.py:33 (--encoder)", preset="vision_only"),
+        ReleasedSetting("encoders", "text", "run_utils.py:33 (--encoder)", preset="text_only"),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +131,7 @@ class CLIPLoRAConfig(MethodConfig):
         "vision_only": {"encoders": "vision"},
         "text_only": {"encoders": "text"},
     }
+    RELEASED = _RELEASED
 
     def __post_init__(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]

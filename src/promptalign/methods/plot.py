@@ -22,13 +22,29 @@ PLOT++ as released (``plot-pp/trainers/plotpp.py`` and ``scripts/main_visiononly
 Defaults are the released ViT-B/16 scripts': N = M = 4, 4 text and 2 visual context tokens
 (``NCTX_V=2``), visual prompts at the first layer only. Text initialisation follows the released
 ``CTX_INIT True`` path: each of the N sets starts from the word embeddings of a different
-hand-written phrase. The released code keeps a table of four phrases per dataset; here the phrases
-come from the dataset's own template (which the engine gives every method with a ``template``
-field): set 1 starts from the template's words before the class name (when they are at least
-``n_ctx`` tokens), the other sets from the released generic phrases ``ctx_init`` ("this is a
-photo", "this is picture of", "one picture of a"), and template words beyond the ``n_ctx`` context
-tokens stay literal text around the class name. Without a template the sets start from N(0, 0.02)
-(the released ``CTX_INIT False`` path).
+hand-written phrase. The released code keeps a table of four phrases per dataset, which a run on
+one of its datasets uses (below); on any other dataset the phrases come from the dataset's own
+template (which the engine gives every method with a ``template`` field): set 1 starts from the
+template's words before the class name (when they are at least ``n_ctx`` tokens), the other sets
+from the released generic phrases ``ctx_init`` ("this is a photo", "this is picture of", "one
+picture of a"), and template words beyond the ``n_ctx`` context tokens stay literal text around
+the class name. Without a template the sets start from N(0, 0.02) (the released ``CTX_INIT
+False`` path).
+
+Checked against the release (commit 728539f; every released value is a row of
+:attr:`PLOTConfig.RELEASED`, with its file and line): for the eleven datasets of the released
+``template_dict`` (plot-pp/trainers/plotpp.py:73-83) a run starts the N sets from that dataset's
+four phrases, with as many context tokens as the first phrase has words (plotpp.py:87, e.g. 5 for
+DTD's "a photo of a texture") and the class prompt "{class}." after them (plotpp.py:122): the
+rows set ``ctx_init``, ``n_ctx`` and ``template = "{}."`` for the dataset. Other datasets (custom
+or synthetic ones) take the template-derived phrases above.
+
+Deviations from the released code: a phrase with fewer tokens than ``n_ctx`` (ImageNet's "this
+is a") fills its first tokens and leaves the rest at N(0, 0.02); the release takes the end-of-text
+and padding embeddings there, and that set's prompt loses the first token of the class name
+(each set's suffix is cut at ``n_ctx`` tokens of its own tokenisation). A phrase with more tokens
+than ``n_ctx`` (EuroSAT's third and fourth) keeps its first ``n_ctx`` tokens; the release keeps
+its extra word as literal text in that set's prompt only.
 """
 
 from __future__ import annotations
@@ -43,7 +59,15 @@ from torch import nn
 
 from ..backbone.clip import VisionPromptPosition
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
+from .base import (
+    MethodConfig,
+    MethodOutput,
+    OptimPreset,
+    PromptMethod,
+    Released,
+    ReleasedSetting,
+    normalize_mean,
+)
 from .explainable import ExplainFeatures
 from .heads import PromptSetOTHead
 from .prompts import build_class_prompts, check_depth, normal_init, remaining_words
@@ -51,6 +75,115 @@ from .prompts import build_class_prompts, check_depth, normal_init, remaining_wo
 # the phrase pattern of the released per-dataset CTX_INIT lists
 # (Caltech101 / SUN397 / Stanford Cars)
 RELEASED_CTX_INIT = ("a photo of a", "this is a photo", "this is picture of", "one picture of a")
+
+
+# the released per-dataset CTX_INIT phrases (plot-pp/trainers/plotpp.py, line of each entry), by
+# the registered name of the dataset
+_PHRASES = {
+    "caltech101": (
+        73,
+        ("a photo of a", "this is a photo", "this is picture of", "one picture of a"),
+    ),
+    "dtd": (
+        74,
+        (
+            "a photo of a texture",
+            "this is a photo texture",
+            "this is a picture texture",
+            "one picture of a texture",
+        ),
+    ),
+    "eurosat": (
+        75,
+        (
+            "a centered satellite photo of",
+            "a centered satellite picture of",
+            "this is centered satellite photo of",
+            "one centered satellite photo of a",
+        ),
+    ),
+    "fgvc_aircraft": (
+        76,
+        (
+            "a photo of an aircraft",
+            "a picture of an aircraft",
+            "this is aircraft picture of",
+            "one picture of an aircraft",
+        ),
+    ),
+    "food101": (
+        77,
+        (
+            "a photo of a food",
+            "this is a food photo",
+            " this is food picture of",
+            "one picture of a food",
+        ),
+    ),
+    "imagenet": (78, ("a photo of a", "this is a photo ", "this is a", "one picture of a")),
+    "oxford_flowers": (
+        79,
+        (
+            "a photo of a flower",
+            "one picture of a flower",
+            "this is flower picture of",
+            "one picture of a flower",
+        ),
+    ),
+    "oxford_pets": (
+        80,
+        (
+            "a photo of a pet",
+            "one picture of a pet",
+            "this is pet picture of",
+            "one picture of a pet",
+        ),
+    ),
+    "stanford_cars": (
+        81,
+        ("a photo of a", "this is a photo ", "this is picture of", "one picture of a"),
+    ),
+    "sun397": (82, ("a photo of a", "this is a photo", "this is picture of", "one picture of a")),
+    "ucf101": (
+        83,
+        (
+            "a photo of a person doing",
+            "this is a photo people doing",
+            "this is picture of people doing",
+            "one picture of a person doing",
+        ),
+    ),
+}
+_TRAINER = "plot-pp/trainers/plotpp.py"
+_JOINT = "plot-pp/scripts/main_joint.sh"
+_VIT = "plot-pp/configs/trainers/PLOTPP/vit.yaml"
+
+
+def _released_rows() -> tuple[ReleasedSetting, ...]:
+    rows = [
+        ReleasedSetting("n_text_sets", 4, f"{_JOINT}:13 (N)"),
+        ReleasedSetting("n_ctx", 4, f"{_JOINT}:14 (NCTX)"),
+        ReleasedSetting("n_visual_sets", 4, "plot-pp/README.md:42 (main_joint.sh DATASET 4)"),
+        ReleasedSetting("n_ctx_vision", 2, f"{_JOINT}:15 (NCTX_V)"),
+        ReleasedSetting("eps", 0.1, f"{_TRAINER}:189"),
+        ReleasedSetting("max_iter", 100, f"{_TRAINER}:190"),
+        ReleasedSetting("tol", 1e-2, f"{_TRAINER}:202"),
+        ReleasedSetting("ctx_init", RELEASED_CTX_INIT, f"{_TRAINER}:73 (Caltech101's phrases)"),
+        ReleasedSetting("optim.optimizer", "sgd", f"{_VIT}:16"),
+        ReleasedSetting("optim.lr", 0.002, f"{_VIT}:17"),
+        ReleasedSetting("optim.epochs", 50, f"{_VIT}:18"),
+        ReleasedSetting("optim.batch_size", 32, f"{_VIT}:3"),
+        ReleasedSetting("optim.scheduler", "cosine", f"{_VIT}:19"),
+        ReleasedSetting("optim.warmup_epochs", 1, f"{_VIT}:20"),
+        ReleasedSetting("optim.warmup_lr", 1e-5, f"{_VIT}:22"),
+    ]
+    for name, (line, phrases) in _PHRASES.items():
+        rows += [
+            ReleasedSetting("ctx_init", phrases, f"{_TRAINER}:{line}", dataset=name),
+            ReleasedSetting("n_ctx", len(phrases[0].split()), f"{_TRAINER}:87", dataset=name),
+            ReleasedSetting("template", "{}.", f"{_TRAINER}:122", dataset=name),
+        ]
+    return tuple(rows)
 
 
 @dataclass(frozen=True)
@@ -62,7 +195,8 @@ class PLOTConfig(MethodConfig):
     stage: "joint" (PLOT++ stage 2 and plain PLOT) or "visual" (PLOT++ stage 1: text prompts
         frozen, global trade-off term added to the logits).
     template: the dataset's hand-written template ("a photo of a {}, a type of pet."); the
-        engine fills it in. Empty: text prompts "X..X {class}." initialised N(0, 0.02).
+        engine fills it in ("{}." with the released phrases for a dataset of the released
+        table). Empty: text prompts "X..X {class}." initialised N(0, 0.02).
     ctx_init: phrases initialising text sets 1..N when a template is given (set 1 uses the
         template's own words when they are long enough); sets beyond them start N(0, 0.02).
     """
@@ -85,6 +219,7 @@ class PLOTConfig(MethodConfig):
     RECIPES: ClassVar[Mapping[str, tuple[Mapping[str, Any], ...]]] = {
         "two_stage": ({"stage": "visual"}, {"stage": "joint"}),
     }
+    RELEASED = Released("https://github.com/CHENGY12/PLOT", _released_rows())
 
 
 def _split_template(template: str) -> tuple[str, str]:

@@ -19,7 +19,26 @@ without Forgetting", ICCV 2023, arXiv 2307.06948, https://github.com/muzairkhatt
   prompts, so the aggregate is what is evaluated and saved. The running sum is part of the
   method's state so resumed runs aggregate exactly as uninterrupted ones.
 
-The released configs run in fp16; here precision is the trainer's ``optim.amp``.
+Checked against the release (commit bb95c77; every released value is a row of
+:attr:`PromptSRCConfig.RELEASED`, with its file and line): the teacher's templates are the
+release's 60 ``IMAGENET_TEMPLATES`` (trainers/imagenet_templates.py:3-64), used for every dataset
+as the release does (trainers/promptsrc.py:120-128); the prompted text starts from "a photo of
+a" whatever the dataset (no per-dataset template in the release).
+
+Deviations from the released code:
+
+* Gaussian prompt aggregation averages only the prompts (the learnable parameters), as the paper
+  describes. The release averages the whole ``state_dict`` of its model
+  (trainers/promptsrc.py:322-335): the frozen CLIP, the zero-shot image encoder and the token
+  buffers too. The weights sum to 1, so in fp32 that leaves the frozen parts as they were up to
+  rounding; on the fp16 model its configs train, the rounding moves 38 % of the frozen weights'
+  elements (logits by about 1e-3). Here the frozen CLIP is never touched.
+* The released configs run in fp16; here precision is the trainer's ``optim.amp``.
+* The release's few-shot config names the GPA setting per dataset in a comment
+  (vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml:42-47): (30, 30) for ImageNet, Caltech101,
+  OxfordPets, Food101, UCF101, SUN397, and (45, 5) for StanfordCars, Flowers102, FGVCAircraft, DTD,
+  EuroSAT. The ``fewshot`` preset has the first, ``few_shot_fine_grained`` the second; a run
+  chooses the preset (the shipped few-shot run preset uses ``fewshot`` for every dataset).
 """
 
 from __future__ import annotations
@@ -32,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import METHODS
-from .base import MethodOutput, OptimPreset
+from .base import MethodOutput, OptimPreset, Released, ReleasedSetting
 from .ivlp import IVLP, IVLPConfig
 
 # The CLIP ImageNet prompt-engineering notebook's templates as listed in PromptSRC's
@@ -113,6 +132,47 @@ def gpa_weights(epochs: int, mean: float, std: float) -> torch.Tensor:
     return density / density.sum()
 
 
+_B2N = "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml"
+_FS = "configs/trainers/PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml"
+_XD = "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml"
+_RELEASED = Released(
+    "https://github.com/muzairkhattak/PromptSRC",
+    (
+        ReleasedSetting("n_ctx_text", 4, f"{_B2N}:35"),
+        ReleasedSetting("n_ctx_vision", 4, f"{_B2N}:34"),
+        ReleasedSetting("text_depth", 9, f"{_B2N}:39"),
+        ReleasedSetting("vision_depth", 9, f"{_B2N}:38"),
+        ReleasedSetting("ctx_init", "a photo of a", f"{_B2N}:36"),
+        ReleasedSetting("text_loss_weight", 25.0, f"{_B2N}:40"),
+        ReleasedSetting("image_loss_weight", 10.0, f"{_B2N}:41"),
+        ReleasedSetting("kl_temperature", 1.0, "trainers/promptsrc.py:306-311"),
+        ReleasedSetting("gpa_mean", 15.0, f"{_B2N}:42"),
+        ReleasedSetting("gpa_std", 1.0, f"{_B2N}:43"),
+        ReleasedSetting(
+            "teacher_templates", CLIP_IMAGENET_TEMPLATES, "trainers/imagenet_templates.py:3-64"
+        ),
+        ReleasedSetting("optim.optimizer", "sgd", f"{_B2N}:17"),
+        ReleasedSetting("optim.lr", 0.0025, f"{_B2N}:18"),
+        ReleasedSetting("optim.epochs", 20, f"{_B2N}:19"),
+        ReleasedSetting("optim.batch_size", 4, f"{_B2N}:4"),
+        ReleasedSetting("optim.scheduler", "cosine", f"{_B2N}:20"),
+        ReleasedSetting("optim.warmup_epochs", 1, f"{_B2N}:21"),
+        ReleasedSetting("optim.warmup_lr", 1e-5, f"{_B2N}:23"),
+        ReleasedSetting("gpa_mean", 30.0, f"{_FS}:43", preset="fewshot"),
+        ReleasedSetting("gpa_std", 30.0, f"{_FS}:44", preset="fewshot"),
+        ReleasedSetting("optim.epochs", 50, f"{_FS}:19", preset="fewshot"),
+        ReleasedSetting("gpa_mean", 45.0, f"{_FS}:46", preset="few_shot_fine_grained"),
+        ReleasedSetting("gpa_std", 5.0, f"{_FS}:47", preset="few_shot_fine_grained"),
+        ReleasedSetting("optim.epochs", 50, f"{_FS}:19", preset="few_shot_fine_grained"),
+        ReleasedSetting("text_depth", 3, f"{_XD}:39", preset="cross_dataset"),
+        ReleasedSetting("vision_depth", 3, f"{_XD}:38", preset="cross_dataset"),
+        ReleasedSetting("gpa_mean", 6.0, f"{_XD}:42", preset="cross_dataset"),
+        ReleasedSetting("gpa_std", 10.0, f"{_XD}:43", preset="cross_dataset"),
+        ReleasedSetting("optim.epochs", 20, f"{_XD}:19", preset="cross_dataset"),
+    ),
+)
+
+
 @dataclass(frozen=True)
 class PromptSRCConfig(IVLPConfig):
     """IVLP's fields (4 + 4 tokens, depth 9) plus:
@@ -143,6 +203,7 @@ class PromptSRCConfig(IVLPConfig):
         # vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml
         "cross_dataset": {"text_depth": 3, "vision_depth": 3, "gpa_mean": 6.0, "gpa_std": 10.0},
     }
+    RELEASED = _RELEASED
 
     def __post_init__(self) -> None:
         if self.gpa_std <= 0:
