@@ -187,7 +187,8 @@ def resolved_job_config(cfg: RunConfig) -> RunConfig:
     from .engine.build import resolve_method
     from .registry import DATASETS
 
-    spec = resolve_method(cfg.method)  # unknown method / preset / option: ConfigError
+    # unknown method / preset / option: ConfigError; the release's per-dataset settings in
+    spec = resolve_method(cfg.method, dataset=cfg.data.dataset)
     optim = resolve_optim(cfg.optim, spec.build().optim, cfg.data.shots)
     crop = cfg.data.crop_scale or (
         DATASETS.get(cfg.data.dataset).crop_scale

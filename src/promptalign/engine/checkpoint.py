@@ -195,7 +195,8 @@ def check_sample(run_dir: Path, data) -> tuple[SampleCheck, str]:
             old = [list(r) for r in stored[split]]
             differ = sum(a != b for a, b in zip(old, now)) + abs(len(old) - len(now))
             if differ:
-                first = next((a for a, b in zip(old, now) if a != b), (old or now)[-1])
+                extra = old[len(now) :] or now[len(old) :]
+                first = next((a for a, b in zip(old, now) if a != b), extra[0] if extra else None)
                 parts.append(f"{differ} of {len(old)} {split} entries differ, first {first[0]!r}")
         elif stored.get("sizes", {}).get(split) != len(now):
             parts.append(f"{split}: {stored.get('sizes', {}).get(split)} -> {len(now)} images")

@@ -34,6 +34,10 @@ the CLIP_Calibration code base (Wang et al., "Open-Vocabulary Calibration for Fi
 ICLR 2024): SGD lr 0.001, batch 4, 100 epochs, 4 of the 32 prompts per step (a random subset
 each step here; that code cycles through a random permutation), diversity weight 0.1 and the
 per-dimension covariance.
+
+Checked for hand-written templates: ProDA takes none. Every prompt is learnt from N(0, 0.02) with
+the class name at the front, middle or end, on every dataset, so there is no released template
+table to follow (and no released code to hold one).
 """
 
 from __future__ import annotations
