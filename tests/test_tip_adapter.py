@@ -211,3 +211,18 @@ def test_resolved_run_records_the_released_values(textured):
     r = build_run(_cfg(root, "data.workers=0", "data.dataset=eurosat"), torch.device("cpu"), bb)
     assert r.cfg.optim.epochs == 100 and r.cfg.method.options["search_scale"] == (12.0, 10.0)
     assert resolve_config(r.cfg, r.data, r.method) == r.cfg  # resolving again changes nothing
+
+
+def test_adam_eps_enters_a_benchmark_fingerprint_only_where_it_changes_the_run():
+    """Earlier jobs ran with torch's eps: at that value the new setting leaves their fingerprints
+    (and so their results) as they were; Tip-Adapter-F's 1e-4 makes its jobs new."""
+    from promptalign.benchmark import Job, config_fingerprint, job_config
+
+    def fingerprint(method, *overrides):
+        job = Job("base2new", "synthetic_colour_shapes", method, 16, 1)
+        return config_fingerprint(job_config(job, ["data.workers=0", *overrides], "data"))
+
+    for method in ("coop", "clip_lora", "npt"):
+        assert fingerprint(method) == fingerprint(method, "optim.adam_eps=1e-8")
+        assert fingerprint(method) != fingerprint(method, "optim.adam_eps=1e-4")
+    assert fingerprint("tip_adapter_f") != fingerprint("tip_adapter_f", "optim.adam_eps=1e-8")

@@ -201,6 +201,21 @@ def resolved_job_config(cfg: RunConfig) -> RunConfig:
 
 # settings that never change a job's result (the data order and augmentation do not depend on them)
 _NOT_IN_FINGERPRINT = {("data", "workers"), ("run", "progress")}
+# optimisation settings added after jobs were recorded, with the values every earlier job ran with
+# (set or unset): left out of the fingerprint (of the run's and the method's optim sections)
+# there, so adding them re-runs only the jobs they change
+_ADDED_OPTIM = {"adam_eps": (None, 1e-8)}
+
+
+def _drop_added(d: Any) -> None:
+    if isinstance(d, dict):
+        optim = d.get("optim")
+        if isinstance(optim, dict):
+            for key, earlier in _ADDED_OPTIM.items():
+                if key in optim and optim[key] in earlier:
+                    del optim[key]
+        for v in d.values():
+            _drop_added(v)
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -208,6 +223,7 @@ def config_fingerprint(cfg: RunConfig) -> str:
     d = to_dict(resolved_job_config(cfg))
     for section, key in _NOT_IN_FINGERPRINT:
         d[section].pop(key, None)
+    _drop_added(d)
     d["data"]["root"] = str(Path(d["data"]["root"]).expanduser().resolve())
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
