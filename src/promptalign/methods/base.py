@@ -43,6 +43,7 @@ from ..config import (
     to_dict,
 )
 from ..registry import METHODS, REGULARIZERS
+from .explainable import ExplainFeatures
 from .heads import cosine_logits, normalize_mean  # noqa: F401  (re-exported for method files)
 
 log = logging.getLogger(__name__)
@@ -125,12 +126,15 @@ class MethodOutput:
         text_features: ``[K, D]`` (or ``[B, K, D]`` for image-conditioned prompts) L2-normalised
             class features (mean over prompt sets).
         extras: method-specific diagnostics (e.g. OT convergence), tensors.
+        explain: for methods scoring with an OT head, the head and the inputs it scored
+            (:class:`~promptalign.methods.explainable.ExplainFeatures`), for ``explain``.
     """
 
     logits: torch.Tensor
     image_features: torch.Tensor
     text_features: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    explain: ExplainFeatures | None = None
 
 
 class Batch(NamedTuple):
