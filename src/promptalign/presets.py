@@ -49,10 +49,12 @@ def make_preset(method: str, protocol: str) -> RunConfig:
         "fewshot": DataConfig(shots=16, subsample="all"),
         "cross_dataset": DataConfig(dataset="imagenet", shots=16, subsample="all"),
     }[protocol]
-    # few-shot epochs depend on the shot count (resolved at run time); the other protocols use
-    # the method's fixed published epoch count
-    optim = cls.from_preset(preset).optim
-    epochs = None if protocol == "fewshot" or optim.epochs_depend_on_data else optim.epochs
+    # few-shot epochs depend on the shot count, and a schedule published in optimiser steps on
+    # the run's classes (both resolved at run time); the other protocols use the method's fixed
+    # published epoch count
+    config = cls.from_preset(preset)
+    by_data = config.iteration_budget(data.shots) is not None
+    epochs = None if protocol == "fewshot" or by_data else config.optim.epochs
     return RunConfig(
         backbone=BackboneConfig("ViT-B-16", "openai"),
         method=MethodSpec(method, preset),

@@ -47,8 +47,8 @@ class KgCoOpConfig(CoOpConfig):
         scheduler="cosine",
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.weight < 0:
             raise FieldError(f"weight: {self.weight} must be >= 0")
         if "{}" not in self.template:

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import FieldError, OptimConfig
 from ..registry import METHODS
 from .base import (
     MethodConfig,
     MethodOutput,
-    OptimPreset,
     PromptMethod,
     cosine_logits,
 )
@@ -69,7 +69,7 @@ class TipAdapterFConfig(MethodConfig):
     search_scale: tuple[float, float] = (7.0, 3.0)
     search_step: tuple[int, int] = (200, 20)
     train_keys: bool = True
-    optim: OptimPreset = OptimPreset(
+    optim: OptimConfig = OptimConfig(
         optimizer="adamw", lr=0.001, weight_decay=0.01, epochs=20, batch_size=256, warmup_epochs=0
     )
     PRESETS = {
@@ -82,12 +82,13 @@ class TipAdapterFConfig(MethodConfig):
         "training_free": {"train_keys": False},
     }
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        super().check()
         if self.augment_views < 1:
-            raise ValueError(f"augment_views {self.augment_views} must be >= 1")
+            raise FieldError(f"augment_views: {self.augment_views} must be >= 1")
         if len(self.search_scale) != 2 or len(self.search_step) != 2 or min(self.search_step) < 1:
-            raise ValueError(
-                f"search_scale {self.search_scale} / search_step {self.search_step} must be "
+            raise FieldError(
+                f"search_scale / search_step: {self.search_scale} / {self.search_step} must be "
                 "(beta, alpha) pairs with steps >= 1"
             )
 
