@@ -430,8 +430,6 @@ class HierarchicalOT:
         )
 
 
-# data-dependent early stopping and the Triton kernel: never traced by torch.compile (graph break)
-@torch.compiler.disable
 def hierarchical_ot(
     image_global: torch.Tensor,
     image_tokens: torch.Tensor,

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from .sinkhorn import Domain, DomainChoice, GradMode, SinkhornResult, auto_domain, sinkhorn
+from .sinkhorn import Domain, DomainChoice, GradMode, SinkhornResult, sinkhorn
 from .unbalanced import sinkhorn_unbalanced
 
 # how the token level of the hierarchical OT is computed: "auto" (the fused GEMM + Triton kernel
@@ -80,12 +80,6 @@ class SinkhornOptions:
     def balanced(self) -> bool:
         """True when both marginals are exact constraints (``tau`` is None)."""
         return self.tau is None
-
-    def resolved(self, cost_spread: float = 2.0) -> SinkhornOptions:
-        """These options with "auto" replaced by the domain :func:`auto_domain` picks."""
-        if self.domain != "auto":
-            return self
-        return dataclasses.replace(self, domain=auto_domain(self.eps, cost_spread))
 
     def with_domain(self, domain: Domain) -> SinkhornOptions:
         """These options with ``domain`` wherever they say "auto" (an explicit domain stays)."""
