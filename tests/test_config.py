@@ -108,7 +108,7 @@ def test_one_optimiser_type_layers_defaults_method_and_run():
     assert (o.lr, o.batch_size, o.epochs, o.momentum) == (0.0035, 8, 5, DEFAULT_OPTIM.momentum)
     assert resolve_optim(OptimConfig(), method, shots=1).epochs == 2
     assert resolve_optim(OptimConfig(epochs=3), method, shots=1).epochs == 3
-    assert promptalign.OptimPreset is OptimConfig  # the former name, kept for callers
+    assert promptalign.OptimConfig is OptimConfig and not hasattr(promptalign, "OptimPreset")
 
 
 def test_shipped_model_in_yaml_gets_its_shipped_weights(tmp_path):

@@ -19,7 +19,6 @@ from promptalign.explain import (
     ExplainError,
     decode_tokens,
     explain_images,
-    hierarchical_plans,
     project_2d,
 )
 from promptalign.methods import create_method
@@ -89,7 +88,8 @@ def test_align_plans_have_the_right_marginals_and_rebuild_the_logits(shapes, for
 
 
 def test_token_plans_match_the_ot_module_token_distance(shapes):
-    """The recomputed token plans give the token distance hierarchical_ot itself computes."""
+    """The token plans the head recomputes for explain give the token distance hierarchical_ot
+    itself computes."""
     from promptalign.ot import hierarchical_ot
 
     m = _method("align", shapes, n_sets=2)
@@ -97,13 +97,33 @@ def test_token_plans_match_the_ot_module_token_distance(shapes):
     with torch.no_grad():
         f = m.explain_features(x)
         idx = torch.arange(len(CLASSES))
-        mine = hierarchical_plans(f, idx)
+        mine = f.head.plans(f, idx)
         ref = hierarchical_ot(
             f.image_global, f.image_tokens, f.text_global, f.text_tokens, f.text_mask, **f.options
         )
     assert_rel_close(mine["token_term"], ref.token_distance, 1e-5)
     assert_rel_close(mine["plan"], ref.prompt_plan, 1e-5)
     assert_rel_close(mine["logits"], f.logit_scale * ref.score, 1e-5)
+
+
+def test_explain_runs_the_method_forward_once_and_its_head_gives_the_plans(shapes, monkeypatch):
+    """The plans come from the head and the features of the forward the logits come from: one
+    pass of the visual prompts per explained batch, no second forward."""
+    m = _method("align", shapes, n_sets=2, tau_token=0.3)  # an unbalanced token level too
+    passes = []
+    visual = m.prompts.visual
+    monkeypatch.setattr(m.prompts, "visual", lambda: passes.append(1) or visual())
+    x = images_for(shapes, 2, seed=9)
+    ex = explain_images(m, x, topk=2)
+    assert len(passes) == 1
+    with torch.no_grad():
+        logits = m.logits(x)
+    for b, im in enumerate(ex.images):
+        for c in im.classes:
+            assert _close(c.logit, float(logits[b, c.index]), float(logits.abs().max()))
+            M, N = c.prompt_plan.shape  # balanced token plans would move mass 1 each
+            assert c.token_plans.sum() < M * N  # relaxed: less mass moves
+    assert ex.options["tau_token"] == 0.3
 
 
 def test_heat_maps_cover_the_image_grid_and_hold_the_transported_mass(shapes):

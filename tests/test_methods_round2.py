@@ -171,10 +171,20 @@ def test_clip_lora_dropout_path_equals_merged_path_without_dropout(tiny):
 
 
 def test_clip_lora_epochs_follow_the_iteration_budget(tiny):
+    from promptalign.config import OptimConfig, resolve_optim
+
     lora = create_method("clip_lora", tiny, CLASSES)
+
+    def epochs_for(shots):  # as the engine resolves a run that leaves optim.epochs unset
+        budget = lora.config.iteration_budget(shots)
+        optim = resolve_optim(
+            OptimConfig(), lora.optim_preset, shots, iterations=budget, num_classes=lora.num_classes
+        )
+        return optim.epochs
+
     # 500 x 16 iterations at batch 32 over 16 x 5 images: ceil(80 / 32) = 3 steps per epoch
-    assert lora.optim_preset.epochs_for(16) == -(-500 * 16 // 3)
-    assert lora.optim_preset.epochs_for(1) == 500  # 5 images: one step per epoch
+    assert epochs_for(16) == -(-500 * 16 // 3)
+    assert epochs_for(1) == 500  # 5 images: one step per epoch
 
 
 # ---------------------------------------------------------------------------- PromptSRC

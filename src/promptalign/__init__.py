@@ -19,10 +19,10 @@ from .backbone import (
     list_pretrained,
     load_backbone,
 )
+from .config import OptimConfig
 from .methods import (
     MethodConfig,
     MethodOutput,
-    OptimPreset,
     PromptMethod,
     create_method,
     list_methods,
@@ -44,7 +44,7 @@ __all__ = [
     "load_backbone",
     "MethodConfig",
     "MethodOutput",
-    "OptimPreset",
+    "OptimConfig",
     "PromptMethod",
     "create_method",
     "list_methods",

@@ -16,6 +16,7 @@ folder stores the fully resolved config (every method field included), which re-
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -189,16 +190,6 @@ def check_fields(cls: type, data: Any, prefix: str = "") -> dict[str, Any]:
         raise ConfigError(
             f"unknown key(s) {[where + u for u in unknown]}; allowed: {[where + n for n in names]}"
         )
-    for f in dataclasses.fields(cls):  # a default of a richer subclass (e.g. an iteration
-        default = f.default  # budget's optimiser settings) types its field
-        tp = hints[f.name]
-        if (
-            dataclasses.is_dataclass(default)
-            and isinstance(tp, type)
-            and isinstance(default, tp)
-            and type(default) is not tp
-        ):
-            hints[f.name] = type(default)
     return {k: check_value(where + k, hints[k], v) for k, v in data.items()}
 
 
@@ -280,19 +271,10 @@ class OptimConfig:
                 )
 
     def merged(self, over: OptimConfig) -> OptimConfig:
-        """These settings with every field that ``over`` sets (not None) taken from ``over``
-        (fields of this class only: a method's subclass may carry more, e.g. an iteration
-        budget)."""
-        mine = {f.name for f in dataclasses.fields(self)}
+        """These settings with every field that ``over`` sets (not None) taken from ``over``."""
         return dataclasses.replace(
-            self, **{k: v for k, v in _fields(over).items() if v is not None and k in mine}
+            self, **{k: v for k, v in _fields(over).items() if v is not None}
         )
-
-    @property
-    def epochs_depend_on_data(self) -> bool:
-        """True when :meth:`epochs_for` derives the epoch count from the run's data at run time
-        (e.g. a published iteration budget), so shipped run presets leave ``epochs`` unset."""
-        return False
 
     def epochs_for(self, shots: int | None) -> int | None:
         """Epochs for a run with ``shots`` labelled images per class (None: ``epochs``)."""
@@ -322,16 +304,39 @@ DEFAULT_OPTIM = OptimConfig(
 )
 
 
-def resolve_optim(run: OptimConfig, method: OptimConfig, shots: int | None) -> OptimConfig:
-    """Library defaults < the method's published values < the run's values; epochs by shots
-    when the run does not set them."""
+def resolve_optim(
+    run: OptimConfig,
+    method: OptimConfig,
+    shots: int | None,
+    *,
+    iterations: int | None = None,
+    num_classes: int | None = None,
+) -> OptimConfig:
+    """Library defaults < the method's published values < the run's values. Epochs, when the
+    run does not set them: from the method's published ``iterations`` budget for ``shots`` x
+    ``num_classes`` training images (:func:`budget_epochs`), else by shots.
+
+    Args:
+        run, method: the run's and the method's optimisation settings.
+        shots: labelled images per class (None: all).
+        iterations: optimiser steps the method's published schedule runs
+            (``MethodConfig.iteration_budget``; None: its schedule is in epochs).
+        num_classes: classes of the run (needed to turn ``iterations`` into epochs).
+    """
     published = DEFAULT_OPTIM.merged(method)
     epochs = run.epochs
-    if epochs is None:  # the method's own rule first (e.g. CLIP-LoRA's iteration budget)
-        epochs = method.epochs_for(shots)
-        if epochs is None:
-            epochs = published.epochs_for(shots)
+    if epochs is None and iterations is not None and shots is not None and num_classes:
+        epochs = budget_epochs(iterations, shots * num_classes, published.batch_size)
+    if epochs is None:
+        epochs = published.epochs_for(shots)
     return dataclasses.replace(published.merged(run), epochs=epochs)
+
+
+def budget_epochs(iterations: int, train_images: int, batch_size: int) -> int:
+    """Epochs of ``ceil(train_images / batch_size)`` steps that run at least ``iterations``
+    optimiser steps (at least 1)."""
+    steps_per_epoch = math.ceil(train_images / batch_size)
+    return max(1, math.ceil(iterations / steps_per_epoch))
 
 
 # --------------------------------------------------------------------------- run sections

@@ -3,10 +3,11 @@
 The library half of ``promptalign explain`` (drawing lives in :mod:`promptalign.viz`): everything
 here returns arrays and numbers.
 
-For a method with an ``explain_features`` hook (:class:`~promptalign.methods.explainable.
-ExplainFeatures`; PLOT and ALIGN) the plans are recomputed with :func:`promptalign.ot.sinkhorn`
-from the method's own features and options, and the logits rebuilt from them equal the method's
-(the tests hold this to 1e-5):
+For a method that scores with an OT head (PLOT and ALIGN: their forward attaches
+:class:`~promptalign.methods.explainable.ExplainFeatures` to its output) the head that scored
+recomputes its plans from the features it scored, for the classes shown (``head.plans``), and the
+logits rebuilt from them equal the method's (the tests hold this to 1e-5); this module holds no
+OT code:
 
 * prompt level: the M x N plan T between the visual and text prompt sets of an (image, class);
 * token level (hierarchical OT, ALIGN): the J x L plan between the image tokens (patches + visual
@@ -31,7 +32,7 @@ prompt set to 2-D (t-SNE with scikit-learn, PCA without).
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -44,8 +45,6 @@ import torch
 import torch.nn.functional as F
 
 from .methods.explainable import ExplainFeatures, plan_entropies, plan_entropy_ratio
-from .ot import hierarchical_ot, sinkhorn
-from .ot.hierarchical import KERNEL_DOMAIN_MIN_EPS
 
 log = logging.getLogger(__name__)
 
@@ -330,96 +329,14 @@ def _record_image_tower(backbone):
         del backbone.forward_image
 
 
-def _hierarchical_defaults() -> dict[str, Any]:
-    return {
-        k: p.default
-        for k, p in inspect.signature(hierarchical_ot).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
 def has_ot(method) -> bool:
-    """True when the method exposes its transport plans (an ``explain_features`` hook)."""
+    """True when the method scores with an OT head whose plans it exposes
+    (:class:`~promptalign.methods.explainable.ExplainsOT`: an ``explain_features`` method)."""
     return callable(getattr(method, "explain_features", None))
-
-
-# --------------------------------------------------------------------------- OT recomputation
-def prompt_set_plans(feats: ExplainFeatures, classes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Recompute the prompt-set OT (PLOT) for ``classes`` (indices): plans ``[B, k, M, N]``,
-    cosines and logits ``[B, k]``, with :func:`promptalign.ot.sinkhorn` and the method's options."""
-    img = F.normalize(feats.image_global.float(), dim=-1)  # [B, M, D]
-    txt = F.normalize(feats.text_global[classes].float(), dim=-1)  # [k, N, D]
-    sim = torch.einsum("bmd,knd->bkmn", img, txt)  # [B, k, M, N]
-    ot = sinkhorn(1.0 - sim, **feats.options)
-    logits = feats.logit_scale * (ot.plan * sim).sum((-2, -1))
-    return {
-        "plan": ot.plan,
-        "global_sim": sim,
-        "cost": 1.0 - sim,
-        "logits": logits,
-        "logit_global": feats.logit_scale * ot.plan * sim,
-        "logit_token": torch.zeros_like(sim),
-    }
-
-
-def hierarchical_plans(feats: ExplainFeatures, classes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Recompute ALIGN's two OT levels for ``classes`` (indices) with
-    :func:`promptalign.ot.sinkhorn`, following :func:`promptalign.ot.hierarchical_ot` with the
-    method's options (its defaults for the rest): token plans ``[B, k, M, N, J, L]``, prompt plans
-    ``[B, k, M, N]``, cost parts and logits ``[B, k]``."""
-    o = {**_hierarchical_defaults(), **feats.options}
-    eps, eps_token = o["eps"], o["eps"] if o["eps_token"] is None else o["eps_token"]
-    domain = o["domain"]
-    if domain == "auto":
-        domain = "kernel" if min(eps, eps_token) >= KERNEL_DOMAIN_MIN_EPS else "log"
-    max_iter_token = o["max_iter"] if o["max_iter_token"] is None else o["max_iter_token"]
-    tol_token = o["tol"] if o["tol_token"] is None else o["tol_token"]
-    prep = (lambda x: F.normalize(x.float(), dim=-1)) if o["normalize"] else (lambda x: x.float())
-    ig, it = prep(feats.image_global), prep(feats.image_tokens)  # [B, M, D], [B, M, J, D]
-    tg, tt = prep(feats.text_global[classes]), prep(feats.text_tokens[classes])  # [k, N, (L,) D]
-    mask = feats.text_mask[classes].bool()  # [k, N, L]
-    sim_tok = torch.einsum("bmjd,knld->bkmnjl", it, tt)  # [B, k, M, N, J, L]
-    tok = sinkhorn(
-        1.0 - sim_tok,
-        eps=eps_token,
-        max_iter=max_iter_token,
-        tol=tol_token,
-        domain=domain,
-        mask_b=mask[None, :, None],
-        check_every=o["check_every"],
-    )
-    distance = tok.cost  # [B, k, M, N]
-    similarity = (tok.plan * sim_tok).sum((-2, -1))
-    global_sim = torch.einsum("bmd,knd->bkmn", ig, tg)
-    paper = o["form"] == "paper"
-    token_term = distance if paper else similarity
-    cost = (1.0 - global_sim) + o["beta"] * token_term
-    outer = sinkhorn(
-        cost,
-        eps=eps,
-        max_iter=o["max_iter"],
-        tol=o["tol"],
-        domain=domain,
-        check_every=o["check_every"],
-    )
-    score = 1.0 - outer.cost if paper else (outer.plan * global_sim).sum((-2, -1))
-    scale = feats.logit_scale
-    logit_token = -scale * o["beta"] * outer.plan * distance if paper else torch.zeros_like(cost)
-    return {
-        "plan": outer.plan,
-        "token_plans": tok.plan,
-        "global_sim": global_sim,
-        "token_sim_mass": (tok.plan * sim_tok).sum(-2),  # [B, k, M, N, L]
-        "token_term": token_term,
-        "cost": cost,
-        "logits": scale * score,
-        "logit_global": scale * outer.plan * global_sim,
-        "logit_token": logit_token,
-    }
 
 
 # --------------------------------------------------------------------------- explain
@@ -467,11 +384,11 @@ def explain_images(
     n_patch = grid[0] * grid[1]
     B = images.shape[0]
     with torch.no_grad():
-        with _record_image_tower(backbone) as calls:
+        with _record_image_tower(backbone) as calls:  # the image tokens too, for the maps
             out = method(images)
         method_logits = out.logits.float()
         probs = method_logits.softmax(-1)
-        feats = method.explain_features(images) if has_ot(method) else None
+        feats = out.explain if has_ot(method) else None  # what the method's OT head scored
     top_k = min(max(topk, 0), method.num_classes)
     chosen = [method.classnames.index(c) for c in classes]
 
@@ -503,10 +420,7 @@ def explain_images(
         cos_maps = cos_maps.reshape(*cos_maps.shape[:3], *grid)
         ot_res = None
         if use_ot:
-            sub = _single(feats, b)
-            ot_res = (
-                hierarchical_plans if feats.scorer == "hierarchical_ot" else prompt_set_plans
-            )(sub, idx)
+            ot_res = feats.head.plans(_single(feats, b), idx)
         class_out = []
         for j, k in enumerate(wanted):
             ce = ClassExplanation(
@@ -548,18 +462,10 @@ def explain_images(
 def _single(feats: ExplainFeatures, b: int) -> ExplainFeatures:
     """The features of image ``b`` only (the plans of one image do not depend on the others)."""
     sl = slice(b, b + 1)
-    return ExplainFeatures(
-        feats.scorer,
-        feats.image_global[sl],
-        feats.text_global,
-        feats.options,
-        feats.logit_scale,
+    return dataclasses.replace(
+        feats,
+        image_global=feats.image_global[sl],
         image_tokens=feats.image_tokens[sl] if feats.image_tokens is not None else None,
-        prompt_slice=feats.prompt_slice,
-        text_tokens=feats.text_tokens,
-        text_mask=feats.text_mask,
-        text_ids=feats.text_ids,
-        context_slots=feats.context_slots,
         extra_logits=feats.extra_logits[sl] if feats.extra_logits is not None else None,
     )
 
@@ -726,10 +632,8 @@ def image_embeddings(method, images: torch.Tensor) -> torch.Tensor:
     """``[B, S, D]`` L2-normalised global image features per visual prompt set (S = 1 for
     methods without the hook)."""
     with torch.no_grad():
-        if has_ot(method):
-            g = method.explain_features(images).image_global
-        else:
-            g = method(images).image_features.unsqueeze(1)
+        out = method(images)
+    g = out.explain.image_global if has_ot(method) else out.image_features.unsqueeze(1)
     return F.normalize(g.float(), dim=-1)
 
 

@@ -49,14 +49,15 @@ def make_preset(method: str, protocol: str) -> RunConfig:
         "fewshot": DataConfig(shots=16, subsample="all"),
         "cross_dataset": DataConfig(dataset="imagenet", shots=16, subsample="all"),
     }[protocol]
-    # few-shot epochs depend on the shot count (resolved at run time); the other protocols use
-    # the method's fixed published epoch count, unless it depends on the data: on the shots
-    # (an iteration budget) or on the dataset (the release's per-dataset epochs, e.g.
-    # Tip-Adapter-F's EuroSAT), which the run resolves
-    optim = cls.from_preset(preset).optim
+    # few-shot epochs depend on the shot count, and a schedule published in optimiser steps on
+    # the run's classes or per dataset (the release's per-dataset epochs, e.g. Tip-Adapter-F's
+    # EuroSAT) depends on the data (all resolved at run time); the other protocols use the
+    # method's fixed published epoch count
+    config = cls.from_preset(preset)
+    by_data = config.iteration_budget(data.shots) is not None
     per_dataset = any(s.key == "optim.epochs" and s.dataset for s in cls.RELEASED.settings)
-    depends = protocol == "fewshot" or optim.epochs_depend_on_data or per_dataset
-    epochs = None if depends else optim.epochs
+    depends = protocol == "fewshot" or by_data or per_dataset
+    epochs = None if depends else config.optim.epochs
     return RunConfig(
         backbone=BackboneConfig("ViT-B-16", "openai"),
         method=MethodSpec(method, preset),

@@ -86,7 +86,14 @@ def resolve_method(
 
 def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunConfig:
     """The fully resolved config of a run (what its folder stores)."""
-    o = resolve_optim(cfg.optim, method.optim_preset, cfg.data.shots)
+    shots = cfg.data.shots
+    o = resolve_optim(
+        cfg.optim,
+        method.optim_preset,
+        shots,
+        iterations=method.config.iteration_budget(shots),  # a schedule published in steps
+        num_classes=method.num_classes,
+    )
     workers = default_workers() if cfg.data.workers is None else cfg.data.workers
     return dataclasses.replace(
         cfg,

@@ -6,7 +6,6 @@
 from .base import (
     MethodConfig,
     MethodOutput,
-    OptimPreset,
     PromptMethod,
     Regularizer,
     create_method,
@@ -16,7 +15,6 @@ from .base import (
 __all__ = [
     "MethodConfig",
     "MethodOutput",
-    "OptimPreset",
     "PromptMethod",
     "Regularizer",
     "create_method",

@@ -37,9 +37,11 @@ from typing import Any, Literal
 import torch
 
 from ..backbone.clip import VisionPromptPosition
+from ..config import FieldError, OptimConfig
+from ..ot import Backend, DomainChoice, Form, HierarchicalOT, SinkhornOptions, TokenOptions
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, normalize_mean
-from .explainable import ExplainFeatures
+from .base import MethodConfig, MethodOutput, PromptMethod, normalize_mean
+from .explainable import ExplainFeatures, ExplainsOT
 from .heads import HierarchicalOTHead
 from .prompts import CoupledPrompts, build_class_prompts
 
@@ -52,6 +54,9 @@ class ALIGNConfig(MethodConfig):
     ctx_init: initialisation phrase of text set 0.
     beta: weight of the token-level distance (paper form).
     eps, eps_token, max_iter, tol: Sinkhorn settings of the prompt / token level.
+    tau_token: KL relaxation of the token-level marginals (unbalanced OT: a word need not send
+        all its mass, e.g. to a patch that does not show it; smaller = more relaxed, > 0);
+        None = balanced, the paper's.
     form: "paper" or "released" (see the module docstring).
     token_window: "own" (each prompt's SOS..EOT) or "prompt0" (released-code window).
     domain: Sinkhorn domain ("auto": kernel domain for eps >= 0.05).
@@ -69,12 +74,13 @@ class ALIGNConfig(MethodConfig):
     eps_token: float | None = None
     max_iter: int = 100
     tol: float = 1e-3
-    form: Literal["paper", "released"] = "paper"
+    tau_token: float | None = None
+    form: Form = "paper"
     token_window: Literal["own", "prompt0"] = "own"
-    domain: Literal["auto", "log", "kernel"] = "auto"
+    domain: DomainChoice = "auto"
     memory_budget: int = 2 * 1024**3
-    backend: Literal["auto", "torch", "fused"] = "auto"
-    optim: OptimPreset = OptimPreset(
+    backend: Backend = "auto"
+    optim: OptimConfig = OptimConfig(
         lr=0.0025, batch_size=4, epochs=20, epochs_by_shots=((1, 30), (4, 50), (16, 80))
     )
     PRESETS = {
@@ -91,28 +97,44 @@ class ALIGNConfig(MethodConfig):
         "sun397": {"n_sets": 2, "optim": {"lr": 0.002}},
     }
 
+    def check(self) -> None:
+        super().check()
+        for name in ("eps", "eps_token", "tau_token"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise FieldError(f"{name}: {value!r} must be > 0")
+        for name, low in (("max_iter", 1), ("tol", 0), ("memory_budget", 1)):
+            if getattr(self, name) < low:
+                raise FieldError(f"{name}: {getattr(self, name)!r} must be >= {low}")
+
+    def solver(self) -> HierarchicalOT:
+        """The hierarchical OT these settings describe (both levels check every 5 iterations)."""
+        shared = dict(domain=self.domain, check_every=5)
+        return HierarchicalOT(
+            prompt=SinkhornOptions(eps=self.eps, max_iter=self.max_iter, tol=self.tol, **shared),
+            token=TokenOptions(
+                eps=self.eps if self.eps_token is None else self.eps_token,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                tau=self.tau_token,
+                backend=self.backend,
+                memory_budget=self.memory_budget,
+                **shared,
+            ),
+            beta=self.beta,
+            form=self.form,
+        )
+
 
 @METHODS.register("align")
-class ALIGN(PromptMethod):
+class ALIGN(ExplainsOT, PromptMethod):
     config_class = ALIGNConfig
 
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
         cfg = self.config
-        if cfg.form not in ("paper", "released") or cfg.token_window not in ("own", "prompt0"):
-            raise ValueError(f"form {cfg.form!r} / token_window {cfg.token_window!r} unknown")
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
-        self.head = HierarchicalOTHead(
-            beta=cfg.beta,
-            eps=cfg.eps,
-            eps_token=cfg.eps_token,
-            max_iter=cfg.max_iter,
-            tol=cfg.tol,
-            form=cfg.form,
-            domain=cfg.domain,
-            memory_budget=cfg.memory_budget,
-            backend=cfg.backend,
-        )
+        self.head = HierarchicalOTHead(cfg.solver())
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:
@@ -135,6 +157,9 @@ class ALIGN(PromptMethod):
         self.register_buffer("tokens", tokens, persistent=False)
 
     def encode_classes(self) -> dict[str, torch.Tensor]:
+        """Class features per text prompt set: ``global [K, N, D]``, ``tokens [K, N, L, D]``
+        and ``mask [K, N, L]`` (the tokens the token-level OT uses) for the head; ``ids`` and
+        ``context`` ``[K, N, L]`` (token ids, learnable-context slots) to label them."""
         ctx, deep = self.prompts.text()  # [N, b, W], depth-1 x [N, b, W]
         out = self.backbone.forward_text(
             self.tokens, ctx.unsqueeze(1), deep=[d.unsqueeze(1) for d in deep], return_tokens=True
@@ -149,58 +174,41 @@ class ALIGN(PromptMethod):
             )  # [K]: positions 0 .. the class name's last token (CLIP: eot - 2)
             mask = (pos < window.unsqueeze(-1)).unsqueeze(0).expand(out.eot.shape[0], -1, -1)
         L = int(mask.sum(-1).max())
+        ids = self.tokens[..., :L].transpose(0, 1)  # [K, N, L]
+        context = torch.zeros_like(ids, dtype=torch.bool)
+        start = self.backbone.text_start  # the context placeholders follow SOS (if any)
+        context[..., start : start + self.config.n_ctx] = True
         return {
             "global": out.pooled.transpose(0, 1),  # [K, N, D]
             "tokens": out.tokens[:, :, :L].transpose(0, 1),  # [K, N, L, D]
             "mask": mask[:, :, :L].transpose(0, 1),  # [K, N, L]
+            "ids": ids,
+            "context": context,
         }
 
     def forward_with_text(self, images: torch.Tensor, classes: Any) -> MethodOutput:
-        cfg = self.config
         vis, vdeep = self.prompts.visual()  # [M, b, Wv]
         out = self.backbone.forward_image(
-            images, vis, deep=vdeep, position=cfg.position, return_tokens=True
+            images, vis, deep=vdeep, position=self.config.position, return_tokens=True
+        )  # pooled [B, M, D], tokens [B, M, J, D]
+        scale = self.backbone.logit_scale
+        logits, extras = self.head(out.pooled, out.tokens, classes, scale)
+        scored = ExplainFeatures(
+            self.head,
+            out.pooled,
+            classes["global"],
+            scale,
+            image_tokens=out.tokens,
+            prompt_slice=out.prompt_slice,
+            text_tokens=classes["tokens"],
+            text_mask=classes["mask"],
+            text_ids=classes["ids"],
+            context_slots=classes["context"],
         )
-        logits, extras = self.head(out.pooled, out.tokens, classes, self.backbone.logit_scale)
         return MethodOutput(
             logits,
             normalize_mean(out.pooled, 1),
             normalize_mean(classes["global"], 1),
             extras,
-        )
-
-    def explain_features(self, images: torch.Tensor) -> ExplainFeatures:
-        """The features and hierarchical-OT options :meth:`forward_with_text` scores with (for
-        ``promptalign.explain``, which recomputes both plan levels from them)."""
-        cfg = self.config
-        classes = self.class_features()
-        vis, vdeep = self.prompts.visual()  # [M, b, Wv]
-        out = self.backbone.forward_image(
-            images, vis, deep=vdeep, position=cfg.position, return_tokens=True
-        )
-        L = classes["tokens"].shape[2]
-        ids = self.tokens[..., :L].transpose(0, 1)  # [K, N, L]
-        ctx = torch.zeros_like(ids, dtype=torch.bool)
-        start = self.backbone.text_start  # the context placeholders follow SOS (if any)
-        ctx[..., start : start + cfg.n_ctx] = True
-        return ExplainFeatures(
-            "hierarchical_ot",
-            out.pooled,
-            classes["global"],
-            options={
-                "beta": cfg.beta,
-                "eps": cfg.eps,
-                "eps_token": cfg.eps_token,
-                "max_iter": cfg.max_iter,
-                "tol": cfg.tol,
-                "form": cfg.form,
-                "domain": cfg.domain,
-            },
-            logit_scale=self.backbone.logit_scale,
-            image_tokens=out.tokens,
-            prompt_slice=out.prompt_slice,
-            text_tokens=classes["tokens"],
-            text_mask=classes["mask"],
-            text_ids=ids,
-            context_slots=ctx,
+            explain=scored,
         )

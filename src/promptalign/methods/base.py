@@ -13,10 +13,16 @@ hooks a method overrides:
 * image side + scorer: ``forward_with_text(images, classes) -> MethodOutput``, scoring with a
   head from :mod:`.heads` (cosine, OT over prompt sets, hierarchical OT);
 * objective: ``loss_terms(out, batch) -> {name: weighted term}`` - cross-entropy plus the
-  configured regularisers by default; a method adds a term by overriding it and calling super.
+  configured regularisers by default; a method adds a term by overriding it and calling super,
+  or replaces it (ProDA's bound); what a term needs beyond the logits travels on the output
+  (``MethodOutput.loss_inputs``).
 
-The one trainer calls only ``trainable_parameters``, ``training_step`` (not overridden: the sum of
-``loss_terms``), ``logits``, ``optim_preset`` and the state functions.
+The contract, which tests hold every method file to: a config validates its fields in
+``check()`` (extending :meth:`MethodConfig.check`, errors name the field), never in its own
+``__post_init__``; a method never overrides ``training_step``. The one trainer calls only
+``trainable_parameters``, ``training_step`` (the sum of ``loss_terms``), ``logits``,
+``optim_preset`` and the state functions, and turns a published iteration budget
+(:meth:`MethodConfig.iteration_budget`) into epochs.
 
 What a method's released code sets (its defaults, per-dataset templates and hyper-parameters,
 presets) is one table on its config, :attr:`MethodConfig.RELEASED` (:class:`Released`: one
@@ -50,12 +56,10 @@ from ..config import (
     to_dict,
 )
 from ..registry import METHODS, REGULARIZERS
+from .explainable import ExplainFeatures
 from .heads import cosine_logits, normalize_mean  # noqa: F401  (re-exported for method files)
 
 log = logging.getLogger(__name__)
-
-
-OptimPreset = OptimConfig  # the former name of the one optimiser-settings type
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ class MethodConfig:
     checked here (Literal fields, registered regulariser names) and converted by field type in
     :meth:`replace`, so a YAML file, a preset and ``KEY=VALUE`` all give the same typed config.
 
+    Subclasses check their own fields by extending :meth:`check` (never ``__post_init__``).
+
     Attributes:
         regularizers: names of registered regularisers added to the objective (e.g. NPT's).
         regularizer_options: per-regulariser keyword options, ``{name: {key: value}}``.
@@ -148,6 +154,12 @@ class MethodConfig:
     RELEASED: ClassVar[Released] = Released()
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Validate the field values; raise :class:`~promptalign.config.FieldError` starting
+        with the field's name (``"n_ctx: 0 must be >= 1"``). Subclasses extend it: call
+        ``super().check()`` first, then check their own fields."""
         check_choices(self)
         unknown = [r for r in self.regularizers if r not in REGULARIZERS]
         if unknown:
@@ -155,6 +167,14 @@ class MethodConfig:
                 f"regularizers: unknown regularizer(s) {unknown}; registered: "
                 f"{REGULARIZERS.names()}"
             )
+
+    def iteration_budget(self, shots: int | None) -> int | None:
+        """Hook: the optimiser steps the published schedule runs for ``shots`` labelled images
+        per class when it is given in steps rather than epochs (e.g. CLIP-LoRA's 500 x shots);
+        None (the default): the schedule is ``optim``'s epochs. The engine turns a budget into
+        epochs once the run's classes are known
+        (:func:`promptalign.config.resolve_optim`)."""
+        return None
 
     def replace(self, **changes: Any) -> MethodConfig:
         """A copy with ``changes``, converted by field type (``optim`` changes merge into the
@@ -225,13 +245,19 @@ class MethodOutput:
         image_features: ``[B, D]`` L2-normalised image features (mean over prompt sets).
         text_features: ``[K, D]`` (or ``[B, K, D]`` for image-conditioned prompts) L2-normalised
             class features (mean over prompt sets).
-        extras: method-specific diagnostics (e.g. OT convergence), tensors.
+        extras: method-specific diagnostics (e.g. OT convergence), scalar tensors, logged.
+        loss_inputs: tensors the method's :meth:`PromptMethod.loss_terms` needs beyond the
+            logits (e.g. ProDA's per-prompt class features), not logged.
+        explain: for methods scoring with an OT head, the head and the inputs it scored
+            (:class:`~promptalign.methods.explainable.ExplainFeatures`), for ``explain``.
     """
 
     logits: torch.Tensor
     image_features: torch.Tensor
     text_features: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    explain: ExplainFeatures | None = None
 
 
 class Batch(NamedTuple):
@@ -361,14 +387,22 @@ class PromptMethod(nn.Module, abc.ABC):
         configured regularisers (each sees the output, the batch and the method).
         """
         terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(out.logits, batch.labels)}
+        terms.update(self.regularizer_terms(out, batch))
+        return terms
+
+    def regularizer_terms(self, out: MethodOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """The configured regularisers' weighted terms (each sees the output, the batch and the
+        method), for a :meth:`loss_terms` that replaces the cross-entropy."""
+        terms: dict[str, torch.Tensor] = {}
         for reg in self.regularizer_modules:
             terms.update(reg(out, batch, self))
         return terms
 
     def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
         """One step's objective. ``batch`` is (images, labels) or a dict with "image"/"label".
-        Returns {"loss", <loss terms>, "acc", <extras>}. Methods do not override this: they
-        override :meth:`loss_terms` (and the roles), so one trainer owns optimisation."""
+        Returns {"loss", <loss terms>, "ce", "acc", <extras>} ("ce", the cross-entropy of the
+        logits, as a diagnostic when no loss term has that name). Methods do not override this:
+        they override :meth:`loss_terms` (and the roles), so one trainer owns optimisation."""
         if isinstance(batch, Mapping):
             batch = Batch(batch["image"], batch["label"])
         else:
@@ -377,6 +411,8 @@ class PromptMethod(nn.Module, abc.ABC):
         terms = self.loss_terms(out, batch)
         loss = sum(terms.values())
         with torch.no_grad():
+            if "ce" not in terms:
+                terms = {**terms, "ce": F.cross_entropy(out.logits, batch.labels)}
             acc = (out.logits.argmax(-1) == batch.labels).float().mean()
         return {"loss": loss, **terms, "acc": acc, **out.extras}
 

@@ -8,7 +8,7 @@ target projection t in (q, k, v[, o]): ``t(x) = W_t x + b_t + s * B_t A_t dropou
 on the adapter's input only, A Kaiming-uniform and B zero (so training starts at zero-shot CLIP).
 Class features come from the fixed prompt "a photo of a {}." (the released datasets use it for
 every dataset). AdamW (lr 2e-4, weight decay 0.01), batch 32, cosine schedule, 500 x N-shot
-iterations (converted to epochs for the shared epoch-based trainer, see :class:`IterationPreset`).
+iterations (``iterations_per_shot``, which the engine converts to epochs for the run's classes).
 
 The frozen backbone is never modified: while a tower runs, :meth:`CLIPLoRA.adapted` swaps each
 attention module of that tower for a wrapper that computes the adapted projections and puts the
@@ -30,7 +30,6 @@ Deviations from the released code: the released cosine schedule steps per iterat
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -42,11 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone.towers import UnsupportedTower
+from ..config import FieldError, OptimConfig
 from ..registry import METHODS
 from .base import (
     MethodConfig,
     MethodOutput,
-    OptimPreset,
     PromptMethod,
     Released,
     ReleasedSetting,
@@ -54,26 +53,6 @@ from .base import (
 )
 
 TARGETS = ("q", "k", "v", "o")
-
-
-@dataclass(frozen=True)
-class IterationPreset(OptimPreset):
-    """An optimisation preset published as an iteration budget: ``iterations_per_shot`` x shots
-    optimiser steps of ``batch_size``; :meth:`epochs_for` turns it into epochs once the class
-    count is known (the method fills ``num_classes``): ``ceil(budget / steps_per_epoch)``."""
-
-    iterations_per_shot: int = 500
-    num_classes: int = 0
-
-    @property
-    def epochs_depend_on_data(self) -> bool:
-        return self.iterations_per_shot > 0
-
-    def epochs_for(self, shots: int | None) -> int:
-        if self.iterations_per_shot <= 0 or shots is None or self.num_classes <= 0:
-            return self.epochs
-        steps_per_epoch = math.ceil(shots * self.num_classes / self.batch_size)
-        return max(1, math.ceil(self.iterations_per_shot * shots / steps_per_epoch))
 
 
 _RELEASED = Released(
@@ -91,7 +70,7 @@ _RELEASED = Released(
         ReleasedSetting("optim.lr", 2e-4, "run_utils.py:28"),
         ReleasedSetting("optim.weight_decay", 0.01, "lora.py:75"),
         ReleasedSetting("optim.batch_size", 32, "run_utils.py:30"),
-        ReleasedSetting("optim.iterations_per_shot", 500, "run_utils.py:29, lora.py:73"),
+        ReleasedSetting("iterations_per_shot", 500, "run_utils.py:29, lora.py:73"),
         ReleasedSetting("optim.warmup_epochs", 0, "lora.py:76 (no warm-up)"),
         ReleasedSetting("optim.scheduler", "cosine", "lora.py:76"),
         ReleasedSetting("encoders", "vision", "run_utils.py:33 (--encoder)", preset="vision_only"),
@@ -109,6 +88,9 @@ class CLIPLoRAConfig(MethodConfig):
     targets: attention projections adapted, from ("q", "k", "v", "o").
     encoders: "both", "vision" or "text".
     prompt: the fixed class prompt.
+    iterations_per_shot: the published schedule, ``iterations_per_shot`` x shots optimiser steps
+        of ``optim.batch_size``; the engine turns it into epochs for the run's classes (0: use
+        ``optim``'s epochs instead). A run's own ``optim.epochs`` takes precedence.
     """
 
     rank: int = 2
@@ -117,14 +99,14 @@ class CLIPLoRAConfig(MethodConfig):
     targets: tuple[str, ...] = ("q", "k", "v")
     encoders: Literal["both", "vision", "text"] = "both"
     prompt: str = "a photo of a {}."
-    optim: OptimPreset = IterationPreset(
+    iterations_per_shot: int = 500
+    optim: OptimConfig = OptimConfig(
         optimizer="adamw",
         lr=2e-4,
         weight_decay=0.01,
         batch_size=32,
         epochs=10,
         warmup_epochs=0,
-        iterations_per_shot=500,
     )
     PRESETS = {
         # the paper's ablations: adapters in one encoder only
@@ -133,18 +115,26 @@ class CLIPLoRAConfig(MethodConfig):
     }
     RELEASED = _RELEASED
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        super().check()
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
-            raise ValueError(f"LoRA targets {list(self.targets)} invalid; choose from {TARGETS}")
-        if self.encoders not in ("both", "vision", "text"):
-            raise ValueError(f"encoders {self.encoders!r} unknown; use 'both', 'vision' or 'text'")
+            raise FieldError(f"targets: {list(self.targets)} invalid; choose from {TARGETS}")
         if self.rank < 1:
-            raise ValueError(f"LoRA rank {self.rank} must be >= 1")
+            raise FieldError(f"rank: {self.rank} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout {self.dropout} must be in [0, 1)")
+            raise FieldError(f"dropout: {self.dropout} must be in [0, 1)")
         if "{}" not in self.prompt:
-            raise ValueError(f"prompt {self.prompt!r} has no '{{}}' placeholder for the class name")
+            raise FieldError(
+                f"prompt: {self.prompt!r} has no '{{}}' placeholder for the class name"
+            )
+        if self.iterations_per_shot < 0:
+            raise FieldError(f"iterations_per_shot: {self.iterations_per_shot} must be >= 0")
+
+    def iteration_budget(self, shots: int | None) -> int | None:
+        if self.iterations_per_shot <= 0 or shots is None:
+            return None
+        return self.iterations_per_shot * shots
 
 
 class LoRAAdapter(nn.Module):
@@ -283,13 +273,6 @@ class CLIPLoRA(PromptMethod):
                 arch=self.backbone.arch,
             )
         return blocks
-
-    @property
-    def optim_preset(self) -> OptimPreset:
-        preset = self.config.optim
-        if isinstance(preset, IterationPreset):
-            return dataclasses.replace(preset, num_classes=self.num_classes)
-        return preset
 
     def on_classnames_changed(self) -> None:
         tokens = self.backbone.tokenize([self.config.prompt.format(c) for c in self.classnames])

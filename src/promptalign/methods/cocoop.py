@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import OptimConfig
 from ..registry import METHODS
 from .base import (
     MethodConfig,
     MethodOutput,
-    OptimPreset,
     PromptMethod,
     cosine_logits,
     normalize_mean,
@@ -39,7 +39,7 @@ class CoCoOpConfig(MethodConfig):
     n_ctx: int = 4
     ctx_init: str = "a photo of a"
     meta_reduction: int = 16
-    optim: OptimPreset = OptimPreset(lr=0.002, batch_size=1, epochs=10)
+    optim: OptimConfig = OptimConfig(lr=0.002, batch_size=1, epochs=10)
 
 
 @METHODS.register("cocoop")

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import OptimConfig
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
+from .base import MethodConfig, MethodOutput, PromptMethod, cosine_logits
 from .prompts import ClassPosition, build_class_prompts, normal_init, phrase_init
 
-COOP_OPTIM = OptimPreset(
+COOP_OPTIM = OptimConfig(
     lr=0.002, batch_size=32, epochs=50, epochs_by_shots=((1, 50), (4, 100), (16, 200))
 )
 
@@ -37,7 +38,7 @@ class CoOpConfig(MethodConfig):
     ctx_init: str = ""
     csc: bool = False
     class_token_position: ClassPosition = "end"
-    optim: OptimPreset = COOP_OPTIM
+    optim: OptimConfig = COOP_OPTIM
 
 
 @METHODS.register("coop")

@@ -2,26 +2,29 @@
 
 A method picks a head (its "scorer" role) instead of writing the scoring itself, so e.g. PLOT's OT
 over prompt sets can score another method's prompts. Every head returns ``(logits [B, K],
-extras)``, logits already multiplied by the logit scale, extras a dict of scalar diagnostics.
+extras)``, logits already multiplied by the logit scale, extras a dict of scalar diagnostics. The
+OT heads are built once from their OT options (:mod:`promptalign.ot`) and also recompute their
+plans for :mod:`promptalign.explain` (``plans``), with the same solver.
 
-* :class:`CosineHead`: ``scale * cos(image, class)`` (CLIP; CoOp, MaPLe, ...).
+* :func:`cosine_logits`: ``scale * cos(image, class)`` (CLIP; CoOp, MaPLe, ...).
 * :class:`PromptSetOTHead`: optimal transport between M image features and N class features per
   class (PLOT, Chen et al., ICLR 2023, https://github.com/CHENGY12/PLOT): cost ``1 - cos``, uniform
-  marginals, Sinkhorn with the plan constant in backward, ``logit = scale * <T, cos>``.
+  marginals (or KL-relaxed ones with ``tau``), Sinkhorn with the plan constant in backward,
+  ``logit = scale * <T, cos>``.
 * :class:`HierarchicalOTHead`: prompt-level OT whose cost includes a token-level OT (ALIGN, Wang
   et al., NeurIPS 2023, https://github.com/wds2014/ALIGN), computed by
-  :func:`promptalign.ot.hierarchical_ot`.
+  :class:`promptalign.ot.HierarchicalOT`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..ot import hierarchical_ot, sinkhorn
-from .explainable import plan_entropy_ratio
+from ..ot import HierarchicalOT, SinkhornOptions, SinkhornResult, plan_entropy_ratio
+from .explainable import ExplainFeatures
 
 Extras = dict[str, torch.Tensor]
 
@@ -42,30 +45,33 @@ def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) 
     return scale * image @ text.t()
 
 
-class CosineHead:
-    """``scale * cos``; image ``[B, D]``, classes ``[K, D]`` or per image ``[B, K, D]``."""
-
-    def __call__(
-        self, image: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor
-    ) -> tuple[torch.Tensor, Extras]:
-        return cosine_logits(image, classes, scale), {}
-
-
 class PromptSetOTHead:
     """OT between the M L2-normalised image features ``[B, M, D]`` and the N L2-normalised
-    features of each class ``[N, K, D]`` (PLOT). Extras: ``ot_converged`` (fraction),
-    ``ot_iters`` (mean)."""
+    features of each class ``[N, K, D]`` (PLOT), with the Sinkhorn ``options`` of that one level.
+    Extras: ``ot_converged`` (fraction), ``ot_iters`` (mean), ``ot_entropy`` (mean plan entropy
+    ratio, 1.0 = uniform)."""
 
-    def __init__(self, eps: float = 0.1, max_iter: int = 100, tol: float = 1e-2):
-        self.eps, self.max_iter, self.tol = eps, max_iter, tol
+    scorer = "prompt_set_ot"
+
+    def __init__(self, options: SinkhornOptions):
+        self.ot = options
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.ot.to_dict()
+
+    def _transport(
+        self, sim: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[SinkhornResult, torch.Tensor]:
+        """Plans of cosines ``sim [B, K, M, N]`` and their logits ``scale * <T, sim>``."""
+        ot = self.ot.solve(1.0 - sim)
+        return ot, scale * (ot.plan * sim).sum((-2, -1))  # plan constant in backward
 
     def __call__(
         self, image: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor
     ) -> tuple[torch.Tensor, Extras]:
         sim = torch.einsum("bmd,nkd->bkmn", image, classes)  # [B, K, M, N]
-        # the OT module picks the domain (kernel for cosine costs at eps >= 0.05, else log)
-        ot = sinkhorn(1.0 - sim, eps=self.eps, max_iter=self.max_iter, tol=self.tol, domain="auto")
-        logits = scale * (ot.plan * sim).sum((-2, -1))  # plan constant in backward
+        ot, logits = self._transport(sim, scale)
         extras = {
             "ot_converged": ot.converged.float().mean().detach(),
             "ot_iters": ot.n_iter.float().mean(),
@@ -73,36 +79,37 @@ class PromptSetOTHead:
         }
         return logits, extras
 
+    def plans(self, feats: ExplainFeatures, classes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The plans ``[B, k, M, N]``, cosines and logits ``[B, k]`` of ``classes`` (indices)
+        from the scored features (``image_global [B, M, D]``, ``text_global [K, N, D]``)."""
+        img = F.normalize(feats.image_global.float(), dim=-1)  # [B, M, D]
+        txt = F.normalize(feats.text_global[classes].float(), dim=-1)  # [k, N, D]
+        sim = torch.einsum("bmd,knd->bkmn", img, txt)  # [B, k, M, N]
+        ot, logits = self._transport(sim, feats.logit_scale)
+        return {
+            "plan": ot.plan,
+            "global_sim": sim,
+            "cost": 1.0 - sim,
+            "logits": logits,
+            "logit_global": feats.logit_scale * ot.plan * sim,
+            "logit_token": torch.zeros_like(sim),
+        }
+
 
 class HierarchicalOTHead:
     """ALIGN's score: image ``pooled [B, M, D]`` + ``tokens [B, M, J, D]`` against class
-    ``global [K, N, D]`` + ``tokens [K, N, L, D]`` with ``mask [K, N, L]``. Extras: token- and
-    prompt-level convergence and the mean token-level iterations."""
+    ``global [K, N, D]`` + ``tokens [K, N, L, D]`` with ``mask [K, N, L]``, by the hierarchical
+    ``solver``. Extras: token- and prompt-level convergence and entropy, and the mean
+    token-level iterations."""
 
-    def __init__(
-        self,
-        *,
-        beta: float = 1.0,
-        eps: float = 0.1,
-        eps_token: float | None = None,
-        max_iter: int = 100,
-        tol: float = 1e-3,
-        form: Literal["paper", "released"] = "paper",
-        domain: Literal["auto", "log", "kernel"] = "auto",
-        memory_budget: int = 2 * 1024**3,
-        backend: Literal["auto", "torch", "fused"] = "auto",
-    ):
-        self.options = dict(
-            beta=beta,
-            eps=eps,
-            eps_token=eps_token,
-            max_iter=max_iter,
-            tol=tol,
-            form=form,
-            domain=domain,
-            memory_budget=memory_budget,
-            backend=backend,
-        )
+    scorer = "hierarchical_ot"
+
+    def __init__(self, solver: HierarchicalOT):
+        self.solver = solver
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.solver.to_kwargs()
 
     def __call__(
         self,
@@ -111,13 +118,8 @@ class HierarchicalOTHead:
         classes: dict[str, torch.Tensor],
         scale: torch.Tensor,
     ) -> tuple[torch.Tensor, Extras]:
-        res = hierarchical_ot(
-            image_pooled,
-            image_tokens,
-            classes["global"],
-            classes["tokens"],
-            classes["mask"],
-            **self.options,
+        res = self.solver(
+            image_pooled, image_tokens, classes["global"], classes["tokens"], classes["mask"]
         )
         extras = {
             "ot_token_converged": res.token_stats.converged.detach(),
@@ -127,3 +129,34 @@ class HierarchicalOTHead:
             "ot_prompt_entropy": res.prompt_stats.mean_entropy.detach(),
         }
         return scale * res.score, extras
+
+    def plans(self, feats: ExplainFeatures, classes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both levels' plans for ``classes`` (indices): token plans ``[B, k, M, N, J, L]`` and
+        the token cosines' mass per text token ``[B, k, M, N, L]``, prompt plans, cost parts and
+        their logit shares ``[B, k, M, N]``, logits ``[B, k]``."""
+        res = self.solver(
+            feats.image_global,
+            feats.image_tokens,
+            feats.text_global[classes],
+            feats.text_tokens[classes],
+            feats.text_mask[classes],
+            plans=True,
+        )
+        scale, plan = feats.logit_scale, res.prompt_plan
+        if self.solver.form == "paper":
+            token_term = res.token_distance
+            logit_token = -scale * self.solver.beta * plan * res.token_distance
+        else:  # the released form's token term moves the plan only
+            token_term = res.token_similarity
+            logit_token = torch.zeros_like(res.prompt_cost)
+        return {
+            "plan": plan,
+            "token_plans": res.token_plan,
+            "global_sim": res.global_sim,
+            "token_sim_mass": (res.token_plan * res.token_sim).sum(-2),  # [B, k, M, N, L]
+            "token_term": token_term,
+            "cost": res.prompt_cost,
+            "logits": scale * res.score,
+            "logit_global": scale * plan * res.global_sim,
+            "logit_token": logit_token,
+        }

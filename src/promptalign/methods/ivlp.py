@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone.clip import VisionPromptPosition
+from ..config import OptimConfig
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
+from .base import MethodConfig, MethodOutput, PromptMethod, cosine_logits
 from .prompts import build_class_prompts, check_depth, normal_init, phrase_init, remaining_words
 
 
@@ -37,7 +38,7 @@ class IVLPConfig(MethodConfig):
     vision_depth: int = 9
     ctx_init: str = "a photo of a"
     position: VisionPromptPosition = "after_patches"
-    optim: OptimPreset = OptimPreset(lr=0.0035, batch_size=4, epochs=5)
+    optim: OptimConfig = OptimConfig(lr=0.0035, batch_size=4, epochs=5)
 
 
 @METHODS.register("ivlp")

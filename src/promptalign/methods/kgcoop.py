@@ -112,8 +112,8 @@ class KgCoOpConfig(CoOpConfig):
     )
     RELEASED = _RELEASED
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.weight < 0:
             raise FieldError(f"weight: {self.weight} must be >= 0")
         if "{}" not in self.template:

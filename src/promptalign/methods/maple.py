@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone.clip import VisionPromptPosition
+from ..config import OptimConfig
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
+from .base import MethodConfig, MethodOutput, PromptMethod, cosine_logits
 from .prompts import CoupledPrompts, build_class_prompts
 
 
@@ -35,7 +36,7 @@ class MaPLeConfig(MethodConfig):
     depth: int = 9
     ctx_init: str = "a photo of a"
     position: VisionPromptPosition = "after_patches"
-    optim: OptimPreset = OptimPreset(lr=0.0035, batch_size=4, epochs=5)
+    optim: OptimConfig = OptimConfig(lr=0.0035, batch_size=4, epochs=5)
     PRESETS = {
         # cross-dataset / domain-generalisation setting of the paper
         "cross_dataset": {"depth": 3, "optim": {"lr": 0.0026, "epochs": 2}},

@@ -119,14 +119,22 @@ class NPTConfig(MethodConfig):
     too_many_classes: Literal["hinge", "error"] = "hinge"
     optim: OptimConfig = OptimConfig()
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.base not in METHODS.names():
             raise FieldError(
                 f"base: unknown method {self.base!r}; registered: {', '.join(METHODS.names())}"
             )
         if issubclass(METHODS.get(self.base).config_class, NPTConfig):
             raise FieldError(f"base: NPT cannot wrap itself ({self.base!r}); choose another method")
+
+    def base_config(self) -> MethodConfig:
+        """The wrapped method's config (its published defaults with ``base_options``)."""
+        return METHODS.get(self.base).config_class.from_preset(**dict(self.base_options))
+
+    def iteration_budget(self, shots: int | None) -> int | None:
+        """The wrapped method's budget (NPT trains it on its own schedule)."""
+        return self.base_config().iteration_budget(shots)
 
     def resolved(self, template: str | None = None, dataset: str | None = None) -> NPTConfig:
         """``base_options`` spelled out as the base method's whole resolved config for

@@ -58,17 +58,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone.clip import VisionPromptPosition
+from ..config import FieldError, OptimConfig
+from ..ot import SinkhornOptions
 from ..registry import METHODS
 from .base import (
     MethodConfig,
     MethodOutput,
-    OptimPreset,
     PromptMethod,
     Released,
     ReleasedSetting,
     normalize_mean,
 )
-from .explainable import ExplainFeatures
+from .explainable import ExplainFeatures, ExplainsOT
 from .heads import PromptSetOTHead
 from .prompts import build_class_prompts, check_depth, normal_init, remaining_words
 
@@ -192,6 +193,8 @@ class PLOTConfig(MethodConfig):
     n_text_sets (N), n_ctx: text prompt sets and their context length.
     n_visual_sets (M), n_ctx_vision, vision_depth: visual prompt sets (PLOT++), tokens, depth.
     eps, max_iter, tol: Sinkhorn settings.
+    tau: KL relaxation of the marginals over the prompt sets (unbalanced OT, > 0; smaller =
+        more relaxed); None = balanced, the paper's.
     stage: "joint" (PLOT++ stage 2 and plain PLOT) or "visual" (PLOT++ stage 1: text prompts
         frozen, global trade-off term added to the logits).
     template: the dataset's hand-written template ("a photo of a {}, a type of pet."); the
@@ -210,16 +213,34 @@ class PLOTConfig(MethodConfig):
     eps: float = 0.1
     max_iter: int = 100
     tol: float = 1e-2
+    tau: float | None = None
     stage: Literal["joint", "visual"] = "joint"
     template: str = ""
     ctx_init: tuple[str, ...] = RELEASED_CTX_INIT
-    optim: OptimPreset = OptimPreset(lr=0.002, batch_size=32, epochs=50)
+    optim: OptimConfig = OptimConfig(lr=0.002, batch_size=32, epochs=50)
     # multi-run recipes for the benchmark protocols: each entry is one run's config changes, run
     # in order, every run starting from the previous run's prompts (PLOT++'s two stages)
     RECIPES: ClassVar[Mapping[str, tuple[Mapping[str, Any], ...]]] = {
         "two_stage": ({"stage": "visual"}, {"stage": "joint"}),
     }
     RELEASED = Released("https://github.com/CHENGY12/PLOT", _released_rows())
+
+    def check(self) -> None:
+        super().check()
+        for name in ("eps", "tau"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise FieldError(f"{name}: {value!r} must be > 0")
+        for name, low in (("max_iter", 1), ("tol", 0)):
+            if getattr(self, name) < low:
+                raise FieldError(f"{name}: {getattr(self, name)!r} must be >= {low}")
+
+    def sinkhorn_options(self) -> SinkhornOptions:
+        """The OT these settings describe (domain by eps, convergence checked every 10
+        iterations)."""
+        return SinkhornOptions(
+            eps=self.eps, max_iter=self.max_iter, tol=self.tol, tau=self.tau, check_every=10
+        )
 
 
 def _split_template(template: str) -> tuple[str, str]:
@@ -232,14 +253,12 @@ def _split_template(template: str) -> tuple[str, str]:
 
 
 @METHODS.register("plot")
-class PLOT(PromptMethod):
+class PLOT(ExplainsOT, PromptMethod):
     config_class = PLOTConfig
 
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
         cfg = self.config
-        if cfg.stage not in ("joint", "visual"):
-            raise ValueError(f"stage {cfg.stage!r} unknown; use 'joint' or 'visual'")
         vision_depth = check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
         Wt, Wv = backbone.text_width, backbone.vision_width
         self.class_template = "{}."
@@ -254,7 +273,7 @@ class PLOT(PromptMethod):
             normal_init(vision_depth - 1, cfg.n_visual_sets, cfg.n_ctx_vision, Wv)
         )
         self.ctx.requires_grad_(cfg.stage == "joint")
-        self.head = PromptSetOTHead(eps=cfg.eps, max_iter=cfg.max_iter, tol=cfg.tol)
+        self.head = PromptSetOTHead(cfg.sinkhorn_options())
         # stage 1 has no trainable text input: its class features are cached in training too
         self.class_side_trainable = cfg.stage == "joint"
         self.on_classnames_changed()
@@ -291,41 +310,26 @@ class PLOT(PromptMethod):
         cfg = self.config
         out = self.backbone.forward_image(
             images, self.visual, deep=list(self.deep_visual.unbind(0)), position=cfg.position
-        )
+        )  # pooled [B, M, D]; tokens only when explain asks the image tower for them
         img = F.normalize(out.pooled, dim=-1)  # [B, M, D]
         txt = F.normalize(classes, dim=-1)  # [N, K, D]
         scale = self.backbone.logit_scale
         logits, extras = self.head(img, txt, scale)  # OT over the sets, [B, K]
+        extra = None
         if cfg.stage == "visual":  # released TRADE_OFF: global term of the mean features
             g_img = F.normalize(out.pooled.mean(1), dim=-1)  # [B, D]
             g_txt = F.normalize(classes.mean(0), dim=-1)  # [K, D]
-            logits = logits + scale * g_img @ g_txt.t()
-        return MethodOutput(logits, normalize_mean(img, 1), normalize_mean(txt, 0), extras)
-
-    def explain_features(self, images: torch.Tensor) -> ExplainFeatures:
-        """The features and Sinkhorn options :meth:`forward_with_text` scores with (for
-        ``promptalign.explain``); image tokens too, for patch-level cosine maps."""
-        cfg = self.config
-        out = self.backbone.forward_image(
-            images,
-            self.visual,
-            deep=list(self.deep_visual.unbind(0)),
-            position=cfg.position,
-            return_tokens=True,
-        )
-        classes = self.class_features()  # [N, K, D], not normalised
-        extra = None
-        if cfg.stage == "visual":  # the released stage-1 trade-off term, outside the OT
-            g_img = F.normalize(out.pooled.mean(1), dim=-1)  # [B, D]
-            g_txt = F.normalize(classes.mean(0), dim=-1)  # [K, D]
-            extra = self.backbone.logit_scale * g_img @ g_txt.t()  # [B, K]
-        return ExplainFeatures(
-            "prompt_set_ot",
+            extra = scale * g_img @ g_txt.t()  # [B, K], outside the OT
+            logits = logits + extra
+        scored = ExplainFeatures(
+            self.head,
             out.pooled,
-            F.normalize(classes, dim=-1).transpose(0, 1),  # [K, N, D]
-            options={"eps": cfg.eps, "max_iter": cfg.max_iter, "tol": cfg.tol, "domain": "auto"},
-            logit_scale=self.backbone.logit_scale,
+            txt.transpose(0, 1),  # [K, N, D]
+            scale,
             image_tokens=out.tokens,
             prompt_slice=out.prompt_slice,
             extra_logits=extra,
+        )
+        return MethodOutput(
+            logits, normalize_mean(img, 1), normalize_mean(txt, 0), extras, explain=scored
         )

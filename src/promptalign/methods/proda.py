@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import FieldError, OptimConfig
 from ..registry import METHODS
-from .base import Batch, MethodConfig, MethodOutput, OptimPreset, PromptMethod
+from .base import Batch, MethodConfig, MethodOutput, PromptMethod
 from .prompts import build_class_prompts, normal_init
 
 POSITIONS = ("front", "middle", "end")
@@ -74,7 +75,7 @@ class ProDAConfig(MethodConfig):
     prompts_per_step: int = 32
     diversity_weight: float = 1.0
     covariance: Literal["full", "diagonal"] = "full"
-    optim: OptimPreset = OptimPreset(
+    optim: OptimConfig = OptimConfig(
         lr=0.002, batch_size=32, epochs=50, epochs_by_shots=((1, 50), (4, 100), (16, 200))
     )
     PRESETS = {
@@ -94,17 +95,19 @@ class ProDAConfig(MethodConfig):
         },
     }
 
-    def __post_init__(self) -> None:
-        if self.n_prompts < 1 or self.n_ctx < 1:
-            raise ValueError(f"n_prompts {self.n_prompts} and n_ctx {self.n_ctx} must be >= 1")
+    def check(self) -> None:
+        super().check()
+        for name in ("n_prompts", "n_ctx"):
+            if getattr(self, name) < 1:
+                raise FieldError(f"{name}: {getattr(self, name)} must be >= 1")
         if not 1 <= self.prompts_per_step <= self.n_prompts:
-            raise ValueError(
-                f"prompts_per_step {self.prompts_per_step} must be in 1..n_prompts "
+            raise FieldError(
+                f"prompts_per_step: {self.prompts_per_step} must be in 1..n_prompts "
                 f"({self.n_prompts})"
             )
         if len(self.position_mix) != 3 or min(self.position_mix) < 0 or sum(self.position_mix) <= 0:
-            raise ValueError(
-                f"position_mix {self.position_mix} must be 3 non-negative fractions "
+            raise FieldError(
+                f"position_mix: {self.position_mix} must be 3 non-negative fractions "
                 "(front, middle, end)"
             )
 
@@ -201,7 +204,10 @@ class ProDA(PromptMethod):
             img = F.normalize(self.backbone.encode_image(images), dim=-1)  # [B, D]
         mu = classes.mean(0)  # [K, D] the Gaussian's mean (not renormalised)
         logits = self.backbone.logit_scale * img @ mu.t()
-        return MethodOutput(logits, img, F.normalize(mu, dim=-1))
+        # the per-prompt features [P, K, D] define the Gaussian the loss bounds
+        return MethodOutput(
+            logits, img, F.normalize(mu, dim=-1), loss_inputs={"per_prompt": classes}
+        )
 
     def diversity(self) -> torch.Tensor:
         """Mean |cos| between the text features of the contexts alone (off-diagonal)."""
@@ -214,24 +220,18 @@ class ProDA(PromptMethod):
         off = ~torch.eye(P, dtype=torch.bool, device=c.device)
         return cos[off].abs().mean()
 
-    def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """ProDA's surrogate loss (+ diversity, + configured regularisers)."""
-        images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch[:2]
-        per_prompt = self.class_features()  # [P, K, D]
-        out = self.forward_with_text(images, per_prompt)
+    def loss_terms(self, out: MethodOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """ProDA's surrogate loss (the bound replaces the cross-entropy), + diversity, +
+        configured regularisers."""
         bound = surrogate_logits(
-            per_prompt,
+            out.loss_inputs["per_prompt"],
             out.image_features,
-            labels,
+            batch.labels,
             self.backbone.logit_scale,
             self.config.covariance,
         )
-        terms = {"surrogate": F.cross_entropy(bound, labels)}
+        terms = {"surrogate": F.cross_entropy(bound, batch.labels)}
         if self.config.diversity_weight:
             terms["diversity"] = self.config.diversity_weight * self.diversity()
-        for reg in self.regularizer_modules:
-            terms.update(reg(out, Batch(images, labels), self))
-        with torch.no_grad():
-            ce = F.cross_entropy(out.logits, labels)
-            acc = (out.logits.argmax(-1) == labels).float().mean()
-        return {"loss": sum(terms.values()), **terms, "ce": ce, "acc": acc, **out.extras}
+        terms.update(self.regularizer_terms(out, batch))
+        return terms

@@ -50,8 +50,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import FieldError, OptimConfig
 from ..registry import METHODS
-from .base import MethodOutput, OptimPreset, Released, ReleasedSetting
+from .base import MethodOutput, Released, ReleasedSetting
 from .ivlp import IVLP, IVLPConfig
 
 # The CLIP ImageNet prompt-engineering notebook's templates as listed in PromptSRC's
@@ -194,7 +195,7 @@ class PromptSRCConfig(IVLPConfig):
     gpa_mean: float = 15.0
     gpa_std: float = 1.0
     teacher_templates: tuple[str, ...] = CLIP_IMAGENET_TEMPLATES
-    optim: OptimPreset = OptimPreset(lr=0.0025, batch_size=4, epochs=20)
+    optim: OptimConfig = OptimConfig(lr=0.0025, batch_size=4, epochs=20)
     PRESETS = {
         # configs/trainers/PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml
         "fewshot": {"gpa_mean": 30.0, "gpa_std": 30.0, "optim": {"epochs": 50}},
@@ -205,14 +206,17 @@ class PromptSRCConfig(IVLPConfig):
     }
     RELEASED = _RELEASED
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        super().check()
         if self.gpa_std <= 0:
-            raise ValueError(f"gpa_std {self.gpa_std} must be > 0")
+            raise FieldError(f"gpa_std: {self.gpa_std} must be > 0")
         if self.vision_depth < 1:
-            raise ValueError("PromptSRC prompts both towers; set vision_depth >= 1")
+            raise FieldError(
+                f"vision_depth: {self.vision_depth}; PromptSRC prompts both towers, set it >= 1"
+            )
         if not self.teacher_templates or any("{}" not in t for t in self.teacher_templates):
-            raise ValueError(
-                "teacher_templates must be non-empty, each with a '{}' for the class name"
+            raise FieldError(
+                "teacher_templates: must be non-empty, each with a '{}' for the class name"
             )
 
 

@@ -62,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import FieldError, OptimConfig
 from ..data.templates import IMAGENET_SELECT_TEMPLATES
 from ..registry import METHODS
 from .base import (
     MethodConfig,
     MethodOutput,
-    OptimPreset,
     PromptMethod,
     Released,
     ReleasedSetting,
@@ -177,7 +177,7 @@ class TipAdapterFConfig(MethodConfig):
     search_scale: tuple[float, float] = (7.0, 3.0)
     search_step: tuple[int, int] = (200, 20)
     train_keys: bool = True
-    optim: OptimPreset = OptimPreset(
+    optim: OptimConfig = OptimConfig(
         optimizer="adamw",
         lr=0.001,
         adam_eps=1e-4,
@@ -193,16 +193,20 @@ class TipAdapterFConfig(MethodConfig):
     }
     RELEASED = Released("https://github.com/gaopengcuhk/Tip-Adapter", _released_rows())
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        super().check()
         if self.augment_views < 1:
-            raise ValueError(f"augment_views {self.augment_views} must be >= 1")
+            raise FieldError(f"augment_views: {self.augment_views} must be >= 1")
         if len(self.search_scale) != 2 or len(self.search_step) != 2 or min(self.search_step) < 1:
-            raise ValueError(
-                f"search_scale {self.search_scale} / search_step {self.search_step} must be "
+            raise FieldError(
+                f"search_scale / search_step: {self.search_scale} / {self.search_step} must be "
                 "(beta, alpha) pairs with steps >= 1"
             )
         if not 0 < self.cache_crop_scale[0] <= self.cache_crop_scale[1] <= 1:
-            raise ValueError(f"cache_crop_scale {self.cache_crop_scale} must be 0 < lo <= hi <= 1")
+            raise FieldError(
+                f"cache_crop_scale: {list(self.cache_crop_scale)} must be [lo, hi] with "
+                "0 < lo <= hi <= 1"
+            )
 
 
 @METHODS.register("tip_adapter_f")

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone.clip import VisionPromptPosition
+from ..config import OptimConfig
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
+from .base import MethodConfig, MethodOutput, PromptMethod, cosine_logits
 from .prompts import build_class_prompts, normal_init
 
 
@@ -37,7 +38,7 @@ class UPTConfig(MethodConfig):
     n_ctx: int = 4
     dropout: float = 0.1
     position: VisionPromptPosition = "after_cls"
-    optim: OptimPreset = OptimPreset(lr=0.002, batch_size=32, epochs=200)
+    optim: OptimConfig = OptimConfig(lr=0.002, batch_size=32, epochs=200)
 
 
 @METHODS.register("upt")

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone.clip import VisionPromptPosition
+from ..config import OptimConfig
 from ..registry import METHODS
-from .base import MethodConfig, MethodOutput, OptimPreset, PromptMethod, cosine_logits
+from .base import MethodConfig, MethodOutput, PromptMethod, cosine_logits
 from .prompts import check_depth, normal_init
 
 
@@ -34,7 +35,7 @@ class VPTConfig(MethodConfig):
     depth: int = 12
     position: VisionPromptPosition = "after_patches"
     template: str = "a photo of a {}."
-    optim: OptimPreset = OptimPreset(lr=0.0025, batch_size=4, epochs=5)
+    optim: OptimConfig = OptimConfig(lr=0.0025, batch_size=4, epochs=5)
 
 
 @METHODS.register("vpt")

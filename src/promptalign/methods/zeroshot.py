@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
+from ..config import OptimConfig
 from ..registry import METHODS
 from .base import (
     MethodConfig,
     MethodOutput,
-    OptimPreset,
     PromptMethod,
     cosine_logits,
 )
@@ -32,7 +32,7 @@ class ZeroShotConfig(MethodConfig):
 
     template: str = "a photo of a {}."
     templates: tuple[str, ...] = ()
-    optim: OptimPreset = OptimPreset(epochs=0)
+    optim: OptimConfig = OptimConfig(epochs=0)
 
 
 @METHODS.register("zeroshot")

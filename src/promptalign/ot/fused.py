@@ -45,8 +45,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .options import TokenOptions
 
 try:  # Triton is optional: CPU installs and CI never need it
     import triton
@@ -326,14 +330,9 @@ def token_ot(
     image_tokens: torch.Tensor,
     text_tokens: torch.Tensor,
     text_mask: torch.Tensor,
+    options: TokenOptions,
     *,
-    eps: float,
-    max_iter: int,
-    tol: float,
-    check_every: int = 5,
     normalize: bool = True,
-    memory_budget: int = 2 * 1024**3,
-    class_chunk: int | None = None,
 ) -> TokenOTResult:
     """All token-level OT problems of the hierarchical OT: one GEMM + one kernel per class chunk.
 
@@ -346,11 +345,18 @@ def token_ot(
         text_tokens: ``[K, N, L, D]`` text tokens (cast to the image tokens' dtype for the GEMM).
         text_mask: ``[K, N, L]`` bool; real tokens must come first (a prefix mask), as token
             sequences are padded at the end.
-        eps: regularisation (>= ``MIN_EPS``); max_iter, tol, check_every: as in ``sinkhorn``.
+        options: the token level's options: ``eps`` (>= ``MIN_EPS``), ``max_iter``, ``tol``,
+            ``check_every`` as in ``sinkhorn`` (balanced, kernel domain); ``memory_budget``:
+            bytes of the fp32 similarity buffer per class chunk; ``class_chunk``: force classes
+            per chunk (results do not depend on it).
         normalize: L2-normalise the tokens (in fp32, inside the kernel).
-        memory_budget: bytes of the fp32 similarity buffer per class chunk.
-        class_chunk: force classes per chunk (results do not depend on it).
     """
+    eps, max_iter, tol, check_every = (
+        options.eps,
+        options.max_iter,
+        options.tol,
+        options.check_every,
+    )
     if not available():
         raise RuntimeError(
             "the fused OT kernel needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
@@ -361,8 +367,11 @@ def token_ot(
             f"the fused kernel works in the kernel domain and needs eps >= {MIN_EPS} (got {eps}); "
             "use backend='torch' with domain='log'"
         )
-    if max_iter < 1 or check_every < 1:
-        raise ValueError(f"max_iter and check_every must be >= 1, got {max_iter}, {check_every}")
+    if not options.balanced:
+        raise ValueError(
+            f"the fused kernel solves balanced OT (tau={options.tau} was asked); use "
+            "backend='torch'"
+        )
     B, M, J, _ = image_tokens.shape
     _, N, L, _ = text_tokens.shape
     lengths = text_mask.sum(-1).to(torch.int32).contiguous()  # [K, N]
@@ -373,7 +382,7 @@ def token_ot(
         )
     if text_tokens.dtype != image_tokens.dtype:
         text_tokens = text_tokens.to(image_tokens.dtype)
-    chunk = class_chunk or chunk_classes(B, M, N, J, L, memory_budget)
+    chunk = options.class_chunk or chunk_classes(B, M, N, J, L, options.memory_budget)
     with torch.autocast(image_tokens.device.type, enabled=False):
         dist, sim, err, iters, ent = TokenOT.apply(
             image_tokens.contiguous(),

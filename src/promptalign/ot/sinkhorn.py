@@ -12,8 +12,9 @@ iteration the row marginals hold exactly and convergence is measured on the colu
 
 Every problem stops on its own: convergence is checked every ``check_every`` iterations (the only
 host synchronisation, so the loop can exit once all problems have converged), and a problem that
-has converged is frozen from then on. A problem's result therefore does not depend on which other
-problems share its batch.
+has converged is frozen from then on (:func:`scaling_loop`, shared with the unbalanced solver of
+:mod:`.unbalanced`). A problem's result therefore does not depend on which other problems share
+its batch.
 
 Gradient modes:
     "envelope" (default): the plan is a constant in backward; d<T, C>/dC = T, which is also the
@@ -27,12 +28,15 @@ This module imports nothing else from promptalign.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Domain = Literal["log", "kernel"]
+# a domain as an option: "auto" is resolved by :func:`auto_domain`
+DomainChoice = Literal["auto", "log", "kernel"]
 GradMode = Literal["envelope", "unrolled"]
 
 # Automatic domain choice: the kernel domain (with the per-problem cost minimum subtracted) is
@@ -43,11 +47,12 @@ KERNEL_DOMAIN_MAX_RATIO = 40.0
 
 
 def auto_domain(eps: float, cost_spread: float = 2.0) -> Domain:
-    """The domain ``domain="auto"`` picks: "kernel" (faster) when ``cost_spread / eps <= 40``,
-    else "log".
+    """The domain "auto" stands for, wherever it is given: "kernel" (faster) when
+    ``cost_spread / eps <= 40``, else "log". The one place this rule is written.
 
-    ``cost_spread`` bounds max C - min C within a problem; the default 2.0 covers cosine costs
-    ``1 - cos`` of any features (PLOT, ALIGN). Pass the real spread for other costs.
+    ``cost_spread`` bounds max C - min C within a problem (for the unbalanced solver, which
+    cannot shift its costs, max C); the default 2.0 covers cosine costs ``1 - cos`` of any
+    features (PLOT, ALIGN): kernel for eps >= 0.05. Pass the real spread for other costs.
     """
     return "kernel" if cost_spread / eps <= KERNEL_DOMAIN_MAX_RATIO else "log"
 
@@ -61,10 +66,13 @@ class SinkhornResult:
             and columns.
         cost: transport cost ``<T, C>`` per problem ``[...]``; differentiable w.r.t. the cost
             according to the gradient mode.
-        converged: per-problem flag ``[...]``: column-marginal error <= tol at a check.
+        converged: per-problem flag ``[...]``: ``marginal_error <= tol`` at a check.
         n_iter: iterations each problem ran ``[...]`` (int).
-        marginal_error: L1 column-marginal error ``sum_j |(T^T 1)_j - b_j|`` per problem ``[...]``.
-        log_u, log_v: the log scalings (dual potentials / eps), ``[..., n]`` and ``[..., m]``.
+        marginal_error: L1 column-marginal error ``sum_j |(T^T 1)_j - b_j|`` per problem ``[...]``
+            (unbalanced solver: the L1 distance of the row sums to their fixed point, see
+            :mod:`.unbalanced`).
+        log_u, log_v: log scalings ``[..., n]`` and ``[..., m]`` with
+            ``T_ij = exp(log_u_i - C_ij / eps + log_v_j)`` (the dual potentials / eps).
     """
 
     plan: torch.Tensor
@@ -104,7 +112,8 @@ def _marginal(
     return m / m.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def _safe_log(x: torch.Tensor) -> torch.Tensor:
+def safe_log(x: torch.Tensor) -> torch.Tensor:
+    """``log x`` with ``-inf`` where ``x <= 0`` (zero mass)."""
     return torch.where(x > 0, x.clamp_min(1e-38).log(), torch.full_like(x, -math.inf))
 
 
@@ -118,7 +127,7 @@ def sinkhorn(
     eps: float,
     max_iter: int = 1000,
     tol: float = 1e-6,
-    domain: Domain | Literal["auto"] = "log",
+    domain: DomainChoice = "log",
     grad: GradMode = "envelope",
     mask_a: torch.Tensor | None = None,
     mask_b: torch.Tensor | None = None,
@@ -143,6 +152,52 @@ def sinkhorn(
     Returns:
         A :class:`SinkhornResult`; non-convergence is reported in ``converged``, never hidden.
     """
+
+    def iterate(C, a_w, b_w, domain):
+        return _iterate(C, a_w, b_w, eps, max_iter, tol, domain, check_every)
+
+    return solve_batched(
+        iterate,
+        cost,
+        a,
+        b,
+        eps=eps,
+        max_iter=max_iter,
+        domain=domain,
+        grad=grad,
+        mask_a=mask_a,
+        mask_b=mask_b,
+        check_every=check_every,
+    )
+
+
+Iterate = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, Domain],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+]
+
+
+def solve_batched(
+    iterate: Iterate,
+    cost: torch.Tensor,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    *,
+    eps: float,
+    max_iter: int,
+    domain: DomainChoice,
+    grad: GradMode,
+    mask_a: torch.Tensor | None,
+    mask_b: torch.Tensor | None,
+    check_every: int,
+) -> SinkhornResult:
+    """What every batched scaling solver shares around its iterations: argument checks, the
+    fp32 (or fp64) working copy of the cost, the marginals, the gradient mode and the result.
+
+    ``iterate(C, a, b, domain)`` runs the solver's iterations on costs ``C [..., n, m]`` with
+    marginals ``a [..., n]``, ``b [..., m]`` and returns (plan, log_u, log_v, converged,
+    n_iter, marginal_error) as :class:`SinkhornResult` describes them.
+    """
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if max_iter < 1 or check_every < 1:
@@ -162,13 +217,9 @@ def sinkhorn(
 
     if grad == "envelope":
         with torch.no_grad():
-            plan, log_u, log_v, conv, iters, err = _iterate(
-                work.detach(), a_w, b_w, eps, max_iter, tol, domain, check_every
-            )
+            plan, log_u, log_v, conv, iters, err = iterate(work.detach(), a_w, b_w, domain)
     else:
-        plan, log_u, log_v, conv, iters, err = _iterate(
-            work, a_w, b_w, eps, max_iter, tol, domain, check_every
-        )
+        plan, log_u, log_v, conv, iters, err = iterate(work, a_w, b_w, domain)
     value = (plan * work).sum((-2, -1))
     return SinkhornResult(
         plan=plan,
@@ -194,7 +245,7 @@ def _iterate(
     batch = torch.broadcast_shapes(C.shape[:-2], a.shape[:-1], b.shape[:-1])
     n, m = C.shape[-2:]
     C = C.expand(*batch, n, m)
-    log_a, log_b = _safe_log(a), _safe_log(b)
+    log_a, log_b = safe_log(a), safe_log(b)
     logK = C / -eps  # [..., n, m]
     log_u = torch.zeros(*batch, n, device=C.device, dtype=C.dtype)  # [..., n]
     log_v = torch.zeros(*batch, m, device=C.device, dtype=C.dtype)  # [..., m]
@@ -217,54 +268,93 @@ def _iterate(
         # both layouts, so both products are row-vector x matrix (the fastest batched GEMV form
         # on CPU and GPU; 4-7x faster on CPU than K @ v for tall thin problems)
         Kt = K.transpose(-2, -1).contiguous()
-        u = torch.ones_like(log_u)
-        v = torch.ones_like(log_v)
         a_e, b_e = a.expand(*batch, n), b.expand(*batch, m)
         a_pos, b_pos = a_e > 0, b_e > 0
-    active = torch.ones(batch, dtype=torch.bool, device=C.device)
-    n_iter = torch.zeros(batch, dtype=torch.long, device=C.device)
-    err = torch.full(batch, math.inf, device=C.device, dtype=C.dtype)
+
+        def update(state):
+            u, v = state
+            Ktu = (u.unsqueeze(-2) @ K).squeeze(-2)  # [..., m]  (batched GEMV, one pass over K)
+            new_v = torch.where(b_pos, b_e / Ktu, 0.0)
+            Kv = (new_v.unsqueeze(-2) @ Kt).squeeze(-2)  # [..., n]
+            new_u = torch.where(a_pos, a_e / Kv, 0.0)
+            return new_u, new_v
+
+        def error(state):
+            u, v = state
+            col = v * (u.unsqueeze(-2) @ K).squeeze(-2)
+            return (col - b).abs().sum(-1)
+
+        state = (torch.ones_like(log_u), torch.ones_like(log_v))
+    else:
+
+        def update(state):
+            log_u, log_v = state
+            new_v = log_b - torch.logsumexp(logK + log_u.unsqueeze(-1), dim=-2)
+            new_u = log_a - torch.logsumexp(logK + new_v.unsqueeze(-2), dim=-1)
+            return new_u, new_v
+
+        def error(state):
+            log_u, log_v = state
+            col = (logK + log_u.unsqueeze(-1) + log_v.unsqueeze(-2)).exp().sum(-2)  # [..., m]
+            return (col - b).abs().sum(-1)
+
+        state = (log_u, log_v)
+    (first, second), converged, n_iter, err = scaling_loop(
+        update, error, state, batch, max_iter, tol, check_every
+    )
+    if domain == "log":
+        log_u, log_v = first, second
+        plan = (logK + log_u.unsqueeze(-1) + log_v.unsqueeze(-2)).exp()
+    else:
+        u, v = first, second
+        plan = u.unsqueeze(-1) * K * v.unsqueeze(-2)
+        log_u, log_v = safe_log(u) + shift.unsqueeze(-1), safe_log(v)
+    return plan, log_u, log_v, converged, n_iter, err
+
+
+State = tuple[torch.Tensor, ...]
+
+
+def scaling_loop(
+    update: Callable[[State], State],
+    error: Callable[[State], torch.Tensor],
+    state: State,
+    batch: tuple[int, ...] | torch.Size,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iterate ``state = update(state)`` over a batch of problems, each stopping on its own.
+
+    Every ``check_every`` iterations ``error(state)`` (``[*batch]``) is compared with ``tol``
+    (the only host synchronisation: the loop ends once no problem is active); a problem that has
+    converged keeps its state from then on. ``state`` holds tensors ``[*batch, size]``.
+
+    Returns:
+        (state, converged ``[*batch]`` bool, iterations ``[*batch]`` long, last error ``[*batch]``).
+    """
+    ref = state[0]
+    active = torch.ones(batch, dtype=torch.bool, device=ref.device)
+    n_iter = torch.zeros(batch, dtype=torch.long, device=ref.device)
+    err = torch.full(batch, math.inf, device=ref.device, dtype=ref.dtype)
 
     done = 0
     all_active = True  # until the first check nothing is frozen: no masking needed
     while done < max_iter:
         steps = min(check_every, max_iter - done)
         for _ in range(steps):
-            if domain == "log":
-                new_v = log_b - torch.logsumexp(logK + log_u.unsqueeze(-1), dim=-2)
-                new_u = log_a - torch.logsumexp(logK + new_v.unsqueeze(-2), dim=-1)
-                if all_active:
-                    log_v, log_u = new_v, new_u
-                else:
-                    log_v = torch.where(active.unsqueeze(-1), new_v, log_v)
-                    log_u = torch.where(active.unsqueeze(-1), new_u, log_u)
+            new = update(state)
+            if all_active:
+                state = new
             else:
-                Ktu = (u.unsqueeze(-2) @ K).squeeze(-2)  # [..., m]  (batched GEMV, one pass over K)
-                new_v = torch.where(b_pos, b_e / Ktu, 0.0)
-                Kv = (new_v.unsqueeze(-2) @ Kt).squeeze(-2)  # [..., n]
-                new_u = torch.where(a_pos, a_e / Kv, 0.0)
-                if all_active:
-                    v, u = new_v, new_u
-                else:
-                    v = torch.where(active.unsqueeze(-1), new_v, v)
-                    u = torch.where(active.unsqueeze(-1), new_u, u)
+                keep = active.unsqueeze(-1)
+                state = tuple(torch.where(keep, n, o) for n, o in zip(new, state))
         done += steps
         all_active = False
         n_iter = n_iter + active.long() * steps
-        if domain == "log":
-            col = (logK + log_u.unsqueeze(-1) + log_v.unsqueeze(-2)).exp().sum(-2)  # [..., m]
-        else:
-            col = v * (u.unsqueeze(-2) @ K).squeeze(-2)
-        new_err = (col - b).abs().sum(-1)
-        err = torch.where(active, new_err, err)
+        err = torch.where(active, error(state), err)
         # NaN errors compare False: such problems stay active and end unconverged
         active = active & ~(err <= tol)
         if not bool(active.any()):  # one host sync per check
             break
-    if domain == "log":
-        plan = (logK + log_u.unsqueeze(-1) + log_v.unsqueeze(-2)).exp()
-    else:
-        plan = u.unsqueeze(-1) * K * v.unsqueeze(-2)
-        log_u, log_v = _safe_log(u) + shift.unsqueeze(-1), _safe_log(v)
-    converged = err <= tol
-    return plan, log_u, log_v, converged, n_iter, err
+    return state, err <= tol, n_iter, err
