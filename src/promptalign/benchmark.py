@@ -200,6 +200,9 @@ def resolved_job_config(cfg: RunConfig) -> RunConfig:
 
 # settings that never change a job's result (the data order and augmentation do not depend on them)
 _NOT_IN_FINGERPRINT = {("data", "workers"), ("run", "progress")}
+# settings added after jobs were recorded: left out while at their default, so that adding them
+# keeps the fingerprints (and finished results) of earlier jobs
+_NEW_AT_DEFAULT = {("data", "max_image_pixels"): None}
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -207,6 +210,9 @@ def config_fingerprint(cfg: RunConfig) -> str:
     d = to_dict(resolved_job_config(cfg))
     for section, key in _NOT_IN_FINGERPRINT:
         d[section].pop(key, None)
+    for (section, key), default in _NEW_AT_DEFAULT.items():
+        if d[section].get(key, default) == default:
+            d[section].pop(key, None)
     d["data"]["root"] = str(Path(d["data"]["root"]).expanduser().resolve())
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
