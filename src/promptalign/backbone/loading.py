@@ -314,6 +314,107 @@ def _switch_on_quickgelu(cfg: dict[str, Any], name: str, path: Path) -> None:
     )
 
 
+OFFLINE_ADVICE = (
+    "To work offline, use the built-in model (arch 'tiny-shapes-v3', --arch tiny-shapes-v3 on the "
+    "command line; its weights ship with promptalign) or a local weights file (weights=FILE, "
+    "--weights FILE)"
+)
+PROBE_TIMEOUT_S = 3.0
+
+
+def fetch_pretrained(
+    tag_cfg: Mapping[str, Any], name: str, tag: str, cache_dir: str | None = None
+) -> Path:
+    """The local file of an open_clip pretrained tag: from the cache when it is there, else
+    downloaded. Without network access this fails after one short connection try (not after the
+    hub client's retry loop), with how to work offline.
+
+    Raises:
+        WeightsError: the weights are not cached and cannot be downloaded.
+    """
+    oc = _open_clip()
+    cached = _cached_pretrained(tag_cfg, cache_dir)
+    if cached is not None:
+        return cached
+    host = _download_host(tag_cfg)
+    if host is not None:
+        problem = _unreachable(host)
+        if problem is not None:
+            raise WeightsError(
+                f"could not reach {host} to download open_clip pretrained weights {tag!r} for "
+                f"{name!r} ({problem}; no network?). {OFFLINE_ADVICE}"
+            )
+    try:
+        return Path(oc.download_pretrained(dict(tag_cfg), cache_dir=cache_dir))
+    except Exception as e:  # noqa: BLE001 - hub and urllib errors of every kind
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise WeightsError(
+            f"could not fetch open_clip pretrained weights {tag!r} for {name!r} "
+            f"({type(e).__name__}: {first[:300]}). {OFFLINE_ADVICE}"
+        ) from e
+
+
+def _uses_hub(tag_cfg: Mapping[str, Any]) -> bool:
+    from open_clip.pretrained import has_hf_hub
+
+    return bool(tag_cfg.get("hf_hub")) and has_hf_hub()
+
+
+def _cached_pretrained(tag_cfg: Mapping[str, Any], cache_dir: str | None) -> Path | None:
+    """The already downloaded file of a pretrained tag (as open_clip would pick it), or None."""
+    if tag_cfg.get("file"):
+        return Path(tag_cfg["file"])
+    if _uses_hub(tag_cfg):
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+        model_id, filename = os.path.split(tag_cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        for f in [*_get_safe_alternatives(filename), filename]:
+            hit = try_to_load_from_cache(model_id, f, cache_dir=cache_dir)
+            if isinstance(hit, str) and Path(hit).is_file():
+                return Path(hit)
+        return None
+    url = tag_cfg.get("url", "")
+    if url:  # open_clip checks the file's checksum and downloads nothing when it matches
+        folder = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/clip").expanduser()
+        if (folder / os.path.basename(url)).is_file():
+            return Path(_open_clip().download_pretrained(dict(tag_cfg), cache_dir=cache_dir))
+    return None
+
+
+def _download_host(tag_cfg: Mapping[str, Any]) -> str | None:
+    """The host a download would contact, or None when a proxy decides (no direct probe)."""
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")):
+        return None
+    if _uses_hub(tag_cfg):
+        return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    return urlparse(tag_cfg.get("url", "")).hostname or None
+
+
+def _unreachable(host: str, port: int = 443) -> str | None:
+    """Why ``host`` cannot be reached (one connection try of at most :data:`PROBE_TIMEOUT_S`
+    seconds, name lookup included), or None when it can."""
+    import socket
+    import threading
+
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                result.append(None)
+        except OSError as e:
+            result.append(e.strerror or str(e) or type(e).__name__)
+
+    t = threading.Thread(target=probe, daemon=True)  # a name lookup ignores socket timeouts
+    t.start()
+    t.join(PROBE_TIMEOUT_S + 1.0)
+    return result[0] if result else f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+
+
 def load_backbone(
     arch: str | os.PathLike | Mapping[str, Any],
     weights: str | os.PathLike | None = None,
@@ -361,14 +462,7 @@ def load_backbone(
             for k in ("mean", "std", "interpolation", "resize_mode"):
                 if k in tag_cfg:
                     pre[k] = tag_cfg[k]
-            try:
-                weights_path = Path(oc.download_pretrained(tag_cfg, cache_dir=cache_dir))
-            except Exception as e:
-                raise RuntimeError(
-                    f"could not fetch open_clip pretrained weights {str(weights)!r} for {name!r} "
-                    f"({type(e).__name__}: {e}). Without network access, pass a local weights "
-                    "file path as `weights` instead"
-                ) from e
+            weights_path = fetch_pretrained(tag_cfg, name, str(weights), cache_dir)
             weights_label = str(weights)
         elif Path(weights).is_file():
             weights_path = Path(weights)
