@@ -36,9 +36,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError, RunConfig, apply_overrides, resolve_optim, to_dict
+from .config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_yaml_file,
+    resolve_optim,
+    to_dict,
+)
 from .engine import evaluate_run, harmonic_mean, train
 from .engine.checkpoint import RESUME_STATE, RUN_INFO, write_text
 from .presets import make_preset
@@ -96,9 +101,7 @@ class BenchmarkSummary:
 
 
 def published() -> dict[str, Any]:
-    return yaml.safe_load(
-        (resources.files("promptalign") / "published.yaml").read_text(encoding="utf-8")
-    )
+    return load_yaml_file(Path(str(resources.files("promptalign") / "published.yaml")))
 
 
 def make_jobs(
