@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``promptalign CMD: error: MESSAGE (see ... --help)``."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -36,7 +36,7 @@ def _int_at_least(low: int, what: str):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{_one_line(repr(text))} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is not allowed: {what}")
         return value
@@ -298,11 +298,16 @@ def _check_resumable(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if not (out / CONFIG).is_file():
         start = [a for a in args.argv if a != "--resume"]
+        needed = [
+            f"{flag} {value}"
+            for flag, value in (("--method", "METHOD"), ("--dataset", "DATA"))
+            if flag not in start
+        ]
         state = "does not exist" if not out.exists() else f"has no {CONFIG}"
         raise UsageError(
             f"--out {args.out} {state}: that run never started, so there is nothing to resume; "
             f"start it without --resume, with its method and data options: "
-            f"{shlex.join(['promptalign', *start])} --method METHOD --dataset DATA ..."
+            + " ".join([shlex.join(["promptalign", *start]), *needed, "..."])
         )
 
 
@@ -556,6 +561,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         if not args.images:
             raise ExplainError("no images given; pass image files, or --embeddings --dataset NAME")
         classes = _class_list(args.classes) or []
+        if args.topk == 0 and not classes:
+            raise UsageError(
+                "--topk 0 explains no class without --classes; give --topk 1 or more, or "
+                "--classes NAME,..."
+            )
         res = explain(
             args.run,
             args.images,
@@ -876,13 +886,21 @@ def main(argv: list[str] | None = None) -> int:
             return _main(argv, state)
         except KeyboardInterrupt:
             ctrl_c.count = max(ctrl_c.count, 1)  # a second Ctrl-C from now on exits at once
-            print(_interrupted_line(state), file=sys.stderr)
+            if _launched_rank() == 0:  # under torchrun every rank gets it; one line is enough
+                print(_interrupted_line(state), file=sys.stderr)
             return 130
 
 
 def _main(argv: list[str] | None, state: argparse.Namespace) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    bad = next((a for a in argv if "\x00" in a), None)
+    if bad is not None:  # a shell cannot pass one; a program calling main() can
+        print(
+            f"promptalign: error: argument {_one_line(repr(bad))} holds a NUL character",
+            file=sys.stderr,
+        )
+        return 2
     try:  # a usage error (or --help) ends parsing with its exit code, returned like any other
         args, extra = parser.parse_known_args(argv)
         if extra:
@@ -903,7 +921,8 @@ def _main(argv: list[str] | None, state: argparse.Namespace) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from promptalign.backbone import WeightsError
+    from promptalign.backbone import BackboneError
+    from promptalign.backbone.towers import UnsupportedTower
     from promptalign.config import ConfigError
     from promptalign.data import DatasetError
     from promptalign.engine import CheckpointError, NonFiniteError
@@ -929,7 +948,8 @@ def _main(argv: list[str] | None, state: argparse.Namespace) -> int:
         DatasetError,
         CheckpointError,
         NonFiniteError,
-        WeightsError,
+        BackboneError,
+        UnsupportedTower,
         EncodingError,
     ) as e:
         return fail(str(e))
@@ -939,6 +959,16 @@ def _main(argv: list[str] | None, state: argparse.Namespace) -> int:
         return fail(str(e.args[0]) if e.args else repr(e))
     except OSError as e:  # read-only folder, disk full, ...
         return fail(_os_error_line(e))
+    except Exception as e:  # noqa: BLE001 - a bug: one line by default, the traceback with -v
+        if args.verbose:
+            raise
+        print(
+            f"promptalign {args.command}: internal error: "
+            f"{_one_line(f'{type(e).__name__}: {e}')}; this is a bug in promptalign, please "
+            "report it with the command (run it again with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _silence_stdout() -> None:

@@ -78,8 +78,9 @@ def safe_load_yaml(text: str, where: str) -> Any:
     Raises:
         ConfigError: naming ``where`` (a file or a key) and the problem.
     """
-    loader = yaml.SafeLoader(text)  # the pure-Python loader: libyaml's crashes on deep nesting
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # the pure-Python loader: libyaml's crashes on deep nesting
         node = loader.get_single_node()
         if node is None:
             return None
@@ -97,7 +98,8 @@ def safe_load_yaml(text: str, where: str) -> Any:
     except ValueError as e:  # e.g. an integer of more digits than Python converts
         raise ConfigError(f"{where}: YAML value not usable ({_clip(str(e))})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_expansion(root: yaml.Node, where: str) -> None:
@@ -264,6 +266,8 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{key}: expected a number, got {show(value)}")
     if tp is str:
         if isinstance(value, str):
+            if "\x00" in value:
+                raise ConfigError(f"{key}: {show(str(value))} holds a NUL character")
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {show(value)}")
     return value

@@ -47,7 +47,11 @@ SHIPPED_PRETRAINED = {
 }
 
 
-class WeightsError(ValueError):
+class BackboneError(ValueError):
+    """An architecture or weights input that cannot be built; the message names it and the fix."""
+
+
+class WeightsError(BackboneError):
     """A weights file could not be read or does not fit the architecture."""
 
 
@@ -75,11 +79,18 @@ def list_pretrained(arch: str) -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON model config (UTF-8, an optional byte-order mark)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected an open_clip model config") from e
+        raise BackboneError(
+            f"{path}: not valid JSON ({e}); expected an open_clip model config"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise BackboneError(
+            f"{path}: not UTF-8 text (byte at offset {e.start}); re-save it as UTF-8"
+        ) from None
 
 
 def resolve_arch(
@@ -102,7 +113,7 @@ def resolve_arch(
             name = str(arch).replace("/", "-")
             cfg = _open_clip().get_model_config(name)
             if cfg is None:
-                raise ValueError(
+                raise BackboneError(
                     f"unknown architecture {str(arch)!r}: not a promptalign config "
                     f"({', '.join(sorted(shipped))}), not an open_clip model name "
                     "(see `promptalign.list_backbones()`), and not a JSON config file"
@@ -113,7 +124,7 @@ def resolve_arch(
         cfg = cfg["model_cfg"]
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
-        raise ValueError(
+        raise BackboneError(
             f"architecture {name!r}: config lacks {missing}; expected an open_clip model config"
         )
     return name, cfg, pre
@@ -124,7 +135,7 @@ def _build_model(cfg: dict[str, Any]) -> torch.nn.Module:
     cfg = copy.deepcopy(cfg)
     custom_text = cfg.pop("custom_text", False)
     if "multimodal_cfg" in cfg:
-        raise ValueError("CoCa-style models (multimodal_cfg) are not supported")
+        raise BackboneError("CoCa-style models (multimodal_cfg) are not supported")
     cls = oc.CustomTextCLIP if custom_text else oc.CLIP
     return cls(**cfg)
 

@@ -126,6 +126,8 @@ class CustomReader(DatasetReader):
         for i, row in _csv_rows(text, where):
             if not row or not "".join(row).strip():
                 continue
+            if "\x00" in "".join(row):
+                raise DatasetError(f"{where}:{i}: the row holds a NUL byte; remove it")
             if i == 1 and len(row) >= 2 and _label(row[1]) is None:
                 continue  # header
             label = _label(row[1]) if len(row) in (2, 3) else None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -173,6 +174,20 @@ def collate(items: list[dict | None]) -> dict:
     }
 
 
+def _worker_count(workers: int, n: int, batch_size: int) -> int:
+    """``workers`` bounded by the batches there are and by 4 per CPU core: more would only start
+    idle processes (results never depend on the worker count)."""
+    cores = os.cpu_count() or 1
+    if workers > 4 * cores:
+        log.warning(
+            "data.workers=%d is more than 4 per CPU core (%d cores): using %d",
+            workers,
+            cores,
+            4 * cores,
+        )
+    return min(workers, 4 * cores, -(-n // batch_size))
+
+
 def make_loader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -205,6 +220,9 @@ def make_loader(
         seed = int(torch.randint(0, 2**62, (1,)).item()) if train else 0
     if train and sampler is None:
         sampler = EpochSampler(len(dataset), seed, epoch=epoch)
+    n = len(sampler) if sampler is not None else len(dataset)
+    batch_size = min(batch_size, max(n, 1))  # a larger batch is the same one batch of everything
+    workers = _worker_count(workers, n, batch_size)
     pin = torch.device(device).type == "cuda" if device is not None else False
     return torch.utils.data.DataLoader(
         dataset,

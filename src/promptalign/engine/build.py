@@ -129,6 +129,12 @@ def build_method(
         raise
     except ValueError as e:  # a method's own check of its options (one line for the CLI)
         raise ConfigError(f"method.options ({spec.name}): {e}") from e
+    except (TypeError, RuntimeError, OverflowError, MemoryError) as e:  # e.g. absurd sizes
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"method.options ({spec.name}): the method cannot be built with these options "
+            f"({type(e).__name__}: {first}); check its sizes and counts"
+        ) from e
     return method.to(device)
 
 
@@ -255,11 +261,10 @@ def check_data(cfg: RunConfig, data: Dataset, method: PromptMethod) -> None:
         missing = [c for i, c in enumerate(data.classnames) if i not in have]
         if missing:
             raise DatasetError(
-                f"{data.name}: {len(missing)} class(es) have no training images, e.g. "
-                f"{missing[0]!r} ({', '.join(repr(m) for m in missing[:5])}"
-                f"{', ...' if len(missing) > 5 else ''}): a prompt cannot learn a class it "
-                "never sees; add training images for them, or remove their folders from every "
-                "split"
+                f"{data.name}: {len(missing)} class(es) have no training images: "
+                f"{', '.join(repr(m) for m in missing[:5])}{', ...' if len(missing) > 5 else ''}"
+                "; a prompt cannot learn a class it never sees: add training images for them, "
+                "or remove their folders from every split"
             )
     uses_val = type(method).select_on_validation is not base.select_on_validation
     splits = [("train", data.train), ("val", data.val if uses_val else []), ("test", data.test)]
