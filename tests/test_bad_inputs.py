@@ -701,6 +701,10 @@ def test_eval_on_another_dataset_uses_all_its_classes(tmp_path, capsys):
         "skipped",
     ]
     assert row.split()[1:3] == ["3", "3"]  # base: the first half of the six classes
+    from promptalign.explain import embed_dataset
+
+    emb = embed_dataset(run, dataset=str(other), projection="pca", device="cpu")
+    assert len(emb.classnames) == 6 and emb.coords.shape[1] == 6  # explain's map too
 
 
 def test_imagefolder_classes_are_the_union_over_splits_and_nested_images_are_read(tmp_path, caplog):

@@ -31,14 +31,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- input checks
-def _int_at_least(low: int, what: str):
+def _int_at_least(low: int, what: str, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{_one_line(repr(text))} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is not allowed: {what}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{_one_line(str(value))} is not allowed: {what}")
         return value
 
     return parse
@@ -46,6 +46,7 @@ def _int_at_least(low: int, what: str):
 
 _positive = _int_at_least(1, "must be >= 1")
 _workers = _int_at_least(0, "must be >= 0 (0 loads images in the main process)")
+_seed = _int_at_least(-(2**40) + 1, "a seed lies between -2**40 and 2**40", high=2**40 - 1)
 
 
 def _check_device(device: str | None, flag: str = "--device") -> None:
@@ -463,8 +464,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if errors:
         note = "error: no image could be read" if not good else "warning"
         print(
-            f"promptalign predict: {note}: {len(errors)} of {len(paths)} image(s) unreadable, "
-            f"reported in their rows (first: {errors[0]})",
+            _one_line(
+                f"promptalign predict: {note}: {len(errors)} of {len(paths)} image(s) "
+                f"unreadable, reported in their rows (first: {errors[0]})"
+            ),
             file=sys.stderr,
         )
     return 0 if good else 2
@@ -652,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--data-root", help="folder holding the datasets (CoOp layout)")
     pt.add_argument("--shots", type=_positive, help="labelled images per class (>= 1)")
     pt.add_argument("--subsample", choices=["all", "base", "new"])
-    pt.add_argument("--seed", type=int)
+    pt.add_argument("--seed", type=_seed)
     pt.add_argument("--arch", help="backbone architecture (default ViT-B-16)")
     pt.add_argument("--weights", help="open_clip pretrained tag or local weights file")
     pt.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
@@ -754,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument(
         "--out", default="promptalign-demo", help="output folder (default: promptalign-demo)"
     )
-    pd.add_argument("--seed", type=int, default=None)
+    pd.add_argument("--seed", type=_seed, default=None)
     pd.add_argument(
         "--no-progress", action="store_true", help="no progress bar (results do not depend on it)"
     )
@@ -815,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
         "selfcheck", help="offline check of the installation on a tiny random model"
     )
     ps.add_argument("--arch", default="pa-tiny-vit")
-    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--seed", type=_seed, default=0)
     ps.add_argument("--json", action="store_true", help="print one JSON line")
     ps.set_defaults(func=_cmd_selfcheck)
     return p

@@ -562,6 +562,9 @@ class DataConfig:
                 )
 
 
+SEED_LIMIT = 2**40
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Attributes:
@@ -578,6 +581,8 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         _at_least(self, eval_every=(0, True))
+        if not -SEED_LIMIT < self.seed < SEED_LIMIT:  # seeds are combined with epochs for torch
+            raise FieldError(f"seed: {show(self.seed)} must lie between -2**40 and 2**40")
 
 
 @dataclass(frozen=True)

@@ -780,8 +780,9 @@ def embed_dataset(
 ) -> Embeddings:
     """Image embeddings of a dataset split per visual prompt set, projected jointly to 2-D.
 
-    ``dataset`` / ``root`` / ``subsample`` default to the run's; at most ``max_images`` images
-    (an even spread over the split, in its order).
+    ``dataset`` / ``root`` default to the run's, ``subsample`` to the run's on its own dataset
+    and to "all" on another; at most ``max_images`` images (an even spread over the split, in
+    its order).
     """
     from .data import (
         DatasetError,
@@ -798,7 +799,8 @@ def embed_dataset(
     method, cfg, _ = load_run(run_dir, device=device, backbone=backbone)
     name = dataset or cfg.data.dataset
     data_root = root or cfg.data.root
-    sub = subsample or cfg.data.subsample
+    # the run's own classes on its dataset; all classes of another one unless asked otherwise
+    sub = subsample or (cfg.data.subsample if name == cfg.data.dataset else "all")
     if not name:
         raise ExplainError("no dataset: pass --dataset (a registered name or a folder / CSV path)")
     if name in list_datasets():

@@ -86,15 +86,8 @@ def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunCo
     o = resolve_optim(cfg.optim, method.optim_preset, cfg.data.shots)
     workers = default_workers() if cfg.data.workers is None else cfg.data.workers
     spec = resolve_method(cfg.method, data.template)
-    built = spec.build()
-    fitted = {
-        f.name: getattr(method.config, f.name)
-        for f in dataclasses.fields(built)
-        if type(method.config) is type(built)
-        and getattr(method.config, f.name) != getattr(built, f.name)
-    }
-    if fitted:
-        spec = dataclasses.replace(spec, options={**spec.options, **to_dict(fitted)})
+    if method.fitted:  # e.g. a prompt depth clamped to a shallower tower
+        spec = dataclasses.replace(spec, options={**spec.options, **to_dict(method.fitted)})
     return dataclasses.replace(
         cfg,
         method=spec,

@@ -102,7 +102,7 @@ class ALIGN(PromptMethod):
         if cfg.form not in ("paper", "released") or cfg.token_window not in ("own", "prompt0"):
             raise ValueError(f"form {cfg.form!r} / token_window {cfg.token_window!r} unknown")
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
-        self.config = cfg = cfg.replace(depth=self.prompts.depth)  # clamped to the towers
+        self.fit_config(depth=self.prompts.depth)  # clamped to the towers
         self.head = HierarchicalOTHead(
             beta=cfg.beta,
             eps=cfg.eps,

@@ -106,7 +106,7 @@ class PLOT(PromptMethod):
         if cfg.stage not in ("joint", "visual"):
             raise ValueError(f"stage {cfg.stage!r} unknown; use 'joint' or 'visual'")
         vision_depth = check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
-        self.config = cfg.replace(vision_depth=vision_depth)  # clamped to the tower
+        self.fit_config(vision_depth=vision_depth)  # clamped to the tower
         Wt, Wv = backbone.text_width, backbone.vision_width
         self.class_template = "{}."
         ctx = normal_init(cfg.n_text_sets, cfg.n_ctx, Wt)  # [N, n, Wt]
