@@ -36,9 +36,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError, RunConfig, apply_overrides, resolve_optim, to_dict
+from .config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_yaml_file,
+    resolve_optim,
+    to_dict,
+)
 from .engine import evaluate_run, harmonic_mean, train
 from .engine.checkpoint import RESUME_STATE, RUN_INFO, write_text
 from .presets import make_preset
@@ -96,9 +101,7 @@ class BenchmarkSummary:
 
 
 def published() -> dict[str, Any]:
-    return yaml.safe_load(
-        (resources.files("promptalign") / "published.yaml").read_text(encoding="utf-8")
-    )
+    return load_yaml_file(Path(str(resources.files("promptalign") / "published.yaml")))
 
 
 def make_jobs(
@@ -201,19 +204,19 @@ def resolved_job_config(cfg: RunConfig) -> RunConfig:
 
 # settings that never change a job's result (the data order and augmentation do not depend on them)
 _NOT_IN_FINGERPRINT = {("data", "workers"), ("run", "progress")}
-# optimisation settings added after jobs were recorded, with the values every earlier job ran with
-# (set or unset): left out of the fingerprint (of the run's and the method's optim sections)
-# there, so adding them re-runs only the jobs they change
-_ADDED_OPTIM = {"adam_eps": (None, 1e-8)}
+# settings added after jobs were recorded, with the values every earlier job ran with (set or
+# unset): left out of the fingerprint while they hold one of those, so adding a setting re-runs
+# only the jobs it changes; optimiser keys wherever an optim section appears (the run's and the
+# method's)
+_ADDED_SETTINGS = {("data", "max_image_pixels"): (None,), ("optim", "adam_eps"): (None, 1e-8)}
 
 
 def _drop_added(d: Any) -> None:
     if isinstance(d, dict):
-        optim = d.get("optim")
-        if isinstance(optim, dict):
-            for key, earlier in _ADDED_OPTIM.items():
-                if key in optim and optim[key] in earlier:
-                    del optim[key]
+        for (section, key), earlier in _ADDED_SETTINGS.items():
+            part = d.get(section)
+            if isinstance(part, dict) and key in part and part[key] in earlier:
+                del part[key]
         for v in d.values():
             _drop_added(v)
 

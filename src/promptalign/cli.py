@@ -9,7 +9,11 @@ import json
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -23,18 +27,18 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``promptalign CMD: error: MESSAGE (see ... --help)``."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------- input checks
-def _int_at_least(low: int, what: str):
+def _int_at_least(low: int, what: str, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is not allowed: {what}")
+            raise argparse.ArgumentTypeError(f"{_one_line(repr(text))} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{_one_line(str(value))} is not allowed: {what}")
         return value
 
     return parse
@@ -42,6 +46,7 @@ def _int_at_least(low: int, what: str):
 
 _positive = _int_at_least(1, "must be >= 1")
 _workers = _int_at_least(0, "must be >= 0 (0 loads images in the main process)")
+_seed = _int_at_least(-(2**40) + 1, "a seed lies between -2**40 and 2**40", high=2**40 - 1)
 
 
 def _check_device(device: str | None, flag: str = "--device") -> None:
@@ -123,19 +128,34 @@ def _check_method_preset(cfg) -> None:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # PyTorch's advice to load untrusted files unsafely must never be repeated to users
-_UNSAFE_ADVICE = re.compile(
-    r"This file can still be loaded.*?(checkpoint\.|$)"
-    r"|[^.;()]*weights_only\s*=\s*False[^.;()]*[.;]?",
-    re.IGNORECASE,
-)
+_UNSAFE_LOAD = re.compile(r"This file can still be loaded.*?(checkpoint\.|$)", re.IGNORECASE)
+_UNSAFE_FLAG = re.compile(r"weights_only\s*=\s*False", re.IGNORECASE)
+# the longest error line printed; what a message quotes beyond it is cut (and the work with it)
+MAX_MESSAGE = 2000
 
 
 def _one_line(message: str) -> str:
-    """An error message as one line, without terminal escapes or unsafe-loading advice."""
-    text = _UNSAFE_ADVICE.sub("", _ANSI.sub("", message))
-    text = re.sub(r"\s*\n\s*", " ", text)
-    text = re.sub(r"\(\s*([^()]*?)\s*\)", lambda m: f"({m.group(1)})", text)
-    return re.sub(r"\s{2,}", " ", text).strip()
+    """An error message as one line of at most :data:`MAX_MESSAGE` characters, without terminal
+    escapes or unsafe-loading advice; linear in the length of ``message``."""
+    text = message[: 4 * MAX_MESSAGE]
+    text = _ANSI.sub("", text)
+    if "still be loaded" in text.lower():
+        text = _UNSAFE_LOAD.sub("", text)
+    if _UNSAFE_FLAG.search(text):  # drop each sentence part that advises weights_only=False
+        parts = re.split(r"([.;()])", text)  # pieces at even, delimiters at odd positions
+        keep, i = [], 0
+        while i < len(parts):
+            if i % 2 == 0 and _UNSAFE_FLAG.search(parts[i]):
+                i += 2 if i + 1 < len(parts) and parts[i + 1] in ".;" else 1
+                continue
+            keep.append(parts[i])
+            i += 1
+        text = "".join(keep)
+    text = " ".join(text.split())
+    text = text.replace("( ", "(").replace(" )", ")")
+    if len(message) > MAX_MESSAGE or len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE].rstrip()}... (message cut at {MAX_MESSAGE} characters)"
+    return text
 
 
 def _os_error_line(e: OSError) -> str:
@@ -240,18 +260,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from promptalign.config import ConfigError
     from promptalign.engine import train
 
+    def note_step(record: dict) -> None:  # where a Ctrl-C interrupted it (see _train_interrupted)
+        args.progress = (record["epoch"], record["step"])
+
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; drop --config")
         _check_out(args.out)
+        _check_resumable(args)
         given = [f"{k}={'null' if v is None else v}" for k, v in _flag_overrides(args).items()]
-        res = train(None, args.out, resume=True, overrides=given + list(args.overrides))
+        res = train(
+            None,
+            args.out,
+            resume=True,
+            overrides=given + list(args.overrides),
+            callbacks=[note_step],
+        )
     else:
         cfg = _train_config(args)
         _check_method_preset(cfg)
         _check_device(cfg.run.device, "--device" if args.device else "run.device")
         _check_out(args.out, _dataset_dir(cfg))
-        res = train(cfg, args.out)
+        res = train(cfg, args.out, callbacks=[note_step])
     m = res.metrics
     print(
         f"run {res.run_dir}: {res.epochs} epochs, {res.steps} steps; "
@@ -261,11 +291,56 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_resumable(args: argparse.Namespace) -> None:
+    """``--resume`` on a folder whose run never started (no config.yaml) says so, with the
+    command that starts it."""
+    from promptalign.engine.checkpoint import CONFIG
+
+    out = Path(args.out).expanduser()
+    if not (out / CONFIG).is_file():
+        start = [a for a in args.argv if a != "--resume"]
+        needed = [
+            f"{flag} {value}"
+            for flag, value in (("--method", "METHOD"), ("--dataset", "DATA"))
+            if flag not in start
+        ]
+        state = "does not exist" if not out.exists() else f"has no {CONFIG}"
+        raise UsageError(
+            f"--out {args.out} {state}: that run never started, so there is nothing to resume; "
+            f"start it without --resume, with its method and data options: "
+            + " ".join([shlex.join(["promptalign", *start]), *needed, "..."])
+        )
+
+
+def _train_interrupted(args: argparse.Namespace) -> str:
+    """Where ``train`` stopped and how to go on (the Ctrl-C line)."""
+    from promptalign.engine.checkpoint import CONFIG, RESUME_STATE
+
+    out = Path(args.out).expanduser()
+    where = ""
+    if getattr(args, "progress", None) is not None:
+        epoch, step = args.progress
+        where = f" at epoch {epoch + 1} step {step}"
+    if (out / RESUME_STATE).is_file() or (args.resume and (out / CONFIG).is_file()):
+        return (
+            f"{where}; resume with: "
+            f"{shlex.join(['promptalign', 'train', '--resume', '--out', args.out])}"
+        )
+    return f"{where} before its first epoch was saved (nothing to resume); run the command again"
+
+
+def _rerun_interrupted(args: argparse.Namespace) -> str:
+    """The Ctrl-C line of a command that continues where it stopped when run again."""
+    return f"; finished work is kept, re-run to go on: {shlex.join(['promptalign', *args.argv])}"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from promptalign.engine import evaluate_run, harmonic_mean
 
     _check_device(args.device)
-    kw = dict(dataset=args.dataset, root=args.data_root, device=args.device)
+    kw = dict(
+        dataset=args.dataset, root=args.data_root, device=args.device, overrides=args.overrides
+    )
     if args.base_new:
         base = evaluate_run(args.run, subsample="base", **kw)
         new = evaluate_run(args.run, subsample="new", **kw)
@@ -290,7 +365,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             [
                 [
                     m["dataset"],
-                    m["subsample"],
                     str(m["num_classes"]),
                     str(m["n"]),
                     f"{m['accuracy']:.2f}",
@@ -298,7 +372,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     str(m["skipped"]),
                 ]
             ],
-            ["dataset", "classes", "#classes", "images", "accuracy", "macro-F1", "skipped"],
+            # the header names the subset evaluated: "all classes", "base classes", ...
+            ["dataset", f"{m['subsample']} classes", "images", "accuracy", "macro-F1", "skipped"],
         )
         if m.get("diagnostics"):  # e.g. OT plan entropies, 1.0 = uniform plans
             print(
@@ -310,6 +385,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _image_paths(items: list[str]) -> list[str]:
     """Image files from files, folders (recursively) and .txt lists; an empty result is an error."""
+    from promptalign.io import EncodingError, read_text
+
     paths: list[str] = []
     for p in items:
         path = Path(p)
@@ -325,7 +402,11 @@ def _image_paths(items: list[str]) -> list[str]:
                 )
             paths += found
         elif path.suffix.lower() == ".txt" and path.is_file():
-            listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            try:
+                text = read_text(path)
+            except EncodingError as e:
+                raise UsageError(str(e)) from None
+            listed = [line.strip() for line in text.splitlines() if line.strip()]
             if not listed:
                 raise UsageError(f"{p}: list file names no images")
             paths += listed
@@ -334,42 +415,40 @@ def _image_paths(items: list[str]) -> list[str]:
     return paths
 
 
-def _unreadable(path: str) -> str | None:
-    """Why ``path`` cannot be read as an image (None if it can)."""
-    from PIL import Image
+def _class_list(text: str | None, flag: str = "--classes") -> list[str] | None:
+    """Comma-separated class names: None when not given; no name at all, or a repeated one, is
+    an error naming ``flag``."""
+    from promptalign.engine.inference import check_classnames
 
-    try:
-        with Image.open(path) as im:
-            im.convert("RGB")
-    except (OSError, ValueError) as e:
-        return _one_line(str(e)) or type(e).__name__
-    return None
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise UsageError(f"{flag} {text!r}: names no class; give comma-separated class names")
+    return check_classnames(names, flag)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from promptalign.engine import predict
 
     _check_device(args.device)
+    classes = _class_list(args.classes)
     paths = _image_paths(args.images)
-    errors = {p: why for p in paths if (why := _unreadable(p)) is not None}
-    good = [p for p in paths if p not in errors]
-    classes = None
-    if args.classes:
-        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    res = (
-        predict(args.run, good, classnames=classes, topk=args.topk, device=args.device)
-        if good
-        else []
+    rows = predict(
+        args.run,
+        paths,
+        classnames=classes,
+        topk=args.topk,
+        device=args.device,
+        skip_unreadable=True,
+        max_image_pixels=args.max_image_pixels,
     )
-    by_path = {r["image"]: r for r in res}
-    rows = [
-        by_path.get(str(p)) or {"image": str(p), "error": f"unreadable image: {errors[p]}"}
-        for p in paths
-    ]
+    errors = [r["image"] for r in rows if "error" in r]
+    good = len(rows) - len(errors)
     if args.json:
         print(json.dumps(rows))
     else:
-        k = max((len(r["top"]) for r in res), default=args.topk)
+        k = max((len(r["top"]) for r in rows if "top" in r), default=args.topk)
         _print_table(
             [
                 [
@@ -385,8 +464,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if errors:
         note = "error: no image could be read" if not good else "warning"
         print(
-            f"promptalign predict: {note}: {len(errors)} of {len(paths)} image(s) unreadable, "
-            f"reported in their rows (first: {next(iter(errors))})",
+            _one_line(
+                f"promptalign predict: {note}: {len(errors)} of {len(paths)} image(s) "
+                f"unreadable, reported in their rows (first: {errors[0]})"
+            ),
             file=sys.stderr,
         )
     return 0 if good else 2
@@ -482,7 +563,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             return 0
         if not args.images:
             raise ExplainError("no images given; pass image files, or --embeddings --dataset NAME")
-        classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
+        classes = _class_list(args.classes) or []
+        if args.topk == 0 and not classes:
+            raise UsageError(
+                "--topk 0 explains no class without --classes; give --topk 1 or more, or "
+                "--classes NAME,..."
+            )
         res = explain(
             args.run,
             args.images,
@@ -492,7 +578,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             device=args.device,
         )
     except ExplainError as e:
-        print(f"promptalign explain: error: {e}", file=sys.stderr)
+        print(f"promptalign explain: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     opts = ", ".join(f"{k} {v}" for k, v in res.options.items())
@@ -569,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--data-root", help="folder holding the datasets (CoOp layout)")
     pt.add_argument("--shots", type=_positive, help="labelled images per class (>= 1)")
     pt.add_argument("--subsample", choices=["all", "base", "new"])
-    pt.add_argument("--seed", type=int)
+    pt.add_argument("--seed", type=_seed)
     pt.add_argument("--arch", help="backbone architecture (default ViT-B-16)")
     pt.add_argument("--weights", help="open_clip pretrained tag or local weights file")
     pt.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
@@ -589,14 +675,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    pt.set_defaults(func=_cmd_train)
+    pt.set_defaults(func=_cmd_train, interrupted=_train_interrupted)
 
     pe = sub.add_parser(
         "eval", help="evaluate a run folder (its classes, other classes or datasets)"
     )
     pe.add_argument("run", help="run folder written by `promptalign train`")
     pe.add_argument(
-        "--subsample", choices=["all", "base", "new"], help="class subset (default: the run's)"
+        "--subsample",
+        choices=["all", "base", "new"],
+        help="class subset (default: the run's on its own dataset, all on another --dataset)",
     )
     pe.add_argument(
         "--base-new", action="store_true", help="evaluate base and new classes and their H"
@@ -607,6 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--data-root")
     pe.add_argument("--device", default="auto")
     pe.add_argument("--json", action="store_true")
+    pe.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="how unreadable images are handled: data.skip_corrupt=true (skip and count them), "
+        "data.max_image_pixels=N",
+    )
     pe.set_defaults(func=_cmd_eval)
 
     pp = sub.add_parser("predict", help="top-k labels for images with a trained run")
@@ -614,6 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("images", nargs="+", help="image files, folders, or .txt lists of paths")
     pp.add_argument("--classes", help="comma-separated class names (default: the run's classes)")
     pp.add_argument("--topk", type=_positive, default=5, help="labels per image (>= 1, default 5)")
+    pp.add_argument(
+        "--max-image-pixels",
+        type=_positive,
+        help="largest image read, in pixels (default: the run's data.max_image_pixels)",
+    )
     pp.add_argument("--device", default="auto")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=_cmd_predict)
@@ -648,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--weights")
     pb.add_argument("--device")
     pb.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE")
-    pb.set_defaults(func=_cmd_benchmark)
+    pb.set_defaults(func=_cmd_benchmark, interrupted=_rerun_interrupted)
 
     pd = sub.add_parser(
         "demo",
@@ -657,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument(
         "--out", default="promptalign-demo", help="output folder (default: promptalign-demo)"
     )
-    pd.add_argument("--seed", type=int, default=None)
+    pd.add_argument("--seed", type=_seed, default=None)
     pd.add_argument(
         "--no-progress", action="store_true", help="no progress bar (results do not depend on it)"
     )
@@ -683,7 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("images", nargs="*", help="image files")
     px.add_argument("--classes", help="comma-separated class names to explain besides the top ones")
     px.add_argument(
-        "--topk", type=int, default=2, help="top classes explained per image (default 2)"
+        "--topk",
+        type=_int_at_least(0, "must be >= 1 (0 only with --classes: just those classes)"),
+        default=2,
+        help="top classes explained per image (default 2; 0 with --classes: only those)",
     )
     px.add_argument(
         "--panels",
@@ -702,7 +805,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--subsample", choices=["all", "base", "new"], help="class subset for --embeddings"
     )
     px.add_argument(
-        "--max-images", type=int, default=400, help="images for --embeddings (default 400)"
+        "--max-images",
+        type=_positive,
+        default=400,
+        help="images for --embeddings (>= 1, default 400)",
     )
     px.add_argument("--projection", choices=["auto", "tsne", "pca"], default="auto")
     px.add_argument("--device", default="auto")
@@ -712,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
         "selfcheck", help="offline check of the installation on a tiny random model"
     )
     ps.add_argument("--arch", default="pa-tiny-vit")
-    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--seed", type=_seed, default=0)
     ps.add_argument("--json", action="store_true", help="print one JSON line")
     ps.set_defaults(func=_cmd_selfcheck)
     return p
@@ -726,8 +832,78 @@ def _launched_rank() -> int:
         return 0
 
 
+class _CtrlC:
+    """Ctrl-C for every command: the first SIGINT raises KeyboardInterrupt, so the command
+    unwinds (files closed, temporaries removed, a run folder left resumable) and :func:`main`
+    prints one line and returns 130; a second SIGINT while it unwinds exits at once (130).
+
+    Active only in the main thread, and only where SIGINT still has Python's default handler;
+    the previous handler is restored on exit."""
+
+    def __init__(self, line: Callable[[], str]):
+        self.line = line  # the one line to print (the command's own hint included)
+        self.count = 0
+        self.previous = None
+
+    def __enter__(self) -> _CtrlC:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            raise KeyboardInterrupt
+        try:  # the second Ctrl-C: no more unwinding
+            line = self.line()
+        except Exception:  # noqa: BLE001 - the hint is best effort here
+            line = "promptalign: interrupted"
+        os.write(2, (line + "\n").encode(errors="replace"))
+        os._exit(130)
+
+
+def _interrupted_line(args: argparse.Namespace) -> str:
+    """``promptalign CMD: interrupted`` and the command's own hint (``args.interrupted``)."""
+    hint = getattr(args, "interrupted", None)
+    tail = ""
+    if hint is not None:
+        try:
+            tail = hint(args)
+        except Exception:  # noqa: BLE001 - a hint that fails must not hide the interruption
+            tail = ""
+    name = f"promptalign {args.command}" if args.command else "promptalign"
+    return _one_line(f"{name}: interrupted{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    state = argparse.Namespace(command=None)
+    with _CtrlC(lambda: _interrupted_line(state)) as ctrl_c:
+        try:
+            return _main(argv, state)
+        except KeyboardInterrupt:
+            ctrl_c.count = max(ctrl_c.count, 1)  # a second Ctrl-C from now on exits at once
+            if _launched_rank() == 0:  # under torchrun every rank gets it; one line is enough
+                print(_interrupted_line(state), file=sys.stderr)
+            return 130
+
+
+def _main(argv: list[str] | None, state: argparse.Namespace) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    bad = next((a for a in argv if "\x00" in a), None)
+    if bad is not None:  # a shell cannot pass one; a program calling main() can
+        print(
+            f"promptalign: error: argument {_one_line(repr(bad))} holds a NUL character",
+            file=sys.stderr,
+        )
+        return 2
     try:  # a usage error (or --help) ends parsing with its exit code, returned like any other
         args, extra = parser.parse_known_args(argv)
         if extra:
@@ -738,6 +914,9 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    args.argv = argv
+    state.__dict__.update(vars(args))
+    args = state  # one namespace: what a command records (e.g. its progress) reaches the hint
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -745,10 +924,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from promptalign.backbone import WeightsError
+    from promptalign.backbone import BackboneError
+    from promptalign.backbone.towers import UnsupportedTower
     from promptalign.config import ConfigError
     from promptalign.data import DatasetError
     from promptalign.engine import CheckpointError, NonFiniteError
+    from promptalign.io import EncodingError
 
     def fail(message: str) -> int:
         print(f"promptalign {args.command}: error: {_one_line(message)}", file=sys.stderr)
@@ -770,7 +951,9 @@ def main(argv: list[str] | None = None) -> int:
         DatasetError,
         CheckpointError,
         NonFiniteError,
-        WeightsError,
+        BackboneError,
+        UnsupportedTower,
+        EncodingError,
     ) as e:
         return fail(str(e))
     except (FileExistsError, FileNotFoundError) as e:
@@ -779,6 +962,16 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e.args[0]) if e.args else repr(e))
     except OSError as e:  # read-only folder, disk full, ...
         return fail(_os_error_line(e))
+    except Exception as e:  # noqa: BLE001 - a bug: one line by default, the traceback with -v
+        if args.verbose:
+            raise
+        print(
+            f"promptalign {args.command}: internal error: "
+            f"{_one_line(f'{type(e).__name__}: {e}')}; this is a bug in promptalign, please "
+            "report it with the command (run it again with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _silence_stdout() -> None:

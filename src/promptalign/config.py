@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from .io import EncodingError, read_text
 
 
 class ConfigError(ValueError):
@@ -58,7 +61,104 @@ def _at_least(obj: Any, **bounds: tuple[float, bool]) -> None:
     for name, (bound, inclusive) in bounds.items():
         v = getattr(obj, name)
         if v is not None and (v < bound if inclusive else v <= bound):
-            raise FieldError(f"{name}: {v!r} must be {'>=' if inclusive else '>'} {bound}")
+            raise FieldError(f"{name}: {show(v)} must be {'>=' if inclusive else '>'} {bound}")
+
+
+# --------------------------------------------------------------------------- YAML
+# aliases may add at most this many nodes beyond the file's own (an "alias bomb" of a few hundred
+# bytes expands to billions); a run config has a few hundred nodes in all
+YAML_ALIAS_EXPANSION_LIMIT = 100_000
+YAML_MAX_DEPTH = 100
+
+
+def safe_load_yaml(text: str, where: str) -> Any:
+    """Parse YAML ``text`` with PyYAML's safe loader, refusing (before building anything) a
+    document whose aliases would expand it by more than :data:`YAML_ALIAS_EXPANSION_LIMIT` nodes,
+    a recursive alias, or nesting deeper than :data:`YAML_MAX_DEPTH` levels.
+
+    Raises:
+        ConfigError: naming ``where`` (a file or a key) and the problem.
+    """
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # the pure-Python loader: libyaml's crashes on deep nesting
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{where}: not valid YAML ({_clip(first)})") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{where}: YAML nested too deeply (more than {YAML_MAX_DEPTH} levels)"
+        ) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{where}: YAML value not usable ({_clip(str(e))})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """Count the nodes the document expands to (aliases counted at every use) without expanding
+    it: each distinct node's expanded size is computed once, bottom-up."""
+
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return []
+
+    size: dict[int, int] = {}  # id -> expanded size (exact: Python integers do not overflow)
+    open_: set[int] = set()  # nodes on the current path (a child among them: a recursive alias)
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        key = id(node)
+        if done:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children(node))
+            continue
+        if key in size:
+            continue
+        if depth > YAML_MAX_DEPTH:
+            raise ConfigError(f"{where}: YAML nested more than {YAML_MAX_DEPTH} levels deep")
+        open_.add(key)
+        stack.append((node, depth, True))
+        for c in children(node):
+            if id(c) in open_:
+                raise ConfigError(f"{where}: YAML alias refers to itself (a recursive anchor)")
+            if id(c) not in size:
+                stack.append((c, depth + 1, False))
+    extra = size[id(root)] - len(size)
+    if extra > YAML_ALIAS_EXPANSION_LIMIT:
+        raise ConfigError(
+            f"{where}: YAML aliases (*name) would expand the document by more than "
+            f"{YAML_ALIAS_EXPANSION_LIMIT} values; refused (write the values out, or use fewer "
+            "aliases)"
+        )
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+_REPR.maxlong = 40
+
+
+def show(value: Any) -> str:
+    """A bounded ``repr`` for error messages: long strings, lists and nesting are cut (the work
+    is bounded too, whatever the size of ``value``)."""
+    return _REPR.repr(value)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------- conversion
@@ -68,10 +168,7 @@ class Text(str):
 
 
 def _yaml(key: str, text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot parse {text!r} ({str(e).splitlines()[0]})") from None
+    return safe_load_yaml(text, f"{key}={show(str(text))}")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -122,7 +219,7 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, Text):
             value = str(value) if str(value) in args else _yaml(key, value)
         if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+            raise ConfigError(f"{key}: {show(value)} is not allowed; choose one of {list(args)}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -138,7 +235,7 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
         or (origin is not None and getattr(origin, "__name__", "") == "Mapping")
     ):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping ({{key: value}}), got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping ({{key: value}}), got {show(value)}")
         vt = args[1] if len(args) == 2 else Any
         return {k: check_value(f"{key}.{k}", vt, v) for k, v in value.items()}
     if origin is tuple:
@@ -147,30 +244,38 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
         ):
             value = [value]  # a single item: "npt" -> ("npt",)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {show(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(check_value(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+            raise ConfigError(f"{key}: expected {len(args)} items, got {show(value)}")
         return tuple(check_value(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {show(value)}")
     if tp is float:
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             value = float(value)  # "1e-4": YAML 1.1 reads exponents without a dot as text
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {show(value)} is not a finite number")
+            return number
+        raise ConfigError(f"{key}: expected a number, got {show(value)}")
     if tp is str:
         if isinstance(value, str):
+            if "\x00" in value:
+                raise ConfigError(f"{key}: {show(str(value))} holds a NUL character")
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {show(value)}")
     return value
 
 
@@ -181,11 +286,13 @@ def check_fields(cls: type, data: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{prefix or cls.__name__}: expected a mapping of {where}* keys "
-            f"(e.g. {{{dataclasses.fields(cls)[0].name}: ...}}), got {data!r}"
+            f"(e.g. {{{dataclasses.fields(cls)[0].name}: ...}}), got {show(data)}"
         )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(str(k) for k in set(data) - set(names))
+    unknown = sorted(
+        show(k) if not isinstance(k, str) else _clip(k, 80) for k in set(data) - set(names)
+    )
     if unknown:
         raise ConfigError(
             f"unknown key(s) {[where + u for u in unknown]}; allowed: {[where + n for n in names]}"
@@ -388,7 +495,7 @@ class MethodSpec:
         cls = method_config_class(self.name)
         if self.preset is not None and self.preset not in cls.PRESETS:
             raise FieldError(
-                f"preset: {self.name} has no preset {self.preset!r}; presets: "
+                f"preset: {self.name} has no preset {show(self.preset)}; presets: "
                 f"{sorted(cls.PRESETS) or 'none'}"
             )
         opts = check_fields(cls, self.options, "method.options")
@@ -444,6 +551,9 @@ class DataConfig:
     subsample: "all", "base" or "new" classes.
     workers: data-loading worker processes (None = :func:`default_workers`; >= 0).
     skip_corrupt: skip (and count) unreadable images instead of failing.
+    max_image_pixels: the largest image (width x height) read; a larger one is refused as a
+        possible decompression bomb, or skipped and counted under ``skip_corrupt`` (None =
+        Pillow's limit, ``PIL.Image.MAX_IMAGE_PIXELS``: 89,478,485 pixels unless changed).
     crop_scale: (min, max) fraction of the image area the training RandomResizedCrop keeps
         (None = the dataset's: (0.08, 1.0), CoOp/Dassl's, unless its reader sets another; e.g.
         (0.5, 1.0) where objects are small in the frame and 8 % crops cut them out). A run
@@ -458,10 +568,11 @@ class DataConfig:
     workers: int | None = None
     skip_corrupt: bool = False
     crop_scale: tuple[float, float] | None = None
+    max_image_pixels: int | None = None
 
     def __post_init__(self) -> None:
         check_choices(self)
-        _at_least(self, shots=(1, True), workers=(0, True))
+        _at_least(self, shots=(1, True), workers=(0, True), max_image_pixels=(1, True))
         if self.crop_scale is not None:
             lo, hi = self.crop_scale
             if not 0 < lo <= hi <= 1:
@@ -469,6 +580,9 @@ class DataConfig:
                     f"crop_scale: {list(self.crop_scale)} must be [min, max] with "
                     "0 < min <= max <= 1 (fractions of the image area), e.g. [0.08, 1.0]"
                 )
+
+
+SEED_LIMIT = 2**40
 
 
 @dataclass(frozen=True)
@@ -487,6 +601,8 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         _at_least(self, eval_every=(0, True))
+        if not -SEED_LIMIT < self.seed < SEED_LIMIT:  # seeds are combined with epochs for torch
+            raise FieldError(f"seed: {show(self.seed)} must lie between -2**40 and 2**40")
 
 
 @dataclass(frozen=True)
@@ -520,7 +636,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | Mapping[str, Any]) ->
                 hints = typing.get_type_hints(cls)
                 if part not in hints:
                     raise ConfigError(
-                        f"unknown key {'.'.join(parts[: i + 1])!r}; allowed: "
+                        f"unknown key {show('.'.join(parts[: i + 1]))}; allowed: "
                         f"{_keys(parts[:i], hints)}"
                     )
                 nxt = hints[part]
@@ -531,7 +647,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | Mapping[str, Any]) ->
         if cls is not None:
             hints = typing.get_type_hints(cls)
             if parts[-1] not in hints:
-                raise ConfigError(f"unknown key {key!r}; allowed: {_keys(parts[:-1], hints)}")
+                raise ConfigError(f"unknown key {show(key)}; allowed: {_keys(parts[:-1], hints)}")
         if key == "backbone.arch" and data["backbone"].get("weights") == default_weights(
             str(data["backbone"].get("arch"))
         ):
@@ -546,20 +662,32 @@ def _keys(parents: list[str], hints: Mapping[str, Any]) -> list[str]:
 
 def _split(item: str) -> tuple[str, str]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=0.002)")
+        raise ConfigError(f"override {show(item)} is not key=value (e.g. optim.lr=0.002)")
     k, v = item.split("=", 1)
     return k.strip(), v.strip()
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    """The parsed content of a YAML file (UTF-8, optional byte-order mark) through
+    :func:`safe_load_yaml`: alias bombs and deep nesting are refused before expansion.
+
+    Raises:
+        ConfigError: the file is missing, not UTF-8 or not valid YAML, naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = read_text(path)
+    except EncodingError as e:
+        raise ConfigError(str(e)) from None
+    return safe_load_yaml(text, str(path))
 
 
 def load_yaml(path: str | Path) -> RunConfig:
     """Read a YAML run config (a saved :class:`RunConfig`; missing keys keep their defaults)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    data = load_yaml_file(path) or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:

@@ -17,10 +17,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .backbone import load_backbone
-from .config import BackboneConfig, DataConfig, MethodSpec, OptimConfig, RunConfig, RunSettings
+from .config import (
+    BackboneConfig,
+    DataConfig,
+    MethodSpec,
+    OptimConfig,
+    RunConfig,
+    RunSettings,
+    load_yaml_file,
+)
 from .engine import evaluate_run, harmonic_mean, train
 from .engine.checkpoint import write_text
 
@@ -44,9 +50,7 @@ class DemoResult:
 
 
 def demo_spec() -> dict[str, Any]:
-    return yaml.safe_load(
-        (resources.files("promptalign") / "demo.yaml").read_text(encoding="utf-8")
-    )
+    return load_yaml_file(Path(str(resources.files("promptalign") / "demo.yaml")))
 
 
 def run_demo(

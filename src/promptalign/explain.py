@@ -366,6 +366,7 @@ def explain_images(
     """
     if panels not in ("auto", "ot", "cosine"):
         raise ExplainError(f"panels {panels!r} unknown; use 'auto', 'ot' or 'cosine'")
+    _check_topk(topk, classes)
     name = getattr(method, "registered_name", "") or type(method).__name__
     if panels == "ot" and not has_ot(method):
         raise ExplainError(
@@ -459,6 +460,15 @@ def explain_images(
     )
 
 
+def _check_topk(topk: int, classes: Sequence[str]) -> None:
+    """``topk`` >= 1, or 0 when ``classes`` name what to explain."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < (0 if classes else 1):
+        raise ExplainError(
+            f"topk {topk!r} must be an integer >= 1 (or 0 together with classes to explain "
+            "only those)"
+        )
+
+
 def _single(feats: ExplainFeatures, b: int) -> ExplainFeatures:
     """The features of image ``b`` only (the plans of one image do not depend on the others)."""
     sl = slice(b, b + 1)
@@ -537,9 +547,8 @@ def load_images(
     Raises:
         ExplainError: a path that does not exist or is not an image.
     """
-    from PIL import Image, UnidentifiedImageError
-
     from .data import build_transform
+    from .data.images import ImageReadError, read_image
 
     tf = build_transform(preprocess, train=False)
     mean = torch.tensor(preprocess.mean).view(3, 1, 1)
@@ -550,12 +559,10 @@ def load_images(
         if not path.is_file():
             raise ExplainError(f"image {str(p)!r} does not exist; give image files")
         try:
-            with Image.open(path) as im:
-                x = tf(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+            x = tf(read_image(path))
+        except ImageReadError as e:
             raise ExplainError(
-                f"{str(p)!r} is not an image PIL can read ({type(e).__name__}); "
-                "give JPEG/PNG/... files"
+                f"{str(p)!r} is not an image PIL can read ({e}); give JPEG/PNG/... files"
             ) from e
         xs.append(x)
         pic = (x * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)
@@ -578,6 +585,7 @@ def explain(
 
     if not images:
         raise ExplainError("no images given; pass image files (or use --embeddings)")
+    _check_topk(topk, classes)
     method, _, info = load_run(run_dir, device=device, backbone=backbone)
     x, shown = load_images(images, method.backbone.preprocess)
     res = explain_images(
@@ -676,8 +684,9 @@ def embed_dataset(
 ) -> Embeddings:
     """Image embeddings of a dataset split per visual prompt set, projected jointly to 2-D.
 
-    ``dataset`` / ``root`` / ``subsample`` default to the run's; at most ``max_images`` images
-    (an even spread over the split, in its order).
+    ``dataset`` / ``root`` default to the run's, ``subsample`` to the run's on its own dataset
+    and to "all" on another; at most ``max_images`` images (an even spread over the split, in
+    its order).
     """
     from .data import (
         DatasetError,
@@ -689,10 +698,13 @@ def embed_dataset(
     )
     from .engine import load_run
 
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ExplainError(f"max_images {max_images!r} must be an integer >= 1")
     method, cfg, _ = load_run(run_dir, device=device, backbone=backbone)
     name = dataset or cfg.data.dataset
     data_root = root or cfg.data.root
-    sub = subsample or cfg.data.subsample
+    # the run's own classes on its dataset; all classes of another one unless asked otherwise
+    sub = subsample or (cfg.data.subsample if name == cfg.data.dataset else "all")
     if not name:
         raise ExplainError("no dataset: pass --dataset (a registered name or a folder / CSV path)")
     if name in list_datasets():

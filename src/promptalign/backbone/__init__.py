@@ -2,6 +2,7 @@
 
 from .clip import Backbone, Preprocess, TextFeatures, VisionFeatures
 from .loading import (
+    BackboneError,
     WeightsError,
     list_backbones,
     list_pretrained,
@@ -12,6 +13,7 @@ from .loading import (
 
 __all__ = [
     "Backbone",
+    "BackboneError",
     "Preprocess",
     "TextFeatures",
     "VisionFeatures",

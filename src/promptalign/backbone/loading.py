@@ -47,7 +47,11 @@ SHIPPED_PRETRAINED = {
 }
 
 
-class WeightsError(ValueError):
+class BackboneError(ValueError):
+    """An architecture or weights input that cannot be built; the message names it and the fix."""
+
+
+class WeightsError(BackboneError):
     """A weights file could not be read or does not fit the architecture."""
 
 
@@ -75,11 +79,18 @@ def list_pretrained(arch: str) -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON model config (UTF-8, an optional byte-order mark)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected an open_clip model config") from e
+        raise BackboneError(
+            f"{path}: not valid JSON ({e}); expected an open_clip model config"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise BackboneError(
+            f"{path}: not UTF-8 text (byte at offset {e.start}); re-save it as UTF-8"
+        ) from None
 
 
 def resolve_arch(
@@ -102,7 +113,7 @@ def resolve_arch(
             name = str(arch).replace("/", "-")
             cfg = _open_clip().get_model_config(name)
             if cfg is None:
-                raise ValueError(
+                raise BackboneError(
                     f"unknown architecture {str(arch)!r}: not a promptalign config "
                     f"({', '.join(sorted(shipped))}), not an open_clip model name "
                     "(see `promptalign.list_backbones()`), and not a JSON config file"
@@ -113,7 +124,7 @@ def resolve_arch(
         cfg = cfg["model_cfg"]
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
-        raise ValueError(
+        raise BackboneError(
             f"architecture {name!r}: config lacks {missing}; expected an open_clip model config"
         )
     return name, cfg, pre
@@ -124,7 +135,7 @@ def _build_model(cfg: dict[str, Any]) -> torch.nn.Module:
     cfg = copy.deepcopy(cfg)
     custom_text = cfg.pop("custom_text", False)
     if "multimodal_cfg" in cfg:
-        raise ValueError("CoCa-style models (multimodal_cfg) are not supported")
+        raise BackboneError("CoCa-style models (multimodal_cfg) are not supported")
     cls = oc.CustomTextCLIP if custom_text else oc.CLIP
     return cls(**cfg)
 
@@ -314,6 +325,107 @@ def _switch_on_quickgelu(cfg: dict[str, Any], name: str, path: Path) -> None:
     )
 
 
+OFFLINE_ADVICE = (
+    "To work offline, use the built-in model (arch 'tiny-shapes-v3', --arch tiny-shapes-v3 on the "
+    "command line; its weights ship with promptalign) or a local weights file (weights=FILE, "
+    "--weights FILE)"
+)
+PROBE_TIMEOUT_S = 3.0
+
+
+def fetch_pretrained(
+    tag_cfg: Mapping[str, Any], name: str, tag: str, cache_dir: str | None = None
+) -> Path:
+    """The local file of an open_clip pretrained tag: from the cache when it is there, else
+    downloaded. Without network access this fails after one short connection try (not after the
+    hub client's retry loop), with how to work offline.
+
+    Raises:
+        WeightsError: the weights are not cached and cannot be downloaded.
+    """
+    oc = _open_clip()
+    cached = _cached_pretrained(tag_cfg, cache_dir)
+    if cached is not None:
+        return cached
+    host = _download_host(tag_cfg)
+    if host is not None:
+        problem = _unreachable(host)
+        if problem is not None:
+            raise WeightsError(
+                f"could not reach {host} to download open_clip pretrained weights {tag!r} for "
+                f"{name!r} ({problem}; no network?). {OFFLINE_ADVICE}"
+            )
+    try:
+        return Path(oc.download_pretrained(dict(tag_cfg), cache_dir=cache_dir))
+    except Exception as e:  # noqa: BLE001 - hub and urllib errors of every kind
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise WeightsError(
+            f"could not fetch open_clip pretrained weights {tag!r} for {name!r} "
+            f"({type(e).__name__}: {first[:300]}). {OFFLINE_ADVICE}"
+        ) from e
+
+
+def _uses_hub(tag_cfg: Mapping[str, Any]) -> bool:
+    from open_clip.pretrained import has_hf_hub
+
+    return bool(tag_cfg.get("hf_hub")) and has_hf_hub()
+
+
+def _cached_pretrained(tag_cfg: Mapping[str, Any], cache_dir: str | None) -> Path | None:
+    """The already downloaded file of a pretrained tag (as open_clip would pick it), or None."""
+    if tag_cfg.get("file"):
+        return Path(tag_cfg["file"])
+    if _uses_hub(tag_cfg):
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+        model_id, filename = os.path.split(tag_cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        for f in [*_get_safe_alternatives(filename), filename]:
+            hit = try_to_load_from_cache(model_id, f, cache_dir=cache_dir)
+            if isinstance(hit, str) and Path(hit).is_file():
+                return Path(hit)
+        return None
+    url = tag_cfg.get("url", "")
+    if url:  # open_clip checks the file's checksum and downloads nothing when it matches
+        folder = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/clip").expanduser()
+        if (folder / os.path.basename(url)).is_file():
+            return Path(_open_clip().download_pretrained(dict(tag_cfg), cache_dir=cache_dir))
+    return None
+
+
+def _download_host(tag_cfg: Mapping[str, Any]) -> str | None:
+    """The host a download would contact, or None when a proxy decides (no direct probe)."""
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")):
+        return None
+    if _uses_hub(tag_cfg):
+        return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    return urlparse(tag_cfg.get("url", "")).hostname or None
+
+
+def _unreachable(host: str, port: int = 443) -> str | None:
+    """Why ``host`` cannot be reached (one connection try of at most :data:`PROBE_TIMEOUT_S`
+    seconds, name lookup included), or None when it can."""
+    import socket
+    import threading
+
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                result.append(None)
+        except OSError as e:
+            result.append(e.strerror or str(e) or type(e).__name__)
+
+    t = threading.Thread(target=probe, daemon=True)  # a name lookup ignores socket timeouts
+    t.start()
+    t.join(PROBE_TIMEOUT_S + 1.0)
+    return result[0] if result else f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+
+
 def load_backbone(
     arch: str | os.PathLike | Mapping[str, Any],
     weights: str | os.PathLike | None = None,
@@ -361,14 +473,7 @@ def load_backbone(
             for k in ("mean", "std", "interpolation", "resize_mode"):
                 if k in tag_cfg:
                     pre[k] = tag_cfg[k]
-            try:
-                weights_path = Path(oc.download_pretrained(tag_cfg, cache_dir=cache_dir))
-            except Exception as e:
-                raise RuntimeError(
-                    f"could not fetch open_clip pretrained weights {str(weights)!r} for {name!r} "
-                    f"({type(e).__name__}: {e}). Without network access, pass a local weights "
-                    "file path as `weights` instead"
-                ) from e
+            weights_path = fetch_pretrained(tag_cfg, name, str(weights), cache_dir)
             weights_label = str(weights)
         elif Path(weights).is_file():
             weights_path = Path(weights)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from ..io import atomic_write_text
+from ..io import EncodingError, atomic_write_text, read_text
 from ..registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -179,10 +179,11 @@ def read_split_json(
     {"train"|"val"|"test": [[relpath, label, classname], ...]}."""
     if not path.is_file():
         raise DatasetError(f"{dataset}: split file {path} does not exist")
+    text = read_dataset_text(path, dataset)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{dataset}: split file {path} is not valid JSON ({e})") from e
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DatasetError(f"{dataset}: split file {path} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or not all(s in data for s in SPLITS):
         raise DatasetError(
             f"{dataset}: split file {path} must be an object with 'train', 'val' and 'test' lists"
@@ -228,6 +229,15 @@ def read_split_json(
     return Splits(out["train"], out["val"], out["test"], [names[i] for i in range(n)])
 
 
+def read_dataset_text(path: Path, dataset: str) -> str:
+    """A dataset's text file (list, split or class names): UTF-8 with an optional byte-order
+    mark; another encoding is a :class:`DatasetError` naming the file, the byte and the fix."""
+    try:
+        return read_text(path)
+    except EncodingError as e:
+        raise DatasetError(f"{dataset}: {e}") from None
+
+
 def check_inside(image_root: Path, rel: str, dataset: str, where: str) -> None:
     """A relative path must stay inside the dataset's image folder."""
     p = Path(rel)
@@ -247,6 +257,21 @@ def list_images(folder: Path) -> list[str]:
     )
 
 
+def list_images_below(folder: Path) -> list[str]:
+    """Image files anywhere below ``folder`` as sorted relative POSIX paths (hidden files and
+    folders skipped, symlinked folders not entered); a flat folder gives :func:`list_images`."""
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    found = []
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(here).relative_to(folder)
+        for f in files:
+            if not f.startswith(".") and Path(f).suffix.lower() in exts:
+                if (Path(here) / f).is_file():
+                    found.append((rel / f).as_posix())
+    return sorted(found)
+
+
 def list_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
@@ -258,7 +283,7 @@ def read_classnames_txt(path: Path, dataset: str) -> dict[str, str]:
             f"{dataset}: class-name file {path} does not exist (lines '<wnid> <name>')"
         )
     out: dict[str, str] = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_dataset_text(path, dataset).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.strip().split(" ", 1)
@@ -377,7 +402,10 @@ def load_dataset(
         train, val = _cached_few_shot(
             name, splits, shots, seed, cache, image_root, reader.split_files(root)
         )
-    label_pool = {r.label for r in (splits.train if not reader.test_only else splits.test)}
+        _note_short_classes(name, train, shots)
+    # every class of every split (a class with test images only is kept: training on it is
+    # refused at train time, evaluating it is not)
+    label_pool = {r.label for split in SPLITS for r in splits.split(split)}
     keep = base_new_labels(label_pool, subsample)
     mapping = {old: new for new, old in enumerate(keep)}
     ds = Dataset(
@@ -396,6 +424,26 @@ def load_dataset(
     )
     log.info("loaded dataset\n%s", ds.summary())
     return ds
+
+
+def _note_short_classes(name: str, train: Sequence[Record], shots: int) -> None:
+    """Log how many training images a few-shot sample really holds when some classes have fewer
+    than ``shots`` (e.g. ``--shots 100000``: every image of every class)."""
+    per_class: dict[int, int] = {}
+    for r in train:
+        per_class[r.label] = per_class.get(r.label, 0) + 1
+    short = {k: n for k, n in per_class.items() if n < shots}
+    if short:
+        log.warning(
+            "%s: %d shots per class asked, but %d of %d classes have fewer training images "
+            "(fewest: %d); training uses %d images",
+            name,
+            shots,
+            len(short),
+            len(per_class),
+            min(short.values()),
+            len(train),
+        )
 
 
 def _check_labels(splits: Splits, name: str) -> None:
@@ -465,14 +513,14 @@ def _cached_few_shot(
     if path.is_file():
         cached = None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
             if isinstance(data, dict) and data.get("key") == key:
                 cached = read_split_json(path, name, image_root)
             else:
                 log.warning(
                     "%s: few-shot cache %s does not match this dataset; resampling", name, path
                 )
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError, DatasetError) as e:
+        except (json.JSONDecodeError, EncodingError, OSError, DatasetError) as e:
             log.warning(
                 "%s: ignoring unreadable few-shot cache %s (%s); resampling",
                 name,

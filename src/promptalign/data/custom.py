@@ -2,9 +2,13 @@
 ``path,label[,classname]``, optionally with a split file in CoOp's JSON format.
 
 * ImageFolder with ``train/`` (and optionally ``val/``, ``test/``) subfolders of class folders:
-  the subfolders are the splits; labels follow the sorted union of class folders.
+  the subfolders are the splits; the classes are the sorted union of the class folders of every
+  split (a class with no training images is kept for evaluation; training refuses it, naming it).
+  Images in subfolders of a class folder belong to that class; images directly in a split folder
+  (outside any class folder) are ignored with a warning naming the folder.
 * ImageFolder of class folders only: every image is a test image (an evaluation-only dataset).
-* CSV (paths relative to the CSV's folder; an optional header row): every row is a test image.
+* CSV (UTF-8, an optional byte-order mark; paths relative to the CSV's folder; an optional header
+  row): every row is a test image.
 * With ``split_file`` (``{"train"|"val"|"test": [[relpath, label, classname], ...]}``, paths
   relative to the ImageFolder root or the CSV's folder) the splits come from that file; for a CSV
   every path in the split file must be listed in the CSV with the same label.
@@ -13,7 +17,11 @@
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from .base import (
@@ -24,12 +32,15 @@ from .base import (
     Splits,
     Subsample,
     check_inside,
-    folder_records,
     list_dirs,
     list_images,
+    list_images_below,
     load_dataset,
+    read_dataset_text,
     read_split_json,
 )
+
+log = logging.getLogger(__name__)
 
 
 class CustomReader(DatasetReader):
@@ -84,12 +95,13 @@ class CustomReader(DatasetReader):
             classes = sorted({c for s in present for c in list_dirs(base / s)})
             out = {s: [] for s in ("train", "val", "test")}
             for s in present:
+                _warn_loose_images(base / s, name)
                 found = set(list_dirs(base / s))
                 out[s] = [
                     Record(f"{s}/{c}/{f}", label, c)
                     for label, c in enumerate(classes)
                     if c in found
-                    for f in list_images(base / s / c)
+                    for f in list_images_below(base / s / c)
                 ]
             return Splits(out["train"], out["val"], out["test"], classes)
         classes = list_dirs(base)
@@ -97,45 +109,95 @@ class CustomReader(DatasetReader):
             raise DatasetError(
                 f"{name}: {base} holds no class folders (ImageFolder layout: <class>/<image>)"
             )
-        return Splits([], [], folder_records(base, "", classes, classes), classes)
+        _warn_loose_images(base, name)
+        test = [
+            Record(f"{c}/{f}", label, c)
+            for label, c in enumerate(classes)
+            for f in list_images_below(base / c)
+        ]
+        return Splits([], [], test, classes)
 
     def _read_csv(self) -> list[Record]:
         recs: list[Record] = []
         where = f"{self.registered_name}: {self.source}"
         first_row: dict[str, tuple[int, int]] = {}  # path -> (row, label)
         rows: list[int] = []
-        with open(self.source, newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.reader(f), 1):
-                if not row or not "".join(row).strip():
-                    continue
-                if i == 1 and len(row) >= 2 and not row[1].strip().lstrip("-").isdigit():
-                    continue  # header
-                if len(row) not in (2, 3) or not row[1].strip().lstrip("-").isdigit():
-                    raise DatasetError(f"{where}:{i}: expected 'path,label[,classname]', got {row}")
-                path, label = row[0].strip(), int(row[1])
-                if label < 0:
-                    raise DatasetError(f"{where}:{i}: negative label {label}; labels are 0-based")
-                check_inside(
-                    self.image_root(self.source), path, self.registered_name, f"{self.source}:{i}"
+        text = read_dataset_text(self.source, self.registered_name)
+        for i, row in _csv_rows(text, where):
+            if not row or not "".join(row).strip():
+                continue
+            if "\x00" in "".join(row):
+                raise DatasetError(f"{where}:{i}: the row holds a NUL byte; remove it")
+            if i == 1 and len(row) >= 2 and _label(row[1]) is None:
+                continue  # header
+            label = _label(row[1]) if len(row) in (2, 3) else None
+            if label is None:
+                raise DatasetError(
+                    f"{where}:{i}: expected 'path,label[,classname]' with an integer label, "
+                    f"got {_cut(repr(row))}"
                 )
-                if path in first_row:
-                    j, other = first_row[path]
-                    what = (
-                        f"with conflicting labels {other} and {label}"
-                        if other != label
-                        else "twice"
-                    )
-                    raise DatasetError(
-                        f"{where}: {path!r} is listed {what} (rows {j} and {i}); "
-                        "list every image once"
-                    )
-                first_row[path] = (i, label)
-                rows.append(i)
-                recs.append(Record(path, label, row[2].strip() if len(row) == 3 else str(label)))
+            path = row[0].strip()
+            if label < 0:
+                raise DatasetError(f"{where}:{i}: negative label {label}; labels are 0-based")
+            check_inside(
+                self.image_root(self.source), path, self.registered_name, f"{self.source}:{i}"
+            )
+            if path in first_row:
+                j, other = first_row[path]
+                what = f"with conflicting labels {other} and {label}" if other != label else "twice"
+                raise DatasetError(
+                    f"{where}: {_cut(repr(path))} is listed {what} (rows {j} and {i}); "
+                    "list every image once"
+                )
+            first_row[path] = (i, label)
+            rows.append(i)
+            recs.append(Record(path, label, row[2].strip() if len(row) == 3 else str(label)))
         if not recs:
             raise DatasetError(f"{where} lists no images")
         _names(recs, where, rows)
         return recs
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+_INT = re.compile(r"\s*-?[0-9]{1,18}\s*")
+
+
+def _label(text: str) -> int | None:
+    """An integer label as written in a CSV cell (ASCII digits), else None."""
+    return int(text) if _INT.fullmatch(text) else None
+
+
+def _csv_rows(text: str, where: str) -> Iterator[tuple[int, list[str]]]:
+    """(row number, cells) of a CSV text; a malformed file (e.g. a NUL byte) names the row."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    i = 0
+    while True:
+        i += 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DatasetError(f"{where}:{i}: not a readable CSV row ({e})") from None
+        yield i, row
+
+
+def _warn_loose_images(folder: Path, name: str) -> None:
+    """Images directly in a split folder belong to no class: say so rather than drop them."""
+    loose = list_images(folder)
+    if loose:
+        log.warning(
+            "%s: %d image(s) directly in %s (e.g. %s) are in no class folder and are not used; "
+            "move them into %s/<class>/",
+            name,
+            len(loose),
+            folder,
+            loose[0],
+            folder,
+        )
 
 
 def _names(recs: list[Record], where: str, rows: list[int] | None = None) -> list[str]:

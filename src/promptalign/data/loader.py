@@ -1,6 +1,8 @@
 """Torch datasets and loaders over records, with clear errors for unreadable images.
 
-An unreadable or corrupt image raises an error naming the dataset, the file and the entry. With
+An unreadable or corrupt image, or one over the pixel limit (``max_pixels``,
+``data.max_image_pixels``), raises an error naming the dataset, the file and the entry. Images are
+read by :func:`promptalign.data.images.read_image` (every Pillow mode to 8-bit RGB). With
 ``skip_corrupt=True`` (``data.skip_corrupt=true`` on the command line) such images are skipped
 instead: every batch carries how many it lost (``batch["skipped"]``) and their paths
 (``batch["skipped_paths"]``), so nothing goes unreported whichever process read them. The dataset's
@@ -25,13 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .base import DatasetError, Record
+from .images import ImageReadError, read_image
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +123,14 @@ class ImageDataset(torch.utils.data.Dataset):
         records: Sequence[Record],
         transform: Callable | None = None,
         skip_corrupt: bool = False,
+        max_pixels: int | None = None,
     ):
         self.name = name
         self.image_root = Path(image_root)
         self.records = list(records)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self.max_pixels = max_pixels  # None: Pillow's limit (see promptalign.data.images)
         self.skipped: list[str] = []  # images skipped in this process (see the module docstring)
 
     def __len__(self) -> int:
@@ -134,9 +140,8 @@ class ImageDataset(torch.utils.data.Dataset):
         r = self.records[index]
         path = self.image_root / r.path
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+            return read_image(path, self.max_pixels)
+        except ImageReadError as e:
             if self.skip_corrupt:
                 self.skipped.append(str(path))
                 log.warning(
@@ -194,6 +199,20 @@ def collate(items: list[dict | None]) -> dict:
     }
 
 
+def _worker_count(workers: int, n: int, batch_size: int) -> int:
+    """``workers`` bounded by the batches there are and by 4 per CPU core: more would only start
+    idle processes (results never depend on the worker count)."""
+    cores = os.cpu_count() or 1
+    if workers > 4 * cores:
+        log.warning(
+            "data.workers=%d is more than 4 per CPU core (%d cores): using %d",
+            workers,
+            cores,
+            4 * cores,
+        )
+    return min(workers, 4 * cores, -(-n // batch_size))
+
+
 def make_loader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -226,6 +245,9 @@ def make_loader(
         seed = int(torch.randint(0, 2**62, (1,)).item()) if train else 0
     if train and sampler is None:
         sampler = EpochSampler(len(dataset), seed, epoch=epoch)
+    n = len(sampler) if sampler is not None else len(dataset)
+    batch_size = min(batch_size, max(n, 1))  # a larger batch is the same one batch of everything
+    workers = _worker_count(workers, n, batch_size)
     pin = torch.device(device).type == "cuda" if device is not None else False
     return torch.utils.data.DataLoader(
         dataset,

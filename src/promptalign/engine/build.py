@@ -9,6 +9,7 @@ backbone weights and the worker count. Building from a resolved config again giv
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,9 +40,12 @@ from ..data import (
     make_loader,
 )
 from ..data.base import DatasetError
+from ..data.images import find_unreadable
 from ..data.loader import ViewSampler
 from ..methods import PromptMethod, create_method
 from .checkpoint import sample_hash
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -85,7 +89,8 @@ def resolve_method(
 
 
 def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunConfig:
-    """The fully resolved config of a run (what its folder stores)."""
+    """The fully resolved config of a run (what its folder stores): the method's fields as the
+    method uses them (e.g. a prompt depth it clamped to a shallower tower)."""
     shots = cfg.data.shots
     o = resolve_optim(
         cfg.optim,
@@ -95,9 +100,12 @@ def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunCo
         num_classes=method.num_classes,
     )
     workers = default_workers() if cfg.data.workers is None else cfg.data.workers
+    spec = resolve_method(cfg.method, data.template, cfg.data.dataset)
+    if method.fitted:  # e.g. a prompt depth clamped to a shallower tower
+        spec = dataclasses.replace(spec, options={**spec.options, **to_dict(method.fitted)})
     return dataclasses.replace(
         cfg,
-        method=resolve_method(cfg.method, data.template, cfg.data.dataset),
+        method=spec,
         optim=o,
         data=dataclasses.replace(cfg.data, workers=workers, crop_scale=crop_scale(cfg, data)),
     )
@@ -129,6 +137,12 @@ def build_method(
         raise
     except ValueError as e:  # a method's own check of its options (one line for the CLI)
         raise ConfigError(f"method.options ({spec.name}): {e}") from e
+    except (TypeError, RuntimeError, OverflowError, MemoryError) as e:  # e.g. absurd sizes
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"method.options ({spec.name}): the method cannot be built with these options "
+            f"({type(e).__name__}: {first}); check its sizes and counts"
+        ) from e
     return method.to(device)
 
 
@@ -154,6 +168,7 @@ def image_sets(
         data.train,
         build_transform(pre, train=True, crop_scale=crop_scale(cfg, data)),
         cfg.data.skip_corrupt,
+        cfg.data.max_image_pixels,
     )
     test = ImageDataset(
         data.name,
@@ -161,6 +176,7 @@ def image_sets(
         data.test,
         build_transform(pre, train=False),
         cfg.data.skip_corrupt,
+        cfg.data.max_image_pixels,
     )
     return train, test
 
@@ -189,7 +205,12 @@ def record_batches(
         if scale not in transforms:
             transforms[scale] = build_transform(pre, train=augment, crop_scale=scale)
         return ImageDataset(
-            data.name, data.image_root, records, transforms[scale], cfg.data.skip_corrupt
+            data.name,
+            data.image_root,
+            records,
+            transforms[scale],
+            cfg.data.skip_corrupt,
+            cfg.data.max_image_pixels,
         )
 
     def batches(
@@ -237,6 +258,7 @@ def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
     data = load_data(cfg, cfg.run.seed)
     method = build_method(cfg, data.classnames, device, backbone, data.template)
     cfg = resolve_config(cfg, data, method)
+    check_data(cfg, data, method)
     # data-dependent method state (e.g. Tip-Adapter's cache) exists before the optimiser does
     method.fit_before_training(record_batches(cfg, data, data.train, method, device, augment=True))
     params = method.trainable_parameters()
@@ -245,6 +267,50 @@ def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     train_set, test_set = image_sets(cfg, data, method)
     return Run(cfg, data, method, build_optimizer(params, cfg), scaler, train_set, test_set, names)
+
+
+def check_data(cfg: RunConfig, data: Dataset, method: PromptMethod) -> None:
+    """Before training: every class the run learns has training images, and every image the run
+    will read (training, validation when the method selects on it, test) opens as an image within
+    the pixel limit (headers only, so this stays fast). Unreadable images are an error naming the
+    first one and how many there are, or, under ``data.skip_corrupt``, a warning (they are then
+    skipped and counted as they are met).
+
+    Raises:
+        DatasetError: a class without training images, or unreadable images.
+    """
+    base = PromptMethod
+    learns = bool(method.trainable_parameters()) or (
+        type(method).fit_before_training is not base.fit_before_training  # e.g. a feature cache
+    )
+    if learns and data.train:
+        have = {r.label for r in data.train}
+        missing = [c for i, c in enumerate(data.classnames) if i not in have]
+        if missing:
+            raise DatasetError(
+                f"{data.name}: {len(missing)} class(es) have no training images: "
+                f"{', '.join(repr(m) for m in missing[:5])}{', ...' if len(missing) > 5 else ''}"
+                "; a prompt cannot learn a class it never sees: add training images for them, "
+                "or remove their folders from every split"
+            )
+    uses_val = type(method).select_on_validation is not base.select_on_validation
+    splits = [("train", data.train), ("val", data.val if uses_val else []), ("test", data.test)]
+    paths = [r.path for _, recs in splits for r in recs]
+    bad = find_unreadable(data.image_root, paths, cfg.data.max_image_pixels)
+    if not bad:
+        return
+    path, why = bad[0]
+    what = (
+        f"{data.name}: {len(bad)} of {len(set(paths))} image(s) cannot be read, first "
+        f"{data.image_root / path}: {why}"
+    )
+    if cfg.data.skip_corrupt:
+        log.warning("%s; data.skip_corrupt: they are skipped and counted", what)
+        return
+    raise DatasetError(
+        f"{what}. Fix or remove the files, or set data.skip_corrupt=true to skip and count such "
+        "images"
+    )
 
 
 def run_info(
@@ -261,8 +327,11 @@ def run_info(
     }
 
 
+# how unreadable images are handled: a run may be resumed or evaluated with other values (the
+# results of the images that can be read do not change)
+READING = ("data.skip_corrupt", "data.max_image_pixels")
 # settings a resumed run may change: they do not change what is computed
-RESUMABLE = ("run.device", "run.progress", "data.workers", "data.root")
+RESUMABLE = ("run.device", "run.progress", "data.workers", "data.root", *READING)
 
 
 def resume_config(
@@ -270,18 +339,33 @@ def resume_config(
 ) -> RunConfig:
     """The config of a resumed run: ``stored`` with ``overrides`` that do not change results
     (:data:`RESUMABLE`); an override that changes anything else is an error naming the keys."""
+    return changed_settings(
+        stored,
+        overrides,
+        RESUMABLE,
+        "--resume continues the run as its config.yaml says",
+        "start a new run with another --out to change them",
+    )
+
+
+def changed_settings(
+    stored: RunConfig,
+    overrides: Sequence[str] | Mapping[str, Any],
+    allowed: Sequence[str],
+    what: str,
+    fix: str,
+) -> RunConfig:
+    """``stored`` with ``overrides``, which may change only the ``allowed`` keys; any other
+    change is a :class:`ConfigError` naming the keys, ``what`` the command does and the ``fix``."""
     changed = apply_overrides(stored, overrides)
     flat_a, flat_b = _flatten(to_dict(stored)), _flatten(to_dict(changed))
     diff = sorted(
         k
         for k in flat_a.keys() | flat_b.keys()
-        if flat_a.get(k) != flat_b.get(k) and k not in RESUMABLE
+        if flat_a.get(k) != flat_b.get(k) and k not in allowed
     )
     if diff:
-        raise ConfigError(
-            f"--resume continues the run as its config.yaml says and cannot change {diff} "
-            f"(only {list(RESUMABLE)}); start a new run with another --out to change them"
-        )
+        raise ConfigError(f"{what} and cannot change {diff} (only {list(allowed)}); {fix}")
     return changed
 
 

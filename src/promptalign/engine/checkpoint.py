@@ -139,7 +139,20 @@ def write_config(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def read_config(run_dir: Path) -> RunConfig:
-    return load_yaml(run_dir / CONFIG)
+    """The run's config; a folder without one, or with an empty one, is a CheckpointError."""
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir} holds no run: it has no {CONFIG} (a run stopped before it started "
+            "writes none); give a run folder written by promptalign train"
+        )
+    cfg = load_yaml(path)
+    if not cfg.method.name or not cfg.data.dataset:
+        raise CheckpointError(
+            f"{path} is empty or damaged (it names no method or no dataset); this run folder "
+            f"cannot be used: train the run again, or restore its {CONFIG}"
+        )
+    return cfg
 
 
 # --------------------------------------------------------------------------- the few-shot sample

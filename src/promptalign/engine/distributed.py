@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 
 def init_from_env(device: torch.device) -> bool:
     """Initialise the process group when launched with WORLD_SIZE > 1; True if distributed."""
@@ -41,7 +43,13 @@ def local_device(device: str) -> torch.device:
     """Resolve "auto"/"cuda" to this process's device (LOCAL_RANK under torchrun)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device {str(device)[:80]!r} is not a device PyTorch knows; use auto, cpu, cuda, "
+            "cuda:N or mps"
+        ) from None
     if d.type == "cuda" and d.index is None:
         d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return d

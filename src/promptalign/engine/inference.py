@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,10 @@ import torch
 from ..config import ConfigError
 from ..data import build_transform
 from ..data.base import DatasetError
+from ..data.images import ImageReadError, read_image
 from . import checkpoint as ck
 from . import distributed as du
-from .build import build_method, image_sets, load_data
+from .build import READING, build_method, changed_settings, image_sets, load_data
 from .evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,21 @@ def evaluate_run(
     device: str = "auto",
     backbone=None,
     batch_size: int | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
 ) -> dict[str, Any]:
     """Evaluate a saved run on its dataset's test split, other classes (``subsample``) or another
     dataset (cross-dataset / domain generalisation).
+
+    Args:
+        subsample: "all", "base" or "new" classes; None = the run's own subset on its own
+            dataset, every class ("all") of another ``dataset``.
+        overrides: how unreadable images are handled (:data:`~.build.READING`:
+            ``data.skip_corrupt``, ``data.max_image_pixels``), e.g. ``["data.skip_corrupt=true"]``;
+            any other key is a :class:`ConfigError`.
+
+    Returns:
+        The metrics (:func:`~.evaluate.evaluate`) with ``dataset``, ``subsample`` (the subset
+        used) and ``num_classes``.
 
     "new" classes of the run's own dataset are refused for a run trained on all classes: they
     would be trained classes. On the run's own dataset, the data as read now is checked against
@@ -66,6 +79,16 @@ def evaluate_run(
     ``"sample_check"`` is "same", "changed", "unrecorded" (an older run folder) or "not checked"
     (another dataset)."""
     method, cfg, info = load_run(run_dir, device=device, backbone=backbone)
+    if overrides:
+        cfg = changed_settings(
+            cfg,
+            overrides,
+            READING,
+            "evaluation uses the run as its config.yaml says",
+            "train another run to change them",
+        )
+    if dataset is not None and dataset != cfg.data.dataset and subsample is None:
+        subsample = "all"  # another dataset: all of its classes unless asked otherwise
     if subsample == "new" and dataset is None and cfg.data.subsample == "all":
         raise ConfigError(
             f"{run_dir} was trained on all classes of {cfg.data.dataset}, so its 'new' classes "
@@ -127,20 +150,43 @@ def predict(
     topk: int = 5,
     device: str = "auto",
     backbone=None,
+    skip_unreadable: bool = False,
+    max_image_pixels: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k labels for image files with a saved run (its classes, or ``classnames``)."""
-    from PIL import Image
+    """Top-k labels for image files with a saved run (its classes, or ``classnames``).
 
-    method, _, _ = load_run(run_dir, device=device, backbone=backbone)
+    Args:
+        classnames: class names to choose from (distinct, non-empty); None = the run's.
+        topk: labels per image (>= 1; at most the number of classes are returned).
+        skip_unreadable: an unreadable image (or one over the pixel limit) gives a row
+            ``{"image", "error"}`` instead of raising.
+        max_image_pixels: the pixel limit (None = the run's ``data.max_image_pixels``).
+
+    Returns:
+        One row per image, in order: ``{"image", "top": [{"label", "prob"}, ...]}`` or, with
+        ``skip_unreadable``, ``{"image", "error"}``.
+
+    Raises:
+        DatasetError: bad ``classnames`` or ``topk``; an unreadable image (without
+            ``skip_unreadable``).
+    """
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise DatasetError(f"predict: topk {topk!r} must be an integer >= 1")
+    if classnames is not None:
+        classnames = check_classnames(classnames, "predict: classnames")
+    method, cfg, _ = load_run(run_dir, device=device, backbone=backbone)
     if classnames:
         method.set_classnames(classnames)
+    limit = max_image_pixels if max_image_pixels is not None else cfg.data.max_image_pixels
     tf = build_transform(method.backbone.preprocess, train=False)
     out = []
     for path in images:
         try:
-            with Image.open(path) as im:
-                x = tf(im.convert("RGB")).unsqueeze(0).to(method.backbone.device)
-        except (OSError, ValueError) as e:
+            x = tf(read_image(path, limit)).unsqueeze(0).to(method.backbone.device)
+        except ImageReadError as e:
+            if skip_unreadable:
+                out.append({"image": str(path), "error": f"unreadable image: {e}"})
+                continue
             raise DatasetError(f"cannot read image {path}: {e}") from e
         with torch.no_grad():
             probs = method.logits(x).softmax(-1)[0]
@@ -156,3 +202,23 @@ def predict(
             }
         )
     return out
+
+
+def check_classnames(classnames: Sequence[str], what: str) -> list[str]:
+    """``classnames`` as a list of distinct, non-empty strings.
+
+    Raises:
+        DatasetError: naming ``what`` and the empty or repeated names.
+    """
+    if isinstance(classnames, str) or not all(isinstance(c, str) for c in classnames):
+        raise DatasetError(f"{what}: give a list of class names (strings)")
+    names = list(classnames)
+    if not names:
+        raise DatasetError(f"{what}: no class names given")
+    if any(not c.strip() for c in names):
+        raise DatasetError(f"{what}: empty class name in {names[:10]}; give non-empty names")
+    seen: set[str] = set()
+    dup = sorted({c for c in names if c in seen or seen.add(c)})
+    if dup:
+        raise DatasetError(f"{what}: {dup[:10]} given more than once; give each class once")
+    return names

@@ -134,6 +134,7 @@ class ALIGN(ExplainsOT, PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
+        self.fit_config(depth=self.prompts.depth)  # clamped to the towers
         self.head = HierarchicalOTHead(cfg.solver())
         self.on_classnames_changed()
 

@@ -310,10 +310,19 @@ class PromptMethod(nn.Module, abc.ABC):
         self.config = config
         self._classnames = self._check_classnames(classnames)
         self._cache: tuple[torch.device, Any] | None = None
+        # config values the backbone made this method use instead (see fit_config)
+        self.fitted: dict[str, Any] = {}
         self.regularizer_modules = nn.ModuleList(
             REGULARIZERS.get(name)(**dict(config.regularizer_options.get(name, {})))
             for name in config.regularizers
         )
+
+    def fit_config(self, **used: Any) -> None:
+        """Record config values this backbone makes the method use instead of the configured
+        ones (e.g. a prompt depth clamped to a shallower tower) in :attr:`fitted`; the run's
+        config.yaml records them, so a run re-created from it builds the same method without
+        clamping again. :attr:`config` keeps what was asked."""
+        self.fitted.update({k: v for k, v in used.items() if getattr(self.config, k) != v})
 
     # ------------------------------------------------------------------ classes
     @staticmethod

@@ -51,6 +51,7 @@ class MaPLe(PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init)
+        self.fit_config(depth=self.prompts.depth)  # clamped to the towers
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:

@@ -260,6 +260,7 @@ class PLOT(ExplainsOT, PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         vision_depth = check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
+        self.fit_config(vision_depth=vision_depth)  # clamped to the tower
         Wt, Wv = backbone.text_width, backbone.vision_width
         self.class_template = "{}."
         ctx = normal_init(cfg.n_text_sets, cfg.n_ctx, Wt)  # [N, n, Wt]

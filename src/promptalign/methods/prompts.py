@@ -136,13 +136,15 @@ def check_depth(depth: int, layers: int, what: str) -> int:
 
     A depth beyond the tower (e.g. the published depth 9 on a 3-layer tiny model) is clamped to
     ``layers`` with a logged note, so every method's defaults run on every backbone; a depth
-    below 1 is an error.
+    below 1 is an error. A method records the depth it uses in its ``config``, so the run's
+    config.yaml holds it and the note is logged once per run, not by every later command.
     """
     if depth < 1:
         raise ValueError(f"{what} depth {depth} must be at least 1")
     if depth > layers:
         log.warning(
-            "%s depth %d is deeper than the tower's %d layers: using depth %d",
+            "%s depth %d is deeper than the tower's %d layers: using depth %d (the run's config "
+            "records it)",
             what,
             depth,
             layers,

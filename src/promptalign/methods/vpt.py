@@ -47,6 +47,7 @@ class VPT(PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         depth = check_depth(cfg.depth, backbone.vision_layers, "visual prompt")
+        self.fit_config(depth=depth)  # clamped to the tower
         W = backbone.vision_width
         self.prompts = nn.Parameter(normal_init(cfg.n_tokens, W))  # [n, Wv]
         self.deep_prompts = nn.Parameter(

@@ -4,7 +4,7 @@ variants.txt (label order) and images_variant_{train,val,test}.txt ("<image id> 
 from pathlib import Path
 
 from ...registry import DATASETS
-from ..base import DatasetError, DatasetReader, Record, Splits
+from ..base import DatasetError, DatasetReader, Record, Splits, read_dataset_text
 
 
 @DATASETS.register("fgvc_aircraft")
@@ -18,9 +18,8 @@ class FGVCAircraft(DatasetReader):
         vpath = d / "variants.txt"
         if not vpath.is_file():
             raise DatasetError(f"{self.registered_name}: {vpath} does not exist")
-        names = [
-            line.strip() for line in vpath.read_text(encoding="utf-8").splitlines() if line.strip()
-        ]
+        text = read_dataset_text(vpath, self.registered_name)
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         index = {n: i for i, n in enumerate(names)}
         out = {}
         for split in ("train", "val", "test"):
@@ -28,7 +27,7 @@ class FGVCAircraft(DatasetReader):
             if not path.is_file():
                 raise DatasetError(f"{self.registered_name}: split file {path} does not exist")
             recs = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for i, line in enumerate(read_dataset_text(path, self.registered_name).splitlines(), 1):
                 if not line.strip():
                     continue
                 parts = line.strip().split(" ", 1)
