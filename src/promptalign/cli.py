@@ -392,48 +392,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0 if good else 2
 
 
-def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from promptalign.benchmark import run_benchmark
-
-    _check_device(args.device)
-    _check_out(args.out)
-    overrides = list(args.overrides)
-    for key, value in (
-        ("backbone.arch", args.arch),
-        ("backbone.weights", args.weights),
-        ("run.device", args.device),
-    ):
-        if value is not None:
-            overrides.insert(0, f"{key}={value}")
-    if _ships_own_weights(args):
-        overrides.insert(1, "backbone.weights=null")
-    from promptalign.benchmark import default_datasets
-
-    s = run_benchmark(
-        args.protocol,
-        methods=args.methods,
-        datasets=args.datasets or default_datasets(args.protocol),
-        seeds=args.seeds,
-        data_root=args.data_root,
-        out=args.out,
-        shots=args.shots,
-        targets=args.targets,
-        overrides=overrides,
-    )
-    for md in s.tables.values():
-        print(md)
-    print(
-        f"{len(s.ran)} job(s) run, {len(s.skipped)} already finished, {len(s.failed)} failed"
-        + (f", {len(s.busy)} running elsewhere" if s.busy else "")
-        + f"; tables in {s.out_dir}"
-    )
-    for key, err in s.failed.items():
-        print(f"  FAILED {key}: {err} (details in its error.txt)")
-    for key, holder in s.busy.items():
-        print(f"  BUSY {key}: being run by {holder}; re-run this command once it ends")
-    return 1 if s.failed else 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -618,37 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=_cmd_predict)
 
-    pb = sub.add_parser(
-        "benchmark",
-        help="run a whole protocol (base2new, fewshot, cross_dataset, domain_generalisation)",
-        description="Run every (dataset, method, shots, seed) job of a protocol; finished jobs "
-        "are skipped on re-runs, an interrupted one resumes. KEY=VALUE overrides apply "
-        "to every job; METHOD:KEY=VALUE only to that method's jobs.",
-    )
-    pb.add_argument(
-        "protocol", choices=["base2new", "fewshot", "cross_dataset", "domain_generalisation"]
-    )
-    pb.add_argument("--methods", nargs="+", required=True)
-    pb.add_argument(
-        "--datasets",
-        nargs="+",
-        default=None,
-        help="datasets (source dataset for cross/DG: imagenet)",
-    )
-    pb.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    pb.add_argument(
-        "--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="few-shot protocol only"
-    )
-    pb.add_argument(
-        "--targets", nargs="+", default=None, help="target datasets (cross-dataset / DG)"
-    )
-    pb.add_argument("--data-root", default=".")
-    pb.add_argument("--out", default="benchmark")
-    pb.add_argument("--arch")
-    pb.add_argument("--weights")
-    pb.add_argument("--device")
-    pb.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE")
-    pb.set_defaults(func=_cmd_benchmark)
+    from promptalign.cli_benchmark import add_benchmark_parser
+
+    add_benchmark_parser(sub)
 
     pd = sub.add_parser(
         "demo",
