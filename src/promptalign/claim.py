@@ -439,6 +439,8 @@ class Claim:
     def check(self) -> None:
         """Raise :class:`ClaimLost` when the claim no longer belongs to this process."""
         if self.lost or (self.holder is not None and not self.still_mine()):
+            if self.holder is not None:
+                self.still_mine()  # name whoever holds it now
             raise ClaimLost(
                 f"{self.lost}; stopping without writing more (was this process suspended for "
                 f"over {self.stale_after_s:.0f} s?)"
