@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -296,6 +297,31 @@ def test_a_grid_folder_of_another_version_or_other_settings(tmp_path, capsys):
     assert main(_cli(tmp_path)) == 0  # running it records the grid again; nothing re-run
     assert "0 job(s) run, 1 already finished" in capsys.readouterr().out
     assert finished.stat().st_mtime_ns == mtime
+
+
+def test_an_empty_or_unparsable_job_claim_is_taken_over_after_the_timeout(tmp_path, capsys):
+    """It blocked its job forever while the command exited 0."""
+    from promptalign.benchmark import plan_jobs
+    from promptalign.claim import STALE_AFTER_S
+
+    (_, _, jdir), *_ = plan_jobs(
+        "base2new",
+        methods=["zeroshot"],
+        datasets=["synthetic_shapes"],
+        seeds=[1],
+        data_root=str(tmp_path / "data"),
+        out_dir=tmp_path / "b" / "base2new",
+        overrides=OVERRIDES,
+    )
+    jdir.mkdir(parents=True)
+    (jdir / LOCK).write_text("")  # a claim cut short (an earlier version wrote it in two steps)
+    assert main(_cli(tmp_path)) == 3  # not finished, and says why
+    out = capsys.readouterr().out
+    assert "0 job(s) run" in out and "BUSY" in out and "unreadable claim file" in out
+    old = time.time() - STALE_AFTER_S - 1
+    os.utime(jdir / LOCK, (old, old))
+    assert main(_cli(tmp_path)) == 0
+    assert "1 job(s) run" in capsys.readouterr().out and (jdir / "result.json").is_file()
 
 
 def test_overrides_after_list_options(tmp_path, capsys):

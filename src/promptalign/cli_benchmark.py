@@ -76,7 +76,9 @@ def add_benchmark_parser(sub) -> None:
         description="Run every (dataset, method, shots, seed) job of a protocol in this process, "
         "in worker processes (--launcher local --parallel N) or on Slurm (--launcher slurm); "
         "finished jobs are skipped on re-runs, an interrupted one resumes. `benchmark status "
-        "OUT` shows a grid's progress, `benchmark cancel OUT` cancels its jobs.",
+        "OUT` shows a grid's progress, `benchmark cancel OUT` cancels its jobs. Exit status: "
+        "0 when every job has finished (or was submitted with --no-wait), 1 when some failed, "
+        "3 when some are left to other processes that run them.",
     )
     psub = pb.add_subparsers(dest="protocol", metavar="PROTOCOL|status|cancel")
     for name, text in PROTOCOL_HELP.items():
@@ -261,7 +263,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             f"status {args.out}`, cancel with `promptalign benchmark cancel {args.out}`, and "
             "re-run this command (or status --tables) for the tables once they end"
         )
-    return 1 if s.failed else 0
+    return 1 if s.failed else 3 if s.busy else 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
