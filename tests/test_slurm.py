@@ -213,3 +213,51 @@ def test_an_interrupted_submitter_leaves_the_jobs_running_until_cancel(tmp_path,
         step=0.5,
     )
     assert st.counts()["pending"] == 1
+
+
+@pytest.mark.slow  # Slurm holds a requeued job back for a while: 2-3 minutes here
+def test_a_preempted_job_is_requeued_and_resumes_from_its_last_epoch(tmp_path, slurm):
+    """Slurm's warning signal (sent before the time limit, or on preemption; here with scancel
+    --signal=USR2): submitit checkpoints, the job is requeued under the same id and resumes."""
+    kw = {
+        "methods": ["coop"],
+        "datasets": ["synthetic_shapes"],
+        "seeds": [1],
+        "data_root": str(tmp_path / "data"),
+        "overrides": OVERRIDES,
+    }
+    grid = Grid(tmp_path / "b" / "base2new")
+    box: dict = {}
+
+    def submit():
+        try:
+            box["summary"] = run_benchmark(
+                "base2new", out=tmp_path / "b", launcher="slurm", launcher_settings=SETTINGS, **kw
+            )
+        except BaseException as e:
+            box["error"] = e
+
+    submitter = threading.Thread(target=submit, daemon=True)
+    submitter.start()
+    subs = _wait(lambda: grid.exists() and grid.submissions(), 120, "the submission")
+    slurm_id = next(iter(subs[0]["slurm_jobs"].values()))
+    jdir = grid.jobs()[0][1]
+
+    def epoch_done():
+        try:
+            return json.loads((jdir / "run" / "run.json").read_text())["epoch"] >= 1
+        except (OSError, ValueError, KeyError):
+            return False
+
+    _wait(epoch_done, 240, "the first epoch")
+    subprocess.run(["scancel", "--signal=USR2", slurm_id], check=True, timeout=30)
+    submitter.join(timeout=480)
+    assert not submitter.is_alive()
+    if "error" in box:
+        raise box["error"]
+    assert len(box["summary"].ran) == 1 and not box["summary"].failed
+    attempts = grid_status(tmp_path / "b")[0].jobs[0].attempts
+    assert [a["outcome"] for a in attempts] == ["interrupted", "finished"]
+    assert {a["job_id"] for a in attempts} == {slurm_id}  # requeued, not submitted again
+    assert attempts[-1]["resumed_from"][1] >= 1
+    assert len(grid.submissions()) == 1
