@@ -147,7 +147,11 @@ def test_rerun_with_other_settings_does_not_reuse_old_results(tmp_path, bb):
     assert len(first.ran) == 1
     same = run_benchmark("base2new", overrides=[*base, "optim.epochs=1", "data.workers=2"], **kw)
     assert same.skipped == first.ran and not same.ran  # workers do not change results
-    other = run_benchmark("base2new", overrides=[*base, "optim.epochs=2"], **kw)
+    from promptalign.benchmark import GridError
+
+    with pytest.raises(GridError, match=r"other settings.*optim\.epochs 1 -> 2.*--new-settings"):
+        run_benchmark("base2new", overrides=[*base, "optim.epochs=2"], **kw)  # asked first
+    other = run_benchmark("base2new", overrides=[*base, "optim.epochs=2"], new_settings=True, **kw)
     assert other.ran == first.ran and not other.skipped
     results = sorted((tmp_path / "bench").rglob("result.json"))
     assert len(results) == 2

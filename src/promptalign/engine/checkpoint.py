@@ -12,6 +12,7 @@ Layout of a run folder::
                           epoch, step count, optimiser scalars and AMP scaler state in its
                           metadata (one file, so a resume never mixes two epochs)
     metrics.jsonl         one line per optimiser step / evaluation
+    .lock                 while a process trains in the folder: who (``promptalign.claim``)
 
 Every file except the log is written to a temporary name and renamed (``promptalign.io``), so an
 interrupted write never replaces a good checkpoint; temporaries a killed write left behind are
@@ -36,6 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..claim import LOCK, Claim, ClaimBusy
 from ..config import RunConfig, dump_yaml, load_yaml
 from ..io import atomic_write, atomic_write_text
 
@@ -102,6 +104,25 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed
+
+
+def claim_run_dir(run_dir: Path) -> Claim:
+    """Claim ``run_dir`` for this process (created if needed), so no second process trains in
+    it at the same time, on this host or another one sharing the folder; a claim left by a
+    process that is gone is taken over. Raises :class:`~promptalign.claim.ClaimBusy` naming the
+    holder. Release it with ``.release()``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out {run_dir} is a file; choose a folder for the run")
+    claim = Claim(run_dir / LOCK, what="train")
+    try:
+        claim.acquire()
+    except ClaimBusy as e:
+        raise ClaimBusy(
+            f"--out {run_dir} is in use by {e.who}; wait for it to end, or choose another --out",
+            e.holder,
+            e.who,
+        ) from None
+    return claim
 
 
 def open_run_dir(run_dir: Path, *, resume: bool) -> bool:

@@ -10,6 +10,7 @@ end of an epoch therefore replays exactly what an uninterrupted run does (bit-id
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from ..accel import compile_step
+from ..claim import Claim
 from ..config import RunConfig
 from ..data import make_loader
 from . import checkpoint as ck
@@ -164,14 +166,25 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     with du.process_group(device) as distributed:
-        r = build_run(cfg, device, backbone)
-        created = ck.open_run_dir(run_dir, resume=resume) if du.is_main() else False
+        created = not run_dir.exists()
+        # one process trains in a folder at a time (the main one under torchrun): claimed first
+        claim = ck.claim_run_dir(run_dir) if du.is_main() else None
         try:
-            return _train(r, run_dir, resume, distributed, device, callbacks)
+            r = build_run(cfg, device, backbone)
+            if du.is_main():
+                ck.open_run_dir(run_dir, resume=resume)
+            return _train(r, run_dir, resume, distributed, device, callbacks, claim)
         except BaseException:
-            if du.is_main() and not resume:
-                ck.remove_failed_start(run_dir, created)
+            if claim is not None and not resume:
+                ck.remove_failed_start(run_dir, created=False)  # while the folder is still ours
+                claim.release()
+                if created:  # and the folder it made, unless another run has claimed it since
+                    with contextlib.suppress(OSError):
+                        run_dir.rmdir()
             raise
+        finally:
+            if claim is not None:
+                claim.release()
 
 
 def _train(
@@ -181,6 +194,7 @@ def _train(
     distributed: bool,
     device: torch.device,
     callbacks: Sequence[StepCallback],
+    claim: Claim | None = None,
 ) -> TrainResult:
     cfg, o = r.cfg, r.cfg.optim
     ck.record_sample(run_dir, r.data, resume=resume, write=du.is_main())  # a resume checks it
@@ -224,6 +238,8 @@ def _train(
             )
             if du.is_main():
                 ck.log_metrics(run_dir, {"epoch": epoch, "eval": _short(ev)})
+        if claim is not None:
+            claim.check()  # taken over while this process was stopped: write nothing more
         if du.is_main():
             ck.save_checkpoint(run_dir, r.method, run_info(cfg, r.method, r.data, epoch + 1, None))
             ck.save_resume(
@@ -252,6 +268,8 @@ def _train(
         log.warning(
             "skipped %d unreadable training and %d test images", skipped, metrics["skipped"]
         )
+    if claim is not None:
+        claim.check()
     if du.is_main():
         ck.save_checkpoint(
             run_dir, r.method, run_info(cfg, r.method, r.data, epochs, _short(metrics))
