@@ -152,6 +152,7 @@ AREAS = {
     "engine": "Training, evaluation and run folders",
     "benchmark.py": "Benchmarks",
     "explain.py": "Explain",
+    "registry.py": "Configuration",
 }
 
 
@@ -168,8 +169,7 @@ class ErrorMessage:
 
     @property
     def area(self) -> str:
-        head = self.path.split("/")[0]
-        return AREAS.get(head, AREAS.get(self.path, "Other"))
+        return AREAS.get(self.path.split("/")[0], "Other")
 
 
 def _name(node: ast.expr) -> str:
@@ -302,26 +302,30 @@ def _code(text: str) -> str:
     return f"{ticks}{pad}{_cell(text)}{pad}{ticks}"
 
 
+def _message_cell(text: str) -> str:
+    if re.fullmatch(r"\{[^{}]*\}", text):  # passes another error's message on
+        return "*the message of the error it re-raises*"
+    return _code(text)
+
+
+def _error_table(area: str, msgs: list[ErrorMessage]) -> list[str]:
+    out = [f"### {area}", "", "| message | raised as | where |", "|---|---|---|"]
+    for m in msgs:
+        where = f"`{m.path}:{m.line}` `{m.function}`"
+        out.append(f"| {_message_cell(m.text)} | `{m.exception}` | {where} |")
+    return out + [""]
+
+
 def errors_reference() -> str:
     """The error list as Markdown, grouped by area, each with the exception and the place."""
     by_area: dict[str, list[ErrorMessage]] = {}
     for m in error_messages():
         by_area.setdefault(m.area, []).append(m)
+    order = [*dict.fromkeys(AREAS.values()), *by_area]  # an area not listed still shows, last
     out = []
-    for area in dict.fromkeys(AREAS.values()):
-        msgs = by_area.pop(area, [])
-        if not msgs:
-            continue
-        out += [f"### {area}", "", "| message | raised as | where |", "|---|---|---|"]
-        for m in msgs:
-            out.append(
-                f"| {_code(m.text)} | `{m.exception}` | `{m.path}:{m.line}` `{m.function}` |"
-            )
-        out.append("")
-    for area, msgs in by_area.items():  # an area not listed above still shows
-        out += [f"### {area}", "", "| message | raised as | where |", "|---|---|---|"]
-        out += [f"| {_code(m.text)} | `{m.exception}` | `{m.path}:{m.line}` |" for m in msgs]
-        out.append("")
+    for area in dict.fromkeys(order):
+        if by_area.get(area):
+            out += _error_table(area, by_area[area])
     return "\n".join(out)
 
 

@@ -406,7 +406,25 @@ def run_benchmark(
     backbone=None,
     on_job_done: Callable[[Job, dict], None] | None = None,
 ) -> BenchmarkSummary:
-    """Run every job of ``protocol`` (skipping finished ones) and write tables and plots."""
+    """Run every job of ``protocol`` (skipping finished ones) and write tables and plots.
+
+    Args:
+        protocol: "base2new", "fewshot", "cross_dataset" or "domain_generalisation".
+        methods: method names; ``METHOD@RECIPE`` runs a method's multi-stage recipe as one job.
+        datasets: datasets to train on (for cross-dataset / DG: the source, ImageNet).
+        seeds: seeds, one job each.
+        data_root: the folder holding the datasets (CoOp's layout).
+        out: output folder; jobs and tables go under ``out/protocol/``.
+        shots: shot counts (few-shot protocol; 16 for the others).
+        targets: target datasets (cross-dataset / DG; None: the protocol's).
+        overrides: ``KEY=VALUE`` for every job, ``METHOD:KEY=VALUE`` for one method's jobs.
+        backbone: an already built backbone to share between jobs.
+        on_job_done: called with each finished job and its result.
+
+    Returns:
+        What ran, what was skipped (finished before), busy (run by another process) or failed,
+        and the tables as Markdown.
+    """
     out_dir = Path(out).expanduser() / protocol
     summary = BenchmarkSummary(out_dir)
     plan = plan_jobs(

@@ -23,7 +23,20 @@ log = logging.getLogger(__name__)
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str = "auto", backbone=None):
-    """Rebuild a trained method from its run folder alone: ``(method, config, run info)``."""
+    """Rebuild a trained method from its run folder alone.
+
+    Args:
+        run_dir: a run folder written by :func:`promptalign.engine.train`.
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        backbone: an already built backbone to reuse (it must be the run's architecture).
+
+    Returns:
+        ``(method, config, info)``: the method in eval mode with the run's prompts loaded, the
+        run's resolved ``RunConfig`` and its ``run.json`` record (class names, metrics).
+
+    Raises:
+        CheckpointError: a missing or damaged run file, or prompts holding NaN/inf.
+    """
     run_dir = Path(run_dir).expanduser()
     cfg = ck.read_config(run_dir)
     info = ck.read_json(run_dir / ck.RUN_INFO)
@@ -58,6 +71,21 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a saved run on its dataset's test split, other classes (``subsample``) or another
     dataset (cross-dataset / domain generalisation).
+
+    Args:
+        run_dir: a run folder written by :func:`promptalign.engine.train`.
+        subsample: "all", "base" or "new" classes (None: the run's own).
+        dataset: another registered dataset or custom folder / CSV to evaluate on (all its
+            classes; the prompts are rebuilt for its class names).
+        root: the data root for ``dataset`` (None: the run's).
+        device: "auto", "cpu", "cuda", ...
+        backbone: an already built backbone to reuse.
+        batch_size: evaluation batch size (None: the run's ``optim.eval_batch_size``).
+
+    Returns:
+        The metrics: ``accuracy`` and ``macro_f1`` (percent), ``n`` images, ``skipped``
+        unreadable images, ``dataset``, ``subsample``, ``num_classes``, ``sample_check`` and,
+        for OT methods, ``diagnostics`` (mean plan entropy ratios).
 
     "new" classes of the run's own dataset are refused for a run trained on all classes: they
     would be trained classes. On the run's own dataset, the data as read now is checked against
@@ -128,7 +156,24 @@ def predict(
     device: str = "auto",
     backbone=None,
 ) -> list[dict[str, Any]]:
-    """Top-k labels for image files with a saved run (its classes, or ``classnames``)."""
+    """Top-k labels for image files with a saved run (its classes, or ``classnames``).
+
+    Args:
+        run_dir: a run folder written by :func:`promptalign.engine.train`.
+        images: image files, each read with Pillow and preprocessed as the backbone's weights
+            expect.
+        classnames: class names to score instead of the run's (the prompts transfer to them).
+        topk: labels per image (at most the number of classes).
+        device: "auto", "cpu", "cuda", ...
+        backbone: an already built backbone to reuse.
+
+    Returns:
+        One ``{"image": path, "top": [{"label": name, "prob": p}, ...]}`` per image, in order,
+        probabilities from the softmax over the classes.
+
+    Raises:
+        DatasetError: an image cannot be read (the CLI reports such images per row instead).
+    """
     from PIL import Image
 
     method, _, _ = load_run(run_dir, device=device, backbone=backbone)
