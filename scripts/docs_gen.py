@@ -367,21 +367,25 @@ def docstring_markdown(text: str) -> str:
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
-    """``{field: description}`` from a config class's Google-style "Attributes:" section."""
+    """``{field: description}`` from a config class's "Attributes:" section (an entry starts at
+    the indentation of the first one; deeper lines continue it)."""
     doc = cls.__doc__ or ""
     if "Attributes:" not in doc:
         return {}
-    body = doc.split("Attributes:", 1)[1]
+    body = [line for line in doc.split("Attributes:", 1)[1].splitlines() if line.strip()]
+    if not body:
+        return {}
+    indent = len(body[0]) - len(body[0].lstrip())
     out: dict[str, str] = {}
     current: list[str] = []
-    for raw in body.splitlines():
+    for raw in body:
         line = raw.strip()
         m = re.match(r"^([a-z_][a-z0-9_, ]*):\s*(.*)$", line)
-        if m and not raw.startswith(" " * 8):
+        if m and len(raw) - len(raw.lstrip()) <= indent:
             current = [m.group(2)]
             for name in m.group(1).split(","):
                 out[name.strip()] = current  # shared list: continuation lines added below
-        elif line and current:
+        elif current:
             current.append(line)
     return {k: " ".join(v) for k, v in out.items()}
 
@@ -405,9 +409,8 @@ def _defaults_table(config_cls: type) -> list[str]:
     for f in dataclasses.fields(config_cls):
         if f.name in common:
             continue
-        rows.append(
-            f"| `{f.name}` | {_value(getattr(cfg, f.name))} | {_cell(docs.get(f.name, ''))} |"
-        )
+        meaning = _cell(docstring_markdown(docs.get(f.name, "")))
+        rows.append(f"| `{f.name}` | {_value(getattr(cfg, f.name))} | {meaning} |")
     optim = {
         k: v for k, v in dataclasses.asdict(cfg.optim).items() if v is not None
     }  # the published optimisation settings
