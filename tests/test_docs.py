@@ -36,6 +36,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,12 +277,20 @@ def clean_registries():
         r._items.update(items)
 
 
+@pytest.fixture
+def docs_module(monkeypatch):
+    """The module a page's Python blocks run in (dataclasses look their module up by name)."""
+    module = types.ModuleType("docs_page")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module
+
+
 def _page_id(page: Path) -> str:
     return str(page.relative_to(ROOT))
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
-def test_page_blocks_run(page, tmp_path, monkeypatch, request, clean_registries):
+def test_page_blocks_run(page, tmp_path, monkeypatch, request, clean_registries, docs_module):
     blocks = [b for b in parse_blocks(page) if b.lang in RUN or (b.title and b.lang not in RUN)]
     blocks = [b for b in blocks if "slow" not in b.markers and "ci" not in b.markers]
     if not any(b.lang in RUN for b in blocks):
@@ -293,9 +302,8 @@ def test_page_blocks_run(page, tmp_path, monkeypatch, request, clean_registries)
         if any("synthetic:" in b.options.get("fixture", "") for b in blocks)
         else None
     )
-    namespace: dict = {"__name__": "__docs__"}
     for block in blocks:
-        run_block(block, tmp_path, namespace, synthetic)
+        run_block(block, tmp_path, docs_module.__dict__, synthetic)
 
 
 SLOW_BLOCKS = [b for p in PAGES for b in parse_blocks(p) if "slow" in b.markers]
@@ -303,11 +311,11 @@ SLOW_BLOCKS = [b for p in PAGES for b in parse_blocks(p) if "slow" in b.markers]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", SLOW_BLOCKS, ids=str)
-def test_slow_block_runs(block, tmp_path, monkeypatch, request, clean_registries):
+def test_slow_block_runs(block, tmp_path, monkeypatch, request, clean_registries, docs_module):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     synthetic = request.getfixturevalue("synthetic_root")
-    run_block(block, tmp_path, {"__name__": "__docs__"}, synthetic)
+    run_block(block, tmp_path, docs_module.__dict__, synthetic)
 
 
 def test_every_block_is_run_or_marked():
