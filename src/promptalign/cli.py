@@ -549,11 +549,9 @@ def _launcher(args: argparse.Namespace) -> tuple[str, dict, str]:
     return name, settings, source
 
 
-def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from promptalign.benchmark import StillRunning, default_datasets, get_launcher, run_benchmark
-
-    _check_device(args.device)
-    _check_out(args.out)
+def benchmark_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``KEY=VALUE`` overrides of a parsed ``benchmark PROTOCOL`` command: its flags that set
+    config keys first, then the overrides as given (before or after the list options)."""
     overrides = [*args.overrides, *args.list_overrides]
     for key, value in (
         ("backbone.arch", args.arch),
@@ -564,6 +562,15 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             overrides.insert(0, f"{key}={value}")
     if _ships_own_weights(args):
         overrides.insert(1, "backbone.weights=null")
+    return overrides
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from promptalign.benchmark import StillRunning, default_datasets, get_launcher, run_benchmark
+
+    _check_device(args.device)
+    _check_out(args.out)
+    overrides = benchmark_overrides(args)
     name, settings, source = _launcher(args)
     launcher = get_launcher(name, settings, source)
     try:

@@ -449,11 +449,14 @@ def budget_epochs(iterations: int, train_images: int, batch_size: int) -> int:
 # --------------------------------------------------------------------------- run sections
 @dataclass(frozen=True)
 class BackboneConfig:
-    """Attributes:
-    arch: open_clip architecture (or shipped model / config / JSON path).
-    weights: open_clip pretrained tag or local weights file; None = random for open_clip
-        architectures (tests only) and the shipped weights for a shipped model; "auto" (the
-        default) = the shipped weights for a shipped model (e.g. "tiny-shapes"), else "openai".
+    """The frozen CLIP a run adapts (``backbone.*`` on the command line).
+
+    Attributes:
+        arch: open_clip architecture (or shipped model / config / JSON path).
+        weights: open_clip pretrained tag or local weights file; None = random for open_clip
+            architectures (tests only) and the shipped weights for a shipped model; "auto" (the
+            default) = the shipped weights for a shipped model (e.g. "tiny-shapes"), else
+            "openai".
     """
 
     arch: str = "ViT-B-16"
@@ -473,11 +476,13 @@ def default_weights(arch: str) -> str | None:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Attributes:
-    name: registered method (required; see ``promptalign list methods``).
-    preset: named preset of the method's config (e.g. ALIGN's "reference").
-    options: the method's config fields to change, e.g. {"n_ctx": 4}; converted and checked
-        by the method's config class (unknown keys and bad values are errors).
+    """The method a run trains and its options (``method.*`` on the command line).
+
+    Attributes:
+        name: registered method (required; see ``promptalign list methods``).
+        preset: named preset of the method's config (e.g. ALIGN's "reference").
+        options: the method's config fields to change, e.g. {"n_ctx": 4}; converted and checked
+            by the method's config class (unknown keys and bad values are errors).
         init_from: a run folder whose prompts (``prompts.safetensors``, loaded strictly) start
             this run, e.g. PLOT++ stage 2 from stage 1; None = the method's own initialisation.
     """
@@ -543,21 +548,23 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Attributes:
-    dataset: registered dataset name, or a path to a custom ImageFolder tree / CSV.
-    root: the data root (CoOp layout).
-    split_file: split JSON for a custom dataset.
-    shots: labelled images per class (None = all; >= 1).
-    subsample: "all", "base" or "new" classes.
-    workers: data-loading worker processes (None = :func:`default_workers`; >= 0).
-    skip_corrupt: skip (and count) unreadable images instead of failing.
-    max_image_pixels: the largest image (width x height) read; a larger one is refused as a
-        possible decompression bomb, or skipped and counted under ``skip_corrupt`` (None =
-        Pillow's limit, ``PIL.Image.MAX_IMAGE_PIXELS``: 89,478,485 pixels unless changed).
-    crop_scale: (min, max) fraction of the image area the training RandomResizedCrop keeps
-        (None = the dataset's: (0.08, 1.0), CoOp/Dassl's, unless its reader sets another; e.g.
-        (0.5, 1.0) where objects are small in the frame and 8 % crops cut them out). A run
-        folder stores the value used.
+    """The data a run reads (``data.*`` on the command line).
+
+    Attributes:
+        dataset: registered dataset name, or a path to a custom ImageFolder tree / CSV.
+        root: the data root (CoOp layout).
+        split_file: split JSON for a custom dataset.
+        shots: labelled images per class (None = all; >= 1).
+        subsample: "all", "base" or "new" classes.
+        workers: data-loading worker processes (None = :func:`default_workers`; >= 0).
+        skip_corrupt: skip (and count) unreadable images instead of failing.
+        max_image_pixels: the largest image (width x height) read; a larger one is refused as a
+            possible decompression bomb, or skipped and counted under ``skip_corrupt`` (None =
+            Pillow's limit, ``PIL.Image.MAX_IMAGE_PIXELS``: 89,478,485 pixels unless changed).
+        crop_scale: (min, max) fraction of the image area the training RandomResizedCrop keeps
+            (None = the dataset's: (0.08, 1.0), CoOp/Dassl's, unless its reader sets another;
+            e.g. (0.5, 1.0) where objects are small in the frame and 8 % crops cut them out). A
+            run folder stores the value used.
     """
 
     dataset: str = ""
@@ -587,11 +594,13 @@ SEED_LIMIT = 2**40
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Attributes:
-    seed: run seed (sampling, initialisation, data order).
-    device: "auto", "cpu", "cuda", "cuda:1", ...
-    eval_every: evaluate on the test split every N epochs (0 = only at the end).
-    progress: show a progress bar (only when stderr is a terminal; never changes results).
+    """Seed, device and reporting of a run (``run.*`` on the command line).
+
+    Attributes:
+        seed: run seed (sampling, initialisation, data order).
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        eval_every: evaluate on the test split every N epochs (0 = only at the end).
+        progress: show a progress bar (only when stderr is a terminal; never changes results).
     """
 
     seed: int = 1
@@ -607,6 +616,19 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """Everything that decides a run; a run folder's ``config.yaml`` is one, fully resolved.
+
+    ``KEY=VALUE`` overrides and YAML files set its fields by dotted path
+    (:func:`apply_overrides`, :func:`load_yaml`), converted and checked by field type.
+
+    Attributes:
+        backbone: the frozen CLIP (``backbone.arch``, ``backbone.weights``).
+        method: the method and its options (``method.name``, ``method.options.*``).
+        data: the dataset, shots, subset and loading (``data.*``).
+        optim: optimisation settings; None fields take the method's published values.
+        run: seed, device, progress (``run.*``).
+    """
+
     backbone: BackboneConfig = BackboneConfig()
     method: MethodSpec = MethodSpec()
     data: DataConfig = DataConfig()

@@ -580,7 +580,23 @@ def explain(
     device: str = "auto",
     backbone=None,
 ) -> Explanation:
-    """Explain a saved run's scores for image files (see :func:`explain_images`)."""
+    """Explain a saved run's scores for image files (see :func:`explain_images`).
+
+    Args:
+        run_dir: a run folder written by :func:`promptalign.engine.train`.
+        images: image files.
+        classes: class names to explain besides each image's top ``topk``.
+        topk: top classes explained per image.
+        panels: "ot" (transport plans, OT methods only), "cosine" (patch-cosine maps) or
+            "auto" (ot when the method has plans).
+        device: "auto", "cpu", "cuda", ...
+        backbone: an already built backbone to reuse.
+
+    Returns:
+        An :class:`Explanation`: the method, its scorer options and one
+        :class:`ImageExplanation` per image (``images``: plans, score decompositions, heat maps
+        as arrays); ``promptalign.viz.draw_image`` draws one, ``to_json()`` gives the numbers.
+    """
     from .engine import load_run
 
     if not images:

@@ -24,7 +24,20 @@ log = logging.getLogger(__name__)
 
 
 def load_run(run_dir: str | os.PathLike, *, device: str = "auto", backbone=None):
-    """Rebuild a trained method from its run folder alone: ``(method, config, run info)``."""
+    """Rebuild a trained method from its run folder alone.
+
+    Args:
+        run_dir: a run folder written by :func:`promptalign.engine.train`.
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        backbone: an already built backbone to reuse (it must be the run's architecture).
+
+    Returns:
+        ``(method, config, info)``: the method in eval mode with the run's prompts loaded, the
+        run's resolved ``RunConfig`` and its ``run.json`` record (class names, metrics).
+
+    Raises:
+        CheckpointError: a missing or damaged run file, or prompts holding NaN/inf.
+    """
     run_dir = Path(run_dir).expanduser()
     cfg = ck.read_config(run_dir)
     info = ck.read_json(run_dir / ck.RUN_INFO)
@@ -62,15 +75,23 @@ def evaluate_run(
     dataset (cross-dataset / domain generalisation).
 
     Args:
+        run_dir: a run folder written by :func:`promptalign.engine.train`.
         subsample: "all", "base" or "new" classes; None = the run's own subset on its own
             dataset, every class ("all") of another ``dataset``.
+        dataset: another registered dataset or custom folder / CSV to evaluate on (the prompts
+            are rebuilt for its class names).
+        root: the data root for ``dataset`` (None: the run's).
+        device: "auto", "cpu", "cuda", ...
+        backbone: an already built backbone to reuse.
+        batch_size: evaluation batch size (None: the run's ``optim.eval_batch_size``).
         overrides: how unreadable images are handled (:data:`~.build.READING`:
             ``data.skip_corrupt``, ``data.max_image_pixels``), e.g. ``["data.skip_corrupt=true"]``;
             any other key is a :class:`ConfigError`.
 
     Returns:
-        The metrics (:func:`~.evaluate.evaluate`) with ``dataset``, ``subsample`` (the subset
-        used) and ``num_classes``.
+        The metrics: ``accuracy`` and ``macro_f1`` (percent), ``n`` images, ``skipped``
+        unreadable images, ``dataset``, ``subsample`` (the subset used), ``num_classes``,
+        ``sample_check`` and, for OT methods, ``diagnostics`` (mean plan entropy ratios).
 
     "new" classes of the run's own dataset are refused for a run trained on all classes: they
     would be trained classes. On the run's own dataset, the data as read now is checked against
@@ -156,15 +177,22 @@ def predict(
     """Top-k labels for image files with a saved run (its classes, or ``classnames``).
 
     Args:
-        classnames: class names to choose from (distinct, non-empty); None = the run's.
+        run_dir: a run folder written by :func:`promptalign.engine.train`.
+        images: image files, each read with Pillow and preprocessed as the backbone's weights
+            expect.
+        classnames: class names to choose from (distinct, non-empty; the prompts transfer to
+            them); None = the run's.
         topk: labels per image (>= 1; at most the number of classes are returned).
+        device: "auto", "cpu", "cuda", ...
+        backbone: an already built backbone to reuse.
         skip_unreadable: an unreadable image (or one over the pixel limit) gives a row
             ``{"image", "error"}`` instead of raising.
         max_image_pixels: the pixel limit (None = the run's ``data.max_image_pixels``).
 
     Returns:
-        One row per image, in order: ``{"image", "top": [{"label", "prob"}, ...]}`` or, with
-        ``skip_unreadable``, ``{"image", "error"}``.
+        One row per image, in order: ``{"image", "top": [{"label", "prob"}, ...]}``
+        (probabilities from the softmax over the classes) or, with ``skip_unreadable``,
+        ``{"image", "error"}``.
 
     Raises:
         DatasetError: bad ``classnames`` or ``topk``; an unreadable image (without

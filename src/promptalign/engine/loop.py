@@ -38,6 +38,16 @@ StepCallback = Callable[[dict[str, Any]], None]
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: the run folder written.
+        metrics: the final test metrics (``accuracy``, ``macro_f1`` in percent, ``n`` images,
+            ...), as stored in the run folder's ``run.json``.
+        epochs: the epochs of the run's schedule (a resumed run counts those before it too).
+        steps: optimiser steps taken, in total.
+    """
+
     run_dir: Path
     metrics: dict[str, Any]
     epochs: int
@@ -158,6 +168,9 @@ def train(
             progress, workers, data root); any other change is a :class:`ConfigError`.
         backbone: an already built backbone to reuse (tests, benchmarks).
         callbacks: called after every optimiser step with the step record.
+
+    Returns:
+        The run folder and its final test metrics (:class:`TrainResult`).
     """
     run_dir = Path(out).expanduser()
     if resume:
