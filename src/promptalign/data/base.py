@@ -348,15 +348,12 @@ def _relabel(recs: list[Record], mapping: dict[int, int]) -> list[Record]:
 
 
 def list_datasets() -> list[str]:
-    """Names of the registered datasets."""
-    from . import readers, synthetic  # noqa: F401  (each reader registers itself)
-
+    """Names of the registered datasets (the registry imports every reader on first use)."""
     return DATASETS.names()
 
 
 def get_reader(name: str) -> DatasetReader:
-    from . import readers, synthetic  # noqa: F401
-
+    """A new instance of the registered reader ``name``."""
     return DATASETS.get(name)()
 
 
