@@ -90,6 +90,15 @@ def test_nothing_hard_codes_widths_or_lengths(bb):
         assert bb.n_prefix == trunk.num_prefix_tokens and bb.n_patches == 4
 
 
+def test_tower_depths_are_read_without_loading_weights(bb, request, tmp_path):
+    """What a run's config fits prompt depths to (read from the architecture config, timm and
+    Hugging Face towers built on the meta device) is what the built model has."""
+    from promptalign.backbone import tower_depths
+
+    cfg = family_config(request.node.callspec.params["bb"], tmp_path)
+    assert tower_depths(cfg) == (bb.text_layers, bb.vision_layers)
+
+
 # ---------------------------------------------------------------- text conventions
 EXPECTED_LAYOUT = {  # (start, end id == pad id) per family tokenizer
     "clip": (1, False),

@@ -262,9 +262,9 @@ def test_npt_resolved_config_spells_out_its_base_method(tiny, monkeypatch):
 
     from promptalign.benchmark import config_fingerprint
     from promptalign.config import MethodSpec, RunConfig
-    from promptalign.engine.build import resolve_method
     from promptalign.methods.maple import MaPLeConfig
     from promptalign.registry import METHODS
+    from promptalign.resolve import resolve_method
 
     spec = resolve_method(MethodSpec(name="npt", options={"base_options": {"depth": 2}}), "a {}")
     base = spec.options["base_options"]

@@ -24,11 +24,11 @@ from promptalign.config import (
 from promptalign.data import list_datasets
 from promptalign.data.base import get_reader
 from promptalign.engine import load_run, train
-from promptalign.engine.build import resolve_method
 from promptalign.methods import list_methods
 from promptalign.methods.base import Released, config_value
 from promptalign.presets import PROTOCOLS, load_preset
 from promptalign.registry import METHODS
+from promptalign.resolve import resolve_method
 
 from data_fixtures import make_json_dataset
 

@@ -305,3 +305,16 @@ def test_two_threads_rendering_one_task_at_once_both_read_it(tmp_path, monkeypat
     assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == ["shapes"]
     for r in results[0].train + results[0].test:
         assert (results[0].image_root / r.path).is_file()
+
+
+def test_a_task_is_listed_without_rendering_it(tmp_path):
+    """The split listing (what sets a run's class count) is known before any image is drawn,
+    and equals what the rendered task's split file says."""
+    from promptalign.data.base import count_classes, get_reader
+
+    reader = get_reader("synthetic_size_shapes")
+    listed = reader.listing(tmp_path)
+    assert not (tmp_path / "synthetic").exists()  # nothing rendered
+    assert count_classes("synthetic_size_shapes", tmp_path, "base", reader) == 8
+    assert not (tmp_path / "synthetic").exists()
+    assert listed == reader.read(tmp_path)  # renders it

@@ -23,10 +23,11 @@ from promptalign.config import (
 from promptalign.data import build_transform
 from promptalign.data.loader import _VIEW_STREAM, mix_seed
 from promptalign.data.templates import IMAGENET_SELECT_TEMPLATES
-from promptalign.engine.build import build_run, record_batches, resolve_config, resolve_method
+from promptalign.engine.build import build_run, record_batches
 from promptalign.methods import create_method
 from promptalign.methods.tip_adapter import TipAdapterFConfig
 from promptalign.presets import PROTOCOLS, load_preset
+from promptalign.resolve import resolve_config, resolve_method
 
 from data_fixtures import make_json_dataset
 
@@ -210,7 +211,7 @@ def test_resolved_run_records_the_released_values(textured):
     root, bb = textured
     r = build_run(_cfg(root, "data.workers=0", "data.dataset=eurosat"), torch.device("cpu"), bb)
     assert r.cfg.optim.epochs == 100 and r.cfg.method.options["search_scale"] == (12.0, 10.0)
-    assert resolve_config(r.cfg, r.data, r.method) == r.cfg  # resolving again changes nothing
+    assert resolve_config(r.cfg) == r.cfg  # resolving again changes nothing
 
 
 def test_adam_eps_enters_a_benchmark_fingerprint_only_where_it_changes_the_run():

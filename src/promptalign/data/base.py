@@ -142,6 +142,11 @@ class DatasetReader(abc.ABC):
         """Annotation files the splits are read from (part of the few-shot cache key)."""
         return []
 
+    def listing(self, root: Path) -> Splits:
+        """The records :meth:`read` gives, for a reader that ``generates`` its images: listed
+        without generating them (a reader that reads files has no other way: :meth:`read`)."""
+        return self.read(root)
+
     def check_root(self, root: Path) -> Path:
         d = self.dataset_dir(root)
         if not d.is_dir():
@@ -387,12 +392,8 @@ def load_dataset(
         raise ValueError(f"shots must be >= 1 (or None for all images), got {shots}")
     root = Path(root).expanduser()
     reader = reader or get_reader(name)
-    if not root.is_dir() and not reader.generates:
-        raise DatasetError(f"{name}: data root {root} does not exist")
-    reader.check_root(root)
+    splits = read_splits(name, root, reader)
     image_root = reader.image_root(root)
-    splits = reader.read(root)
-    _check_labels(splits, name)
     train, val = splits.train, splits.val
     if shots is not None and not reader.test_only:
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fewshot"
@@ -400,10 +401,7 @@ def load_dataset(
             name, splits, shots, seed, cache, image_root, reader.split_files(root)
         )
         _note_short_classes(name, train, shots)
-    # every class of every split (a class with test images only is kept: training on it is
-    # refused at train time, evaluating it is not)
-    label_pool = {r.label for split in SPLITS for r in splits.split(split)}
-    keep = base_new_labels(label_pool, subsample)
+    keep = kept_labels(splits, subsample)
     mapping = {old: new for new, old in enumerate(keep)}
     ds = Dataset(
         name=name,
@@ -421,6 +419,39 @@ def load_dataset(
     )
     log.info("loaded dataset\n%s", ds.summary())
     return ds
+
+
+def read_splits(name: str, root: Path, reader: DatasetReader) -> Splits:
+    """The reader's split listing of the dataset under ``root``, its labels checked (no image is
+    opened; a generated dataset is rendered on first use)."""
+    if not root.is_dir() and not reader.generates:
+        raise DatasetError(f"{name}: data root {root} does not exist")
+    reader.check_root(root)
+    splits = reader.read(root)
+    _check_labels(splits, name)
+    return splits
+
+
+def kept_labels(splits: Splits, subsample: Subsample) -> list[int]:
+    """The labels of the classes a run on ``subsample`` has, in order: of every class of every
+    split (a class with test images only is kept: training on it is refused at train time,
+    evaluating it is not)."""
+    return base_new_labels({r.label for split in SPLITS for r in splits.split(split)}, subsample)
+
+
+def count_classes(
+    name: str,
+    root: str | os.PathLike,
+    subsample: Subsample = "all",
+    reader: DatasetReader | None = None,
+) -> int:
+    """How many classes a run on ``subsample`` of dataset ``name`` under ``root`` has, from the
+    reader's split listing alone (no image is opened): what :func:`load_dataset` would give as
+    ``num_classes``."""
+    reader = reader or get_reader(name)
+    root = Path(root).expanduser()
+    splits = reader.listing(root) if reader.generates else read_splits(name, root, reader)
+    return len(kept_labels(splits, subsample))
 
 
 def _note_short_classes(name: str, train: Sequence[Record], shots: int) -> None:

@@ -22,13 +22,14 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ...registry import DATASETS
-from ..base import DatasetReader, Splits, read_split_json
+from ..base import DatasetReader, Record, Splits, read_split_json
 from ..world import COLOURS, SHAPES, SIZES, render, sample_scene, scene_rng
 
 
@@ -72,6 +73,18 @@ TASKS = {
 }
 
 
+def _images(task: Task) -> Iterator[tuple[str, Record, tuple[str, str | None, str | None]]]:
+    """``(split, record, (shape, colour, size))`` of every image of ``task``, in rendering order
+    (the i-th image is drawn from the scene seed ``(task.seed, i)``)."""
+    for label, (shape, colour, *rest) in enumerate(task.classes):
+        size = rest[0] if rest else None
+        name = task.classname(shape, colour, size)
+        for part in ("train", "val", "test"):
+            for i in range(getattr(task, part)):
+                record = Record(f"{label:02d}/{part}_{i:03d}.png", label, name)
+                yield part, record, (shape, colour, size)
+
+
 SPLIT_FILE = "split.json"  # written last: a task folder holding it is complete
 
 
@@ -84,25 +97,18 @@ def generate_task(task: Task, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         split: dict[str, list] = {"train": [], "val": [], "test": []}
-        index = 0
-        for label, (shape, colour, *rest) in enumerate(task.classes):
-            size = rest[0] if rest else None
-            name = task.classname(shape, colour, size)
-            for part in ("train", "val", "test"):
-                for i in range(getattr(task, part)):
-                    rng = scene_rng(task.seed, index)
-                    index += 1
-                    scene = sample_scene(
-                        rng,
-                        shapes=(shape,),
-                        colours=(colour,) if colour else tuple(COLOURS),
-                        styles=task.styles,
-                        sizes=(size,) if size else tuple(SIZES),
-                    )
-                    rel = f"{label:02d}/{part}_{i:03d}.png"
-                    (tmp / "images" / f"{label:02d}").mkdir(parents=True, exist_ok=True)
-                    render(scene, rng).save(tmp / "images" / rel)
-                    split[part].append([rel, label, name])
+        for index, (part, record, (shape, colour, size)) in enumerate(_images(task)):
+            rng = scene_rng(task.seed, index)
+            scene = sample_scene(
+                rng,
+                shapes=(shape,),
+                colours=(colour,) if colour else tuple(COLOURS),
+                styles=task.styles,
+                sizes=(size,) if size else tuple(SIZES),
+            )
+            (tmp / "images" / record.path).parent.mkdir(parents=True, exist_ok=True)
+            render(scene, rng).save(tmp / "images" / record.path)
+            split[part].append([record.path, record.label, record.classname])
         (tmp / SPLIT_FILE).write_text(json.dumps(split))
         _rename_into_place(tmp, folder)
     finally:
@@ -156,6 +162,15 @@ class SyntheticReader(DatasetReader):
     def read(self, root: Path) -> Splits:
         d = self.check_root(root)
         return read_split_json(d / SPLIT_FILE, self.registered_name, d / self.image_dir)
+
+    def listing(self, root: Path) -> Splits:
+        """What :meth:`read` gives, from the task alone (nothing rendered)."""
+        task = TASKS[self.task]
+        records: dict[str, list[Record]] = {"train": [], "val": [], "test": []}
+        for part, record, _ in _images(task):
+            records[part].append(record)
+        names = [task.classname(shape, colour, *rest) for shape, colour, *rest in task.classes]
+        return Splits(records["train"], records["val"], records["test"], names)
 
 
 def _register(name: str, task: str, test_only: bool) -> None:
