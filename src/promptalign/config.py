@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .accel import AmpChoice, CompileChoice
 from .io import EncodingError, read_text
 
 
@@ -350,8 +351,8 @@ class OptimConfig:
     scheduler: Literal["cosine", "constant"] | None = None
     eval_batch_size: int | None = None
     grad_clip: float | None = None
-    amp: Literal["auto", "none", "bf16", "fp16"] | None = None
-    compile: Literal["auto", "on", "off"] | None = None
+    amp: AmpChoice | None = None
+    compile: CompileChoice | None = None
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -637,11 +638,6 @@ class RunConfig:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     run: RunSettings = RunSettings()
-
-
-def parse_scalar(text: str) -> Any:
-    """An override value as typed: converted later by the type of the field it sets."""
-    return Text(text)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] | Mapping[str, Any]) -> RunConfig:

@@ -36,6 +36,8 @@ Subsample = Literal["all", "base", "new"]
 SPLITS = ("train", "val", "test")
 # RandomResizedCrop's area range in CoOp/Dassl's training pipeline (torchvision's default)
 DEFAULT_CROP_SCALE = (0.08, 1.0)
+# file name suffixes taken for images where a folder is listed
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 class DatasetError(ValueError):
@@ -254,24 +256,22 @@ def check_inside(image_root: Path, rel: str, dataset: str, where: str) -> None:
 
 def list_images(folder: Path) -> list[str]:
     """Sorted image file names in a folder (hidden files skipped)."""
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
     return sorted(
         f.name
         for f in folder.iterdir()
-        if not f.name.startswith(".") and f.is_file() and f.suffix.lower() in exts
+        if not f.name.startswith(".") and f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
 def list_images_below(folder: Path) -> list[str]:
     """Image files anywhere below ``folder`` as sorted relative POSIX paths (hidden files and
     folders skipped, symlinked folders not entered); a flat folder gives :func:`list_images`."""
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
     found = []
     for here, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = Path(here).relative_to(folder)
         for f in files:
-            if not f.startswith(".") and Path(f).suffix.lower() in exts:
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
                 if (Path(here) / f).is_file():
                     found.append((rel / f).as_posix())
     return sorted(found)

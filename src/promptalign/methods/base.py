@@ -20,9 +20,10 @@ hooks a method overrides:
 The contract, which tests hold every method file to: a config validates its fields in
 ``check()`` (extending :meth:`MethodConfig.check`, errors name the field), never in its own
 ``__post_init__``; a method never overrides ``training_step``. The one trainer calls only
-``trainable_parameters``, ``training_step`` (the sum of ``loss_terms``), ``logits``,
-``optim_preset`` and the state functions, and turns a published iteration budget
-(:meth:`MethodConfig.iteration_budget`) into epochs.
+``trainable_parameters``, ``training_step`` (the sum of ``loss_terms``), ``logits``, the engine
+hooks and the state functions; a run's optimiser settings come from the config
+(:meth:`MethodConfig.published_optim`, a published iteration budget turned into epochs by
+:func:`promptalign.resolve.resolve_config`).
 
 What a method's released code sets (its defaults, per-dataset templates and hyper-parameters,
 presets) is one table on its config, :attr:`MethodConfig.RELEASED` (:class:`Released`: one
@@ -121,13 +122,6 @@ class Released:
                 else:
                     out[s.key] = s.value
         return out
-
-
-def config_value(config: Any, key: str) -> Any:
-    """The value of a dotted ``key`` ("optim.lr") of a config."""
-    for part in key.split("."):
-        config = getattr(config, part)
-    return config
 
 
 @dataclass(frozen=True)
