@@ -18,7 +18,7 @@ from promptalign.methods.prompts import build_class_prompts, phrase_init
 from conftest import small_config
 
 CLASSES = ["dog", "sea lion", "golden retriever"]
-TOL = 1e-5  # max abs difference to open_clip on fp32 (the bound)
+TOL = 1e-5  # max abs difference to open_clip on fp32
 
 
 def _param(f):
