@@ -143,7 +143,7 @@ _GENERIC = {"Exception", "BaseException", "ValueError", "RuntimeError", "Keyboar
 # checks of its options as a ConfigError
 _VALUE_ERRORS_REPORTED = ("methods",)
 AREAS = {
-    "cli.py": "Command line",
+    "cli": "Command line",
     "config.py": "Configuration",
     "presets.py": "Configuration",
     "methods": "Method options",
@@ -195,10 +195,13 @@ def _exception_classes() -> dict[str, set[str]]:
 
 
 def reported_exceptions() -> set[str]:
-    """Exception names whose messages the CLI prints: those ``promptalign/cli.py`` catches by
+    """Exception names whose messages the CLI prints: those ``promptalign/cli/`` catches by
     name (minus catch-all types), and every package class derived from one of them."""
     caught: set[str] = set()
-    for node in ast.walk(ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))):
+    trees = [
+        ast.parse(p.read_text(encoding="utf-8")) for p in sorted((PACKAGE / "cli").glob("*.py"))
+    ]
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if isinstance(node, ast.ExceptHandler) and node.type is not None:
             types = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
             caught.update(_name(t) for t in types)
@@ -267,7 +270,7 @@ def _raises(path: Path, reported: set[str]) -> Iterator[ErrorMessage]:
         text = _message_text(arg, dict(assigned_in.get(fn, {})))
         yield ErrorMessage(" ".join(text.split()), exc, rel, node.lineno, fn)
     # argparse one-line errors the CLI prints itself: parser.error(...) and print(..., stderr)
-    if rel == "cli.py":
+    if rel.split("/")[0] == "cli":
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue

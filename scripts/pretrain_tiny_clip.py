@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from promptalign import load_backbone
 from promptalign.backbone.loading import read_state_dict, resolve_arch
-from promptalign.data.synthetic import CAPTION_MODES, caption_pairs
+from promptalign.data.captions import CAPTION_MODES, caption_pairs
 
 ARCH = "pa-tiny-shapes"
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -113,7 +113,7 @@ def main() -> None:
         "--captions",
         choices=CAPTION_MODES,
         default="plain",
-        help="caption distribution of the pool (see promptalign.data.synthetic.caption_pairs)",
+        help="caption distribution of the pool (see promptalign.data.captions.caption_pairs)",
     )
     p.add_argument(
         "--text-layers", type=int, default=None, help="text transformer depth (shipped: 3)"

@@ -1,4 +1,4 @@
-"""Every bad input of issues 12 and 30 answered in one line: exit status 2, exactly one line on
+"""Every bad input answered in one line: exit status 2, exactly one line on
 stderr that names the offending input, and no traceback; and the inputs that used to lose data
 silently (classes dropped, images ignored, 16-bit images saturated, a BOM in a path), tested on
 the result.
@@ -321,7 +321,7 @@ def row_epochs_negative(t: Path):
     return _train(_folder(t / "d"), t / "run", "optim.epochs=-5"), "optim.epochs"
 
 
-# ----------------------------------------------------------------------------- issue 30's rows
+# ---------------------------------------------------------------------- YAML, sizes, encodings
 def _alias_bomb(levels: int = 9) -> str:
     """A few hundred bytes of flow YAML whose aliases expand to 10**levels values."""
     flow = "[&a0 [x, x, x, x, x, x, x, x, x, x], " + ", ".join(["*a0"] * 9) + "]"
@@ -617,7 +617,8 @@ def test_redirected_stderr_gets_no_progress_bar(tmp_path, capsys):
 
 
 def test_split_file_flag_sets_data_split_file(tmp_path):
-    from promptalign.cli import _train_config, build_parser
+    from promptalign.cli import build_parser
+    from promptalign.cli.runs import train_config as _train_config
 
     args = build_parser().parse_args(
         [
@@ -658,7 +659,7 @@ def test_csv_with_split_file_trains_through_the_cli(tmp_path, capsys):
     assert "on 2 images" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- issue 30: results
+# ------------------------------------------------------------------- data that used to be lost
 def _classes_folder(root: Path, classes: tuple[str, ...], per_class: int = 1) -> Path:
     """An evaluation-only ImageFolder: class folders of images."""
     for label, c in enumerate(classes):
@@ -849,7 +850,8 @@ def test_the_library_checks_its_own_arguments(run_dir, tmp_path):
 
 
 def test_error_lines_are_linear_and_bounded():
-    from promptalign.cli import MAX_MESSAGE, _one_line
+    from promptalign.cli.common import MAX_MESSAGE
+    from promptalign.cli.common import one_line as _one_line
 
     for text in ("a" * 200_000, "[x, " * 50_000, "ab (cd " * 30_000, "word " * 40_000):
         start = time.perf_counter()

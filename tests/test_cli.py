@@ -47,7 +47,8 @@ def test_list_datasets(capsys):
 def test_shipped_model_name_means_its_own_weights():
     """`--arch tiny-shapes` without --weights must not inherit the 'openai' default of ViT
     configs."""
-    from promptalign.cli import _train_config, build_parser
+    from promptalign.cli import build_parser
+    from promptalign.cli.runs import train_config as _train_config
 
     parse = build_parser().parse_args
     cfg = _train_config(parse(["train", "--out", "x", "--method", "coop", "--arch", "tiny-shapes"]))

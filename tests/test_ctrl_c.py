@@ -96,6 +96,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
         """
         import os, signal, sys, time
         from promptalign import cli
+        from promptalign.cli import tools
 
         def slow(args):
             try:
@@ -105,7 +106,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again
                 time.sleep(60)
 
-        cli._cmd_list = slow
+        tools.cmd_list = slow
         sys.exit(cli.main(["list", "methods"]))
         """
     )

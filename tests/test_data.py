@@ -514,3 +514,31 @@ def test_bad_csv_rows_are_named(tmp_path, text, match):
     (tmp_path / "list.csv").write_text(text)
     with pytest.raises(DatasetError, match=match):
         load_custom_dataset(tmp_path / "list.csv")
+
+
+# --------------------------------------------------------------------------- preprocessing
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("size", [(224, 224), (160, 224)])
+def test_eval_resize_matches_open_clip(mode, size):
+    import numpy as np
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    from promptalign.backbone import Preprocess
+    from promptalign.data import build_transform
+
+    rng = np.random.default_rng(0)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    pre = Preprocess(image_size=size, mean=mean, std=std, interpolation="bicubic", resize_mode=mode)
+    ours = build_transform(pre, train=False)
+    theirs = image_transform(
+        size, is_train=False, mean=mean, std=std, resize_mode=mode, interpolation="bicubic"
+    )
+    for hw in [(300, 451), (517, 233)]:  # landscape and portrait, odd sizes (rounding, padding)
+        img = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+        a, b = ours(img), theirs(img)
+        assert tuple(a.shape) == tuple(b.shape) == (3, *size)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    if mode == "longest":  # fits inside and pads: the border is black (normalised)
+        tall = ours(Image.fromarray(rng.integers(0, 256, (400, 100, 3), dtype=np.uint8)))
+        torch.testing.assert_close(tall[0, :, 0], torch.full((size[0],), -mean[0] / std[0]))

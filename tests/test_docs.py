@@ -191,7 +191,8 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 def plan_benchmark(argv: list[str]) -> tuple[int, str]:
     """Parse a benchmark command and resolve every job's config without training (``dry``)."""
     from promptalign.benchmark import default_datasets, plan_jobs
-    from promptalign.cli import benchmark_overrides, build_parser
+    from promptalign.cli import build_parser
+    from promptalign.cli.bench import benchmark_overrides
 
     args, extra = build_parser().parse_known_args(argv)
     assert args.command == "benchmark" and args.protocol not in ("status", "cancel"), argv

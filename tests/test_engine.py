@@ -453,3 +453,57 @@ def test_a_failed_start_leaves_nothing_that_blocks_a_retry(setup, tmp_path):
     (out / "metrics.jsonl").write_text('{"epoch": 0, "step": 1}\n')
     res = train(_cfg(setup, out), out)
     assert res.steps == 3 and len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+# ---------------------------------------------------------------------------- through the trainer
+def test_trainer_hooks_build_the_cache_search_on_val_and_aggregate_prompts(tmp_path):
+    """fit_before_training / select_on_validation / on_epoch_end are called by the one trainer:
+    the saved Tip-Adapter cache has shots x classes keys and its alpha/beta are the val choice;
+    PromptSRC's saved prompts are the Gaussian aggregate."""
+    make_json_dataset(tmp_path / "data", "oxford_pets")
+    torch.manual_seed(0)
+    bb = promptalign.load_backbone("pa-tiny-vit")
+    common = [
+        "data.dataset=oxford_pets",
+        f"data.root={tmp_path / 'data'}",
+        "data.shots=2",
+        "data.workers=0",
+        "run.device=cpu",
+        "run.progress=false",
+        "optim.batch_size=4",
+        "backbone.arch=pa-tiny-vit",
+    ]
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            *common,
+            "method.name=tip_adapter_f",
+            "optim.epochs=1",
+            "method.options.augment_views=2",
+            "method.options.search_step=[4, 3]",
+        ],
+    )
+    res = train(cfg, tmp_path / "tip", backbone=bb)
+    state = load_file(str(tmp_path / "tip" / "prompts.safetensors"))
+    n_classes = len(json.loads((tmp_path / "tip" / "run.json").read_text())["classnames"])
+    assert state["keys"].shape == (2 * n_classes, bb.embed_dim)
+    assert float(state["alpha"]) == res.metrics["val_selected_alpha"]
+    assert float(state["beta"]) == res.metrics["val_selected_beta"]
+
+    cfg = apply_overrides(
+        RunConfig(),
+        [
+            *common,
+            "method.name=promptsrc",
+            "optim.epochs=2",
+            "method.options.text_depth=2",
+            "method.options.vision_depth=2",
+            "method.options.gpa_mean=1.0",
+            "method.options.gpa_std=1.0",
+            'method.options.teacher_templates=["a photo of a {}."]',
+        ],
+    )
+    train(cfg, tmp_path / "src", backbone=bb)
+    state = load_file(str(tmp_path / "src" / "prompts.safetensors"))
+    for name in ("ctx", "deep_ctx", "visual", "deep_visual"):
+        torch.testing.assert_close(state[name], state[f"gpa_{name}"])

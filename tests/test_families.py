@@ -18,7 +18,7 @@ from promptalign.methods.prompts import build_class_prompts, phrase_init
 from conftest import small_config
 
 CLASSES = ["dog", "sea lion", "golden retriever"]
-TOL = 1e-5  # max abs difference to open_clip on fp32 (the issue's bound)
+TOL = 1e-5  # max abs difference to open_clip on fp32
 
 
 def _param(f):
@@ -88,6 +88,15 @@ def test_nothing_hard_codes_widths_or_lengths(bb):
             (bb.vision_layers, bb.vision_width) == (len(trunk.blocks), trunk.embed_dim) == (2, 32)
         )
         assert bb.n_prefix == trunk.num_prefix_tokens and bb.n_patches == 4
+
+
+def test_tower_depths_are_read_without_loading_weights(bb, request, tmp_path):
+    """What a run's config fits prompt depths to (read from the architecture config, timm and
+    Hugging Face towers built on the meta device) is what the built model has."""
+    from promptalign.backbone import tower_depths
+
+    cfg = family_config(request.node.callspec.params["bb"], tmp_path)
+    assert tower_depths(cfg) == (bb.text_layers, bb.vision_layers)
 
 
 # ---------------------------------------------------------------- text conventions

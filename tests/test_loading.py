@@ -167,3 +167,98 @@ def test_list_backbones_includes_shipped_and_open_clip():
     names = promptalign.list_backbones()
     assert "pa-tiny-vit" in names and "ViT-B-16" in names
     assert "openai" in promptalign.list_pretrained("ViT-B-16")
+
+
+# --------------------------------------------------------------------------- QuickGELU safety
+TINY_GELU = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 40, "heads": 4, "layers": 2},
+}
+
+
+def _acts(bb) -> set[str]:
+    return {type(m).__name__ for n, m in bb.clip.named_modules() if n.endswith("mlp.gelu")}
+
+
+def _outs(bb):
+    with torch.no_grad():
+        return bb.encode_text(bb.tokenize(["a photo of a dog."])), bb.encode_image(
+            images_for(bb, 2)
+        )
+
+
+@pytest.fixture(scope="module")
+def openai_src():
+    """A small random CLIP trained 'as OpenAI did' (QuickGELU), in OpenAI's key layout."""
+    import copy
+
+    import promptalign
+
+    torch.manual_seed(5)
+    return promptalign.load_backbone({**copy.deepcopy(TINY_GELU), "quick_gelu": True})
+
+
+@pytest.mark.parametrize("form", ["jit_keys_pt", "partial_fp16_safetensors"])
+def test_openai_state_dict_switches_quickgelu_on(openai_src, tmp_path, caplog, form):
+    import copy
+    import logging
+
+    from open_clip.model import convert_weights_to_lp
+    from safetensors.torch import save_file
+
+    import promptalign
+
+    sd = {k: v.clone().contiguous() for k, v in openai_src.clip.state_dict().items()}
+    assert {
+        "token_embedding.weight",
+        "positional_embedding",
+        "text_projection",
+        "logit_scale",
+    } <= set(sd)
+    if form == "jit_keys_pt":
+        sd.update(
+            input_resolution=torch.tensor(32),
+            context_length=torch.tensor(77),
+            vocab_size=torch.tensor(49408),
+        )
+        path = tmp_path / "clip_openai.pt"
+        torch.save(sd, path)
+    else:  # OpenAI's storage: linear / attention weights fp16, LayerNorms and embeddings fp32
+        model = copy.deepcopy(openai_src.clip)
+        convert_weights_to_lp(model, dtype=torch.float16)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        assert sd["transformer.resblocks.0.attn.in_proj_weight"].dtype == torch.float16
+        assert sd["ln_final.weight"].dtype == torch.float32
+        path = tmp_path / "clip_openai.safetensors"
+        save_file(sd, str(path))
+    with caplog.at_level(logging.WARNING, logger="promptalign.backbone.loading"):
+        bb = promptalign.load_backbone(
+            copy.deepcopy(TINY_GELU), weights=str(path)
+        )  # arch without quick_gelu
+    assert _acts(bb) == {"QuickGELU"}
+    assert "custom-quickgelu" in caplog.text and "OpenAI" in caplog.text
+    ref = _outs(openai_src) if form == "jit_keys_pt" else None
+    if ref is not None:
+        for a, b in zip(_outs(bb), ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_open_clip_gelu_state_dict_keeps_gelu(tmp_path, caplog):
+    """open_clip's own CLIP checkpoints share the key layout but not OpenAI's markers: no switch."""
+    import copy
+    import logging
+
+    from safetensors.torch import save_file
+
+    import promptalign
+
+    torch.manual_seed(6)
+    src = promptalign.load_backbone(copy.deepcopy(TINY_GELU))
+    path = tmp_path / "laion_style.safetensors"
+    save_file({k: v.contiguous() for k, v in src.clip.state_dict().items()}, str(path))
+    with caplog.at_level(logging.WARNING, logger="promptalign.backbone.loading"):
+        bb = promptalign.load_backbone(copy.deepcopy(TINY_GELU), weights=str(path))
+    assert _acts(bb) == {"GELU"} and "QuickGELU" not in caplog.text
+    for a, b in zip(_outs(bb), _outs(src)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

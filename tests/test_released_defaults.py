@@ -24,13 +24,21 @@ from promptalign.config import (
 from promptalign.data import list_datasets
 from promptalign.data.base import get_reader
 from promptalign.engine import load_run, train
-from promptalign.engine.build import resolve_method
 from promptalign.methods import list_methods
-from promptalign.methods.base import Released, config_value
+from promptalign.methods.base import Released
 from promptalign.presets import PROTOCOLS, load_preset
 from promptalign.registry import METHODS
+from promptalign.resolve import resolve_method
 
 from data_fixtures import make_json_dataset
+
+
+def config_value(config, key: str):
+    """The value of a dotted ``key`` ("optim.lr") of a config."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
 
 # methods whose release this project restates (a table each); any other method with a table is
 # checked the same way

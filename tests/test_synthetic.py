@@ -7,21 +7,23 @@ import pytest
 from PIL import Image
 
 from promptalign.data import load_dataset
-from promptalign.data.synthetic import (
+from promptalign.data.captions import (
     BACKGROUND_WORDS,
     COLOUR_WORDS,
-    COLOURS,
     RELATION_WORDS,
-    RELATIONS,
     SHAPE_WORDS,
-    SHAPES,
     SIZE_WORDS,
-    SIZES,
-    TASKS,
-    Scene,
     caption,
     caption_pairs,
     caption_rich,
+)
+from promptalign.data.readers.synthetic import TASKS, Task, generate_task
+from promptalign.data.world import (
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
     render,
     sample_scene,
     sample_scene_rich,
@@ -238,3 +240,81 @@ def test_the_worlds_training_crops_keep_a_small_object_smaller_than_a_large_one(
 
     assert largest_crop_area(ds.crop_scale) < large_area
     assert largest_crop_area((0.08, 1.0)) > large_area
+
+
+# ------------------------------------------------------------------------ rendering a task folder
+_SMALL_TASK = Task((("circle", None), ("star", None)), ("filled",), 2, 1, 2, 5)
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.stat().st_ino for p in folder.rglob("*")}
+
+
+def test_a_complete_task_folder_is_kept_not_replaced(tmp_path):
+    """A late renderer of the same task keeps the folder another one put in place (whose files
+    a reader may be reading) and leaves no temporary folder behind."""
+    folder = tmp_path / "synthetic" / "small"
+    generate_task(_SMALL_TASK, folder)
+    first = _files(folder)
+    assert "split.json" in first and len([f for f in first if f.endswith(".png")]) == 10
+    generate_task(_SMALL_TASK, folder)  # e.g. a second process that finished later
+    assert _files(folder) == first  # the same files (same inodes): nothing was replaced
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["small"]
+
+
+def test_an_incomplete_task_folder_is_replaced(tmp_path):
+    folder = tmp_path / "small"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "half-written.png").write_bytes(b"")
+    generate_task(_SMALL_TASK, folder)
+    assert (folder / "split.json").is_file() and not (folder / "images/half-written.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]
+
+
+def test_two_threads_rendering_one_task_at_once_both_read_it(tmp_path, monkeypatch):
+    """Two readers render the same missing task at the same time: both finish, neither removes
+    the folder under the other, and both read the same complete split."""
+    import threading
+
+    from promptalign.data.readers import synthetic as reader_module
+
+    monkeypatch.setitem(reader_module.TASKS, "shapes", _SMALL_TASK)
+    barrier = threading.Barrier(2)
+    render_once = reader_module.render
+
+    def slow_render(*args, **kwargs):  # both threads are inside the rendering at once
+        barrier.wait(timeout=30)
+        return render_once(*args, **kwargs)
+
+    monkeypatch.setattr(reader_module, "render", slow_render)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(load_dataset("synthetic_shapes", tmp_path, cache_dir=tmp_path / "c"))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(results) == 2 and results[0].test == results[1].test and len(results[0].test) == 4
+    assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == ["shapes"]
+    for r in results[0].train + results[0].test:
+        assert (results[0].image_root / r.path).is_file()
+
+
+def test_a_task_is_listed_without_rendering_it(tmp_path):
+    """The split listing (what sets a run's class count) is known before any image is drawn,
+    and equals what the rendered task's split file says."""
+    from promptalign.data.base import count_classes, get_reader
+
+    reader = get_reader("synthetic_size_shapes")
+    listed = reader.listing(tmp_path)
+    assert not (tmp_path / "synthetic").exists()  # nothing rendered
+    assert count_classes("synthetic_size_shapes", tmp_path, "base", reader) == 8
+    assert not (tmp_path / "synthetic").exists()
+    assert listed == reader.read(tmp_path)  # renders it

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import promptalign
@@ -23,11 +24,13 @@ from promptalign.config import (
 from promptalign.data import build_transform
 from promptalign.data.loader import _VIEW_STREAM, mix_seed
 from promptalign.data.templates import IMAGENET_SELECT_TEMPLATES
-from promptalign.engine.build import build_run, record_batches, resolve_config, resolve_method
+from promptalign.engine.build import build_run, record_batches
 from promptalign.methods import create_method
 from promptalign.methods.tip_adapter import TipAdapterFConfig
 from promptalign.presets import PROTOCOLS, load_preset
+from promptalign.resolve import resolve_config, resolve_method
 
+from conftest import images_for
 from data_fixtures import make_json_dataset
 
 CLASSES = ["dog", "cat", "sea lion", "red car", "tree"]
@@ -210,7 +213,7 @@ def test_resolved_run_records_the_released_values(textured):
     root, bb = textured
     r = build_run(_cfg(root, "data.workers=0", "data.dataset=eurosat"), torch.device("cpu"), bb)
     assert r.cfg.optim.epochs == 100 and r.cfg.method.options["search_scale"] == (12.0, 10.0)
-    assert resolve_config(r.cfg, r.data, r.method) == r.cfg  # resolving again changes nothing
+    assert resolve_config(r.cfg) == r.cfg  # resolving again changes nothing
 
 
 def test_adam_eps_enters_a_benchmark_fingerprint_only_where_it_changes_the_run():
@@ -226,3 +229,81 @@ def test_adam_eps_enters_a_benchmark_fingerprint_only_where_it_changes_the_run()
         assert fingerprint(method) == fingerprint(method, "optim.adam_eps=1e-8")
         assert fingerprint(method) != fingerprint(method, "optim.adam_eps=1e-4")
     assert fingerprint("tip_adapter_f") != fingerprint("tip_adapter_f", "optim.adam_eps=1e-8")
+
+
+def _fixed_batches(bb, n=10, seed=0):
+    """A deterministic 'training split': n images with labels cycling over the classes."""
+    x = images_for(bb, n, seed)
+    y = torch.arange(n) % len(CLASSES)
+
+    def batches(view=0, crop_scale=None):  # the same images for every view and crop
+        for i in range(0, n, 4):
+            yield x[i : i + 4], y[i : i + 4]
+
+    return batches
+
+
+# ---------------------------------------------------------------------------- Tip-Adapter-F
+def test_tip_adapter_alpha_zero_is_zero_shot_exactly(tiny):
+    zs = create_method("zeroshot", tiny, CLASSES).eval()
+    tip = create_method("tip_adapter_f", tiny, CLASSES, init_alpha=0.0, augment_views=2).eval()
+    tip.fit_before_training(_fixed_batches(tiny))
+    assert tip.keys.shape == (10, tiny.embed_dim) and tip.keys.requires_grad
+    with torch.no_grad():
+        tip.keys.add_(torch.randn_like(tip.keys))  # trained keys: still no effect at alpha 0
+    x = images_for(tiny, 6, seed=3)
+    with torch.no_grad():
+        assert torch.equal(tip.logits(x), zs.logits(x))
+
+
+def test_tip_adapter_cache_is_the_mean_of_augmented_views_and_one_hot_values(tiny):
+    tip = create_method("tip_adapter_f", tiny, CLASSES, augment_views=1)
+    batches = _fixed_batches(tiny)
+    tip.fit_before_training(batches)
+    x = torch.cat([b[0] for b in batches()])
+    with torch.no_grad():
+        expected = F.normalize(tiny.encode_image(x), dim=-1)
+    torch.testing.assert_close(tip.keys.detach(), expected)
+    assert torch.equal(tip.values, F.one_hot(torch.arange(10) % 5, 5).float())
+    # the cache term: a training image's own key has affinity 1, so it adds alpha * exp(0)
+    tip.eval()
+    with torch.no_grad():
+        logits = tip.logits(x[:1])
+        zs = create_method("zeroshot", tiny, CLASSES).eval().logits(x[:1])
+        aff = expected[:1] @ expected.t()
+        cache = torch.exp(-1.0 * (1 - aff)) @ tip.values
+    torch.testing.assert_close(logits, zs + 1.17 * cache)
+
+
+def test_tip_adapter_search_uses_validation_and_new_classes_fall_back_to_zero_shot(tiny):
+    tip = create_method("tip_adapter_f", tiny, CLASSES, augment_views=1, search_step=(8, 5))
+    tip.fit_before_training(_fixed_batches(tiny))
+    tip.eval()
+    val = _fixed_batches(tiny, n=12, seed=9)
+    x_val, y_val = (torch.cat(t) for t in zip(*val()))
+    with torch.no_grad():
+        f = F.normalize(tiny.encode_image(x_val), dim=-1)
+        clip = create_method("zeroshot", tiny, CLASSES).eval().logits(x_val)
+        aff = f @ tip.keys.t()
+    grid = []  # brute force over the released grid: beta in 0.1 + i (7 - 0.1) / 8, alpha likewise
+    for i in range(8):
+        for j in range(5):
+            beta, alpha = 0.1 + i * 6.9 / 8, 0.1 + j * 2.9 / 5
+            logits = clip + alpha * torch.exp(-beta * (1 - aff)) @ tip.values
+            grid.append(100.0 * (logits.argmax(-1) == y_val).float().mean().item())
+    chosen = tip.select_on_validation(val)
+    assert abs(chosen["val_accuracy"] - max(grid)) < 1e-4
+    assert float(tip.alpha) == chosen["alpha"] and float(tip.beta) == chosen["beta"]
+    with torch.no_grad():
+        acc = 100.0 * (tip.logits(x_val).argmax(-1) == y_val).float().mean().item()
+    assert abs(acc - chosen["val_accuracy"]) < 1e-4
+    # a class the cache never saw gets no cache contribution
+    tip.set_classnames(["airplane", "dog"])
+    assert torch.equal(tip.values[:, 0], torch.zeros(10)) and tip.values[:, 1].sum() == 2
+    state = tip.prompt_state_dict()
+    other = create_method("tip_adapter_f", tiny, CLASSES)
+    other.load_prompt_state_dict(state)
+    other.set_classnames(["airplane", "dog"])
+    x = images_for(tiny, 3, seed=5)
+    with torch.no_grad():
+        assert torch.equal(other.eval().logits(x), tip.logits(x))

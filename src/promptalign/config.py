@@ -22,13 +22,14 @@ import re
 import reprlib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from .accel import AmpChoice, CompileChoice
 from .io import EncodingError, read_text
 
 
@@ -350,8 +351,8 @@ class OptimConfig:
     scheduler: Literal["cosine", "constant"] | None = None
     eval_batch_size: int | None = None
     grad_clip: float | None = None
-    amp: Literal["auto", "none", "bf16", "fp16"] | None = None
-    compile: Literal["auto", "on", "off"] | None = None
+    amp: AmpChoice | None = None
+    compile: CompileChoice | None = None
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -417,7 +418,7 @@ def resolve_optim(
     shots: int | None,
     *,
     iterations: int | None = None,
-    num_classes: int | None = None,
+    num_classes: int | Callable[[], int] | None = None,
 ) -> OptimConfig:
     """Library defaults < the method's published values < the run's values. Epochs, when the
     run does not set them: from the method's published ``iterations`` budget for ``shots`` x
@@ -428,12 +429,15 @@ def resolve_optim(
         shots: labelled images per class (None: all).
         iterations: optimiser steps the method's published schedule runs
             (``MethodConfig.iteration_budget``; None: its schedule is in epochs).
-        num_classes: classes of the run (needed to turn ``iterations`` into epochs).
+        num_classes: classes of the run (needed to turn ``iterations`` into epochs), or a
+            function giving them, called only then (it may read the dataset's split listing).
     """
     published = DEFAULT_OPTIM.merged(method)
     epochs = run.epochs
-    if epochs is None and iterations is not None and shots is not None and num_classes:
-        epochs = budget_epochs(iterations, shots * num_classes, published.batch_size)
+    if epochs is None and iterations is not None and shots is not None:
+        classes = num_classes() if callable(num_classes) else num_classes
+        if classes:
+            epochs = budget_epochs(iterations, shots * classes, published.batch_size)
     if epochs is None:
         epochs = published.epochs_for(shots)
     return dataclasses.replace(published.merged(run), epochs=epochs)
@@ -636,11 +640,6 @@ class RunConfig:
     run: RunSettings = RunSettings()
 
 
-def parse_scalar(text: str) -> Any:
-    """An override value as typed: converted later by the type of the field it sets."""
-    return Text(text)
-
-
 def apply_overrides(cfg: RunConfig, overrides: list[str] | Mapping[str, Any]) -> RunConfig:
     """Apply dotted overrides like ``optim.lr=0.01`` or ``method.options.n_ctx=8``.
 
@@ -707,15 +706,51 @@ def load_yaml_file(path: str | Path) -> Any:
 
 
 def load_yaml(path: str | Path) -> RunConfig:
-    """Read a YAML run config (a saved :class:`RunConfig`; missing keys keep their defaults)."""
+    """Read a YAML run config (a saved :class:`RunConfig`; missing keys keep their defaults;
+    the layout of earlier versions is brought up to date first, :func:`migrate`)."""
     path = Path(path)
     data = load_yaml_file(path) or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
-        return from_dict(RunConfig, data)
+        return from_dict(RunConfig, migrate(data))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+# optimiser-settings keys that earlier versions kept inside a method's ``optim`` section: an
+# iteration budget published in optimiser steps (a method config field since) and the class count
+# the run filled in to turn it into epochs (derived from the data since)
+_MOVED_FROM_METHOD_OPTIM = {"iterations_per_shot": "iterations_per_shot", "num_classes": None}
+
+
+def migrate(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved run config of an earlier version in today's layout (a copy; a current one is
+    returned unchanged): in ``method.options`` (and the options of a wrapped method, at any depth),
+    the keys of :data:`_MOVED_FROM_METHOD_OPTIM` move out of an ``optim`` section to the config
+    holding it (or are dropped)."""
+    out = dict(data)
+    method = out.get("method")
+    if isinstance(method, Mapping) and isinstance(method.get("options"), Mapping):
+        out["method"] = {**method, "options": _migrate_options(method["options"])}
+    return out
+
+
+def _migrate_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    options = dict(options)
+    optim = options.get("optim")
+    if isinstance(optim, Mapping) and any(k in optim for k in _MOVED_FROM_METHOD_OPTIM):
+        optim = dict(optim)
+        for old, new in _MOVED_FROM_METHOD_OPTIM.items():
+            if old in optim:
+                value = optim.pop(old)
+                if new is not None:
+                    options.setdefault(new, value)
+        options["optim"] = optim
+    for key, value in options.items():  # a wrapped method's options (NPT's base_options)
+        if key != "optim" and isinstance(value, Mapping):
+            options[key] = _migrate_options(value)
+    return options
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -32,7 +32,9 @@ prompt set to 2-D (t-SNE with scikit-learn, PCA without).
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -49,7 +51,6 @@ from .methods.explainable import ExplainFeatures, plan_entropies, plan_entropy_r
 log = logging.getLogger(__name__)
 
 Panels = Literal["auto", "ot", "cosine"]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 class ExplainError(ValueError):
@@ -142,6 +143,25 @@ class ClassExplanation:
         order = np.argsort(-plan.ravel(), kind="stable")[:k]
         return [tuple(int(i) for i in np.unravel_index(o, plan.shape)) for o in order]
 
+    def line(self) -> str:
+        """One line: the logit, with OT its decomposition (global + token + other) and the plan
+        entropies, and the best-matched words of the dominant (visual set, text set) pair."""
+        line = f"  {self.name}: logit {self.logit:.2f}"
+        if self.prompt_plan is not None:
+            line += f" = global {self.logit_global.sum():.2f} + token {self.logit_token.sum():.2f}"
+            line += f" + other {self.logit_extra:.2f}" if self.logit_extra else ""
+            line += f"; prompt plan entropy {self.entropy['prompt']:.3f} of uniform"
+            line += f" (floor {self.entropy['prompt_floor_ratio']:.3f})"
+        if "token" in self.entropy:
+            m, n = self.dominant_pairs(1)[0]
+            cos = self.word_cosine[n][m]
+            words = sorted(zip(self.tokens[n].words, cos), key=lambda t: -t[1])[:3]
+            line += (
+                f"; token plans {self.entropy['token'].mean():.3f} of uniform; best-matched words "
+                f"(pair v{m}-t{n}, cosine) " + ", ".join(f"{w} {x:.2f}" for w, x in words)
+            )
+        return line
+
 
 @dataclass
 class ImageExplanation:
@@ -161,6 +181,11 @@ class ImageExplanation:
     top: list[tuple[str, float]]
     classes: list[ClassExplanation]
 
+    def lines(self) -> list[str]:
+        """The image's top classes, then one line per explained class."""
+        top = f"{self.path}: top " + ", ".join(f"{n} ({p:.2f})" for n, p in self.top)
+        return [top, *(c.line() for c in self.classes)]
+
 
 @dataclass
 class Explanation:
@@ -178,6 +203,18 @@ class Explanation:
     panels: str
     options: dict[str, Any]
     images: list[ImageExplanation]
+
+    def header(self) -> str:
+        """The method, its scorer and options, and the view computed, in one line."""
+        opts = ", ".join(f"{k} {v}" for k, v in self.options.items())
+        return f"{self.method} ({self.scorer}{': ' + opts if opts else ''}); {self.panels} panels"
+
+    def summary_lines(self) -> list[str]:
+        """:meth:`summary` as lines."""
+        return [
+            f"mean {level.replace('_', ' ')}: {value:.3f} (1.0 = uniform plan)"
+            for level, value in self.summary().items()
+        ]
 
     def summary(self) -> dict[str, Any]:
         """Plan entropy ratios averaged over every explained (image, class)."""
@@ -633,6 +670,17 @@ class Embeddings:
     classnames: list[str]
     paths: list[str]
     projection: str
+
+    def describe(self) -> str:
+        """E.g. "TSNE of 400 images x 4 visual prompt set(s)"."""
+        n_sets, n_images = self.coords.shape[:2]
+        return f"{self.projection.upper()} of {n_images} images x {n_sets} visual prompt set(s)"
+
+    def csv_text(self) -> str:
+        """:meth:`csv_rows` as CSV text."""
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(self.csv_rows())
+        return buf.getvalue()
 
     def csv_rows(self) -> list[list[Any]]:
         rows = [["image", "label", "class", "set", "x", "y"]]

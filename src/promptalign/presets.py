@@ -13,7 +13,15 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .config import BackboneConfig, DataConfig, MethodSpec, OptimConfig, RunConfig, load_yaml
+from .config import (
+    BackboneConfig,
+    DataConfig,
+    MethodSpec,
+    OptimConfig,
+    RunConfig,
+    load_yaml,
+    method_config_class,
+)
 
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset")
 
@@ -35,13 +43,11 @@ def load_preset(name: str) -> RunConfig:
 
 def make_preset(method: str, protocol: str) -> RunConfig:
     """The published run config of ``method`` under ``protocol`` (what the YAML files hold)."""
-    from .methods import list_methods
-    from .registry import METHODS
+    from .resolve import resolve_method
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} unknown; use one of {PROTOCOLS}")
-    list_methods()
-    cls = METHODS.get(method).config_class
+    cls = method_config_class(method)
     # a method's config preset named after the protocol holds its published settings for it
     preset = protocol if protocol in cls.PRESETS else None
     data = {
@@ -53,11 +59,11 @@ def make_preset(method: str, protocol: str) -> RunConfig:
     # the run's classes or per dataset (the release's per-dataset epochs, e.g. Tip-Adapter-F's
     # EuroSAT) depends on the data (all resolved at run time); the other protocols use the
     # method's fixed published epoch count
-    config = cls.from_preset(preset)
+    config = resolve_method(MethodSpec(method, preset)).build()
     by_data = config.iteration_budget(data.shots) is not None
     per_dataset = any(s.key == "optim.epochs" and s.dataset for s in cls.RELEASED.settings)
     depends = protocol == "fewshot" or by_data or per_dataset
-    epochs = None if depends else config.optim.epochs
+    epochs = None if depends else config.published_optim().epochs
     return RunConfig(
         backbone=BackboneConfig("ViT-B-16", "openai"),
         method=MethodSpec(method, preset),

@@ -77,4 +77,4 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method", ["promptalign.methods"])
 REGULARIZERS: Registry = Registry("regularizer", ["promptalign.methods"])
-DATASETS: Registry = Registry("dataset", ["promptalign.data.readers", "promptalign.data.synthetic"])
+DATASETS: Registry = Registry("dataset", ["promptalign.data.readers"])

@@ -3,12 +3,14 @@
 from .clip import Backbone, Preprocess, TextFeatures, VisionFeatures
 from .loading import (
     BackboneError,
+    TowerDepths,
     WeightsError,
     list_backbones,
     list_pretrained,
     load_backbone,
     load_weights_file,
     read_state_dict,
+    tower_depths,
 )
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "BackboneError",
     "Preprocess",
     "TextFeatures",
+    "TowerDepths",
     "VisionFeatures",
     "WeightsError",
     "list_backbones",
@@ -23,4 +26,5 @@ __all__ = [
     "load_backbone",
     "load_weights_file",
     "read_state_dict",
+    "tower_depths",
 ]

@@ -14,6 +14,7 @@ and never from method or dataset configs.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -21,12 +22,13 @@ import zipfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .clip import Backbone, Preprocess
 from .families import build_tokenizer, prepare_model_cfg
+from .towers import text_tower, vision_tower
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,45 @@ def resolve_arch(
             f"architecture {name!r}: config lacks {missing}; expected an open_clip model config"
         )
     return name, cfg, pre
+
+
+class TowerDepths(NamedTuple):
+    """Transformer layers of the two towers of an architecture."""
+
+    text: int
+    vision: int
+
+
+def tower_depths(arch: str | os.PathLike | Mapping[str, Any]) -> TowerDepths:
+    """The layer counts of ``arch``'s text and vision towers, as a built :class:`Backbone` counts
+    them, without loading weights: open_clip's own towers read ``layers`` from the architecture
+    config; a timm or Hugging Face tower is built on the meta device (no memory, no weights).
+
+    Args:
+        arch: as :func:`load_backbone` takes it (a shipped model's name included).
+
+    Raises:
+        BackboneError: an unknown architecture; UnsupportedTower: a tower without prompt seams.
+    """
+    if isinstance(arch, str) and not Path(arch).expanduser().exists():
+        return _named_tower_depths(arch)  # a shipped or open_clip name: computed once
+    return _tower_depths(arch)
+
+
+@functools.lru_cache(maxsize=32)
+def _named_tower_depths(arch: str) -> TowerDepths:
+    return _tower_depths(SHIPPED_PRETRAINED[arch][0] if arch in SHIPPED_PRETRAINED else arch)
+
+
+def _tower_depths(arch: str | os.PathLike | Mapping[str, Any]) -> TowerDepths:
+    _, cfg, _ = resolve_arch(arch)
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    native = "timm_model_name" not in vision and "hf_model_name" not in text
+    if native and isinstance(vision.get("layers"), int) and isinstance(text.get("layers"), int):
+        return TowerDepths(text["layers"], vision["layers"])
+    with torch.device("meta"):
+        model = _build_model(prepare_model_cfg(cfg, weights_given=True))
+    return TowerDepths(text_tower(model).layers, vision_tower(model.visual).layers)
 
 
 def _build_model(cfg: dict[str, Any]) -> torch.nn.Module:

@@ -29,7 +29,6 @@ from .jobs import (
     make_jobs,
     plan_jobs,
     recipe_stages,
-    resolved_job_config,
     run_job,
     split_recipe,
 )
@@ -77,7 +76,6 @@ __all__ = [
     "published",
     "recipe_stages",
     "release_job",
-    "resolved_job_config",
     "run_benchmark",
     "run_job",
     "split_recipe",

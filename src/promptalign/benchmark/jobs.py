@@ -2,10 +2,11 @@
 each one's run config and folder, and running one job.
 
 Every job has its own folder ``<grid>/jobs/<dataset>/<method>/shots<K>-seed<S>-<fingerprint>/``,
-where the fingerprint is a hash of the job's resolved run config (method preset filled in; loader
-workers and the progress bar left out, since they do not change results). Defaults come from each
-method's published preset for the protocol (``presets/``); ``overrides`` (``key=value``) apply to
-every job, and ``method:key=value`` only to that method's jobs. Every job's config is built and
+where the fingerprint is a hash of the job's resolved run config
+(:func:`~promptalign.resolve.resolve_config`: what the job trains and records; loader workers and
+the progress bar left out, since they do not change results). Defaults come from each method's
+published preset for the protocol (``presets/``); ``overrides`` (``key=value``) apply to every
+job, and ``method:key=value`` only to that method's jobs. Every job's config is built and
 checked before any job runs, so a typo in an override, a method or a dataset name fails once.
 """
 
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, RunConfig, apply_overrides, resolve_optim, to_dict
+from ..config import ConfigError, RunConfig, apply_overrides, to_dict
 from ..engine import evaluate_run, harmonic_mean, train
 from ..engine.checkpoint import RESUME_STATE, RUN_INFO
 from ..presets import make_preset
+from ..resolve import resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -160,27 +162,6 @@ def job_config(job: Job, base_overrides: Sequence[str], data_root: str) -> RunCo
     return apply_overrides(cfg, generic + specific)
 
 
-def resolved_job_config(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with every method field and the method's published optimisation preset filled in
-    (what training uses) and the dataset's training crop, without building the model or reading
-    the data; a bad method name, preset or option is a ConfigError."""
-    from ..data.base import DEFAULT_CROP_SCALE
-    from ..engine.build import resolve_method
-    from ..registry import DATASETS
-
-    # unknown method / preset / option: ConfigError; a registered dataset's released settings
-    # (the method's RELEASED table) are part of the job's config
-    spec = resolve_method(cfg.method, dataset=cfg.data.dataset)
-    optim = resolve_optim(cfg.optim, spec.build().optim, cfg.data.shots)
-    crop = cfg.data.crop_scale or (
-        DATASETS.get(cfg.data.dataset).crop_scale
-        if cfg.data.dataset in DATASETS
-        else DEFAULT_CROP_SCALE  # a custom ImageFolder / CSV dataset
-    )
-    data = dataclasses.replace(cfg.data, crop_scale=tuple(crop))
-    return dataclasses.replace(cfg, method=spec, optim=optim, data=data)
-
-
 # settings that never change a job's result (the data order and augmentation do not depend on them)
 _NOT_IN_FINGERPRINT = {("data", "workers"), ("run", "progress")}
 # settings added after jobs were recorded, with the values every earlier job ran with (set or
@@ -201,8 +182,9 @@ def _drop_added(d: Any) -> None:
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
-    """A short hash of the resolved config that identifies a job's result."""
-    d = to_dict(resolved_job_config(cfg))
+    """A short hash of the resolved config (:func:`~promptalign.resolve.resolve_config`, what
+    the job trains and records) that identifies a job's result."""
+    d = to_dict(resolve_config(cfg))
     for section, key in _NOT_IN_FINGERPRINT:
         d[section].pop(key, None)
     _drop_added(d)
@@ -273,11 +255,12 @@ def plan_jobs(
     targets: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
 ) -> list[tuple[Job, RunConfig, Path]]:
-    """Every job with its config and folder, all checked before anything runs (ConfigError)."""
+    """Every job with its resolved config (what it trains and records) and folder, all checked
+    before anything runs (ConfigError)."""
     _check_names(protocol, methods, datasets, shots, seeds, targets, overrides)
     plan = []
     for job in make_jobs(protocol, methods, datasets, seeds, shots, targets):
-        cfg = job_config(job, overrides, data_root)
+        cfg = resolve_config(job_config(job, overrides, data_root))
         plan.append((job, cfg, job_dir(out_dir, job, config_fingerprint(cfg))))
     return plan
 

@@ -36,6 +36,8 @@ Subsample = Literal["all", "base", "new"]
 SPLITS = ("train", "val", "test")
 # RandomResizedCrop's area range in CoOp/Dassl's training pipeline (torchvision's default)
 DEFAULT_CROP_SCALE = (0.08, 1.0)
+# file name suffixes taken for images where a folder is listed
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 class DatasetError(ValueError):
@@ -141,6 +143,11 @@ class DatasetReader(abc.ABC):
     def split_files(self, root: Path) -> list[Path]:
         """Annotation files the splits are read from (part of the few-shot cache key)."""
         return []
+
+    def listing(self, root: Path) -> Splits:
+        """The records :meth:`read` gives, for a reader that ``generates`` its images: listed
+        without generating them (a reader that reads files has no other way: :meth:`read`)."""
+        return self.read(root)
 
     def check_root(self, root: Path) -> Path:
         d = self.dataset_dir(root)
@@ -249,24 +256,22 @@ def check_inside(image_root: Path, rel: str, dataset: str, where: str) -> None:
 
 def list_images(folder: Path) -> list[str]:
     """Sorted image file names in a folder (hidden files skipped)."""
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
     return sorted(
         f.name
         for f in folder.iterdir()
-        if not f.name.startswith(".") and f.is_file() and f.suffix.lower() in exts
+        if not f.name.startswith(".") and f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
 def list_images_below(folder: Path) -> list[str]:
     """Image files anywhere below ``folder`` as sorted relative POSIX paths (hidden files and
     folders skipped, symlinked folders not entered); a flat folder gives :func:`list_images`."""
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
     found = []
     for here, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = Path(here).relative_to(folder)
         for f in files:
-            if not f.startswith(".") and Path(f).suffix.lower() in exts:
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
                 if (Path(here) / f).is_file():
                     found.append((rel / f).as_posix())
     return sorted(found)
@@ -348,15 +353,12 @@ def _relabel(recs: list[Record], mapping: dict[int, int]) -> list[Record]:
 
 
 def list_datasets() -> list[str]:
-    """Names of the registered datasets."""
-    from . import readers, synthetic  # noqa: F401  (each reader registers itself)
-
+    """Names of the registered datasets (the registry imports every reader on first use)."""
     return DATASETS.names()
 
 
 def get_reader(name: str) -> DatasetReader:
-    from . import readers, synthetic  # noqa: F401
-
+    """A new instance of the registered reader ``name``."""
     return DATASETS.get(name)()
 
 
@@ -390,12 +392,8 @@ def load_dataset(
         raise ValueError(f"shots must be >= 1 (or None for all images), got {shots}")
     root = Path(root).expanduser()
     reader = reader or get_reader(name)
-    if not root.is_dir() and not reader.generates:
-        raise DatasetError(f"{name}: data root {root} does not exist")
-    reader.check_root(root)
+    splits = read_splits(name, root, reader)
     image_root = reader.image_root(root)
-    splits = reader.read(root)
-    _check_labels(splits, name)
     train, val = splits.train, splits.val
     if shots is not None and not reader.test_only:
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fewshot"
@@ -403,10 +401,7 @@ def load_dataset(
             name, splits, shots, seed, cache, image_root, reader.split_files(root)
         )
         _note_short_classes(name, train, shots)
-    # every class of every split (a class with test images only is kept: training on it is
-    # refused at train time, evaluating it is not)
-    label_pool = {r.label for split in SPLITS for r in splits.split(split)}
-    keep = base_new_labels(label_pool, subsample)
+    keep = kept_labels(splits, subsample)
     mapping = {old: new for new, old in enumerate(keep)}
     ds = Dataset(
         name=name,
@@ -424,6 +419,39 @@ def load_dataset(
     )
     log.info("loaded dataset\n%s", ds.summary())
     return ds
+
+
+def read_splits(name: str, root: Path, reader: DatasetReader) -> Splits:
+    """The reader's split listing of the dataset under ``root``, its labels checked (no image is
+    opened; a generated dataset is rendered on first use)."""
+    if not root.is_dir() and not reader.generates:
+        raise DatasetError(f"{name}: data root {root} does not exist")
+    reader.check_root(root)
+    splits = reader.read(root)
+    _check_labels(splits, name)
+    return splits
+
+
+def kept_labels(splits: Splits, subsample: Subsample) -> list[int]:
+    """The labels of the classes a run on ``subsample`` has, in order: of every class of every
+    split (a class with test images only is kept: training on it is refused at train time,
+    evaluating it is not)."""
+    return base_new_labels({r.label for split in SPLITS for r in splits.split(split)}, subsample)
+
+
+def count_classes(
+    name: str,
+    root: str | os.PathLike,
+    subsample: Subsample = "all",
+    reader: DatasetReader | None = None,
+) -> int:
+    """How many classes a run on ``subsample`` of dataset ``name`` under ``root`` has, from the
+    reader's split listing alone (no image is opened): what :func:`load_dataset` would give as
+    ``num_classes``."""
+    reader = reader or get_reader(name)
+    root = Path(root).expanduser()
+    splits = reader.listing(root) if reader.generates else read_splits(name, root, reader)
+    return len(kept_labels(splits, subsample))
 
 
 def _note_short_classes(name: str, train: Sequence[Record], shots: int) -> None:

@@ -32,6 +32,8 @@ from .base import (
     Splits,
     Subsample,
     check_inside,
+    get_reader,
+    list_datasets,
     list_dirs,
     list_images,
     list_images_below,
@@ -239,7 +241,7 @@ def load_custom_dataset(
 ) -> Dataset:
     """Load an ImageFolder tree or CSV as a dataset (see the module docstring)."""
     source = Path(source).expanduser().resolve()
-    reader = CustomReader(source, Path(split_file) if split_file else None, template)
+    reader = custom_reader(source, split_file, template)
     return load_dataset(
         reader.registered_name,
         reader.dataset_dir(source),
@@ -248,4 +250,39 @@ def load_custom_dataset(
         subsample=subsample,
         cache_dir=cache_dir,
         reader=reader,
+    )
+
+
+def custom_reader(
+    source: str | os.PathLike,
+    split_file: str | os.PathLike | None = None,
+    template: str = "a photo of a {}.",
+) -> CustomReader:
+    """The reader of a custom ImageFolder tree or CSV at ``source`` (its data root is
+    ``reader.dataset_dir(source)``)."""
+    source = Path(source).expanduser().resolve()
+    return CustomReader(source, Path(split_file) if split_file else None, template)
+
+
+def dataset_reader(
+    dataset: str, root: str | os.PathLike, split_file: str | os.PathLike | None = None
+) -> tuple[DatasetReader, Path]:
+    """``(reader, data root)`` of a run's dataset: a registered dataset under ``root``, or a
+    custom ImageFolder tree / CSV at the path ``dataset`` (with ``split_file``).
+
+    Raises:
+        DatasetError: no dataset given, or neither a registered name nor an existing path.
+    """
+    if not dataset:
+        raise DatasetError(
+            "no dataset given: set data.dataset (a registered name or a folder / CSV path)"
+        )
+    if dataset in list_datasets():
+        return get_reader(dataset), Path(root).expanduser()
+    if Path(dataset).expanduser().exists():
+        reader = custom_reader(dataset, split_file)
+        return reader, reader.dataset_dir(reader.source)
+    raise DatasetError(
+        f"dataset {dataset!r} is neither a registered dataset ({', '.join(list_datasets())}) "
+        "nor an existing ImageFolder / CSV path"
     )

@@ -5,7 +5,8 @@ loop), checkpoint.py (every run-folder read and write, resume included), inferen
 run, evaluate it, predict), evaluate.py (metrics), schedule.py, distributed.py.
 """
 
-from .build import build_run, load_data, resolve_config
+from ..resolve import resolve_config
+from .build import build_run, load_data
 from .checkpoint import CheckpointError
 from .evaluate import NonFiniteError, evaluate, harmonic_mean, metrics_from_predictions
 from .inference import evaluate_run, load_run, predict

@@ -1,9 +1,8 @@
-"""Building a run from its config: data, backbone, method, optimiser, and the fully resolved config.
+"""Building a run from its config: data, backbone, method and optimiser.
 
-:func:`resolve_config` turns a user's config into the one a run folder stores: every method field
-(published defaults < preset < options, the dataset's template for a method with a hand-written
-``template`` field), every optimiser field (:func:`promptalign.config.resolve_optim`), the
-backbone weights and the worker count. Building from a resolved config again gives the same run.
+:func:`build_run` resolves the config once (:func:`promptalign.resolve.resolve_config`: every
+method and optimiser field, the training crop) and fills in this machine's loader workers; the
+run folder stores that config, and building from it again gives the same run.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,28 +19,14 @@ import torch
 
 from ..accel import resolve_amp
 from ..backbone import load_backbone
-from ..config import (
-    ConfigError,
-    MethodSpec,
-    RunConfig,
-    apply_overrides,
-    default_workers,
-    resolve_optim,
-    to_dict,
-)
-from ..data import (
-    Dataset,
-    ImageDataset,
-    build_transform,
-    list_datasets,
-    load_custom_dataset,
-    load_dataset,
-    make_loader,
-)
+from ..config import ConfigError, RunConfig, apply_overrides, default_workers, to_dict
+from ..data import Dataset, ImageDataset, build_transform, load_dataset, make_loader
 from ..data.base import DatasetError
+from ..data.custom import dataset_reader
 from ..data.images import find_unreadable
 from ..data.loader import ViewSampler
 from ..methods import PromptMethod, create_method
+from ..resolve import resolve_config
 from .checkpoint import sample_hash
 
 log = logging.getLogger(__name__)
@@ -57,74 +41,23 @@ def seed_everything(seed: int) -> None:
 def load_data(cfg: RunConfig, seed: int, subsample: str | None = None) -> Dataset:
     """The dataset of ``cfg.data`` (registered name or a custom tree / CSV path)."""
     d = cfg.data
-    sub = subsample or d.subsample
-    if not d.dataset:
-        raise DatasetError(
-            "no dataset given: set data.dataset (a registered name or a folder / CSV path)"
-        )
-    if d.dataset in list_datasets():
-        return load_dataset(d.dataset, d.root, shots=d.shots, seed=seed, subsample=sub)
-    if Path(d.dataset).expanduser().exists():
-        return load_custom_dataset(
-            d.dataset, split_file=d.split_file, shots=d.shots, seed=seed, subsample=sub
-        )
-    raise DatasetError(
-        f"dataset {d.dataset!r} is neither a registered dataset ({', '.join(list_datasets())}) "
-        "nor an existing ImageFolder / CSV path"
+    reader, root = dataset_reader(d.dataset, d.root, d.split_file)
+    return load_dataset(
+        reader.registered_name,
+        root,
+        shots=d.shots,
+        seed=seed,
+        subsample=subsample or d.subsample,
+        reader=reader,
     )
-
-
-def resolve_method(
-    spec: MethodSpec, template: str | None = None, dataset: str | None = None
-) -> MethodSpec:
-    """``spec`` with every field of the method's config in ``options``, for a run on
-    ``dataset``: the release's settings for a registered dataset (the method's ``RELEASED``
-    table) under the preset and options, and for a method with a ``template`` field the
-    dataset's ``template`` unless the table or the run sets one
-    (:meth:`~promptalign.methods.base.MethodConfig.for_run`)."""
-    cls = type(spec.build())  # unknown method / preset / option: ConfigError
-    registered = dataset if dataset in list_datasets() else None  # not a custom folder's name
-    config = cls.for_run(spec.preset, spec.options, dataset=registered, template=template)
-    return dataclasses.replace(spec, options=config.to_dict())
-
-
-def resolve_config(cfg: RunConfig, data: Dataset, method: PromptMethod) -> RunConfig:
-    """The fully resolved config of a run (what its folder stores): the method's fields as the
-    method uses them (e.g. a prompt depth it clamped to a shallower tower)."""
-    shots = cfg.data.shots
-    o = resolve_optim(
-        cfg.optim,
-        method.optim_preset,
-        shots,
-        iterations=method.config.iteration_budget(shots),  # a schedule published in steps
-        num_classes=method.num_classes,
-    )
-    workers = default_workers() if cfg.data.workers is None else cfg.data.workers
-    spec = resolve_method(cfg.method, data.template, cfg.data.dataset)
-    if method.fitted:  # e.g. a prompt depth clamped to a shallower tower
-        spec = dataclasses.replace(spec, options={**spec.options, **to_dict(method.fitted)})
-    return dataclasses.replace(
-        cfg,
-        method=spec,
-        optim=o,
-        data=dataclasses.replace(cfg.data, workers=workers, crop_scale=crop_scale(cfg, data)),
-    )
-
-
-def crop_scale(cfg: RunConfig, data: Dataset) -> tuple[float, float]:
-    """The training crop's area range: the run's ``data.crop_scale``, else the dataset's."""
-    return tuple(cfg.data.crop_scale or data.crop_scale)
 
 
 def build_method(
-    cfg: RunConfig,
-    classnames: Sequence[str],
-    device: torch.device,
-    backbone=None,
-    template: str | None = None,
+    cfg: RunConfig, classnames: Sequence[str], device: torch.device, backbone=None
 ) -> PromptMethod:
-    """The method of ``cfg`` on its backbone (or ``backbone``), prompts from the run seed."""
-    spec = resolve_method(cfg.method, template, cfg.data.dataset)
+    """The method of ``cfg`` (a resolved config: its ``method.options`` are the method's config)
+    on its backbone (or ``backbone``), prompts from the run seed."""
+    spec = cfg.method
     bb = (
         backbone
         if backbone is not None
@@ -166,7 +99,7 @@ def image_sets(
         data.name,
         data.image_root,
         data.train,
-        build_transform(pre, train=True, crop_scale=crop_scale(cfg, data)),
+        build_transform(pre, train=True, crop_scale=cfg.data.crop_scale),
         cfg.data.skip_corrupt,
         cfg.data.max_image_pixels,
     )
@@ -198,7 +131,7 @@ def record_batches(
     one another and none depends on the worker count (:class:`~promptalign.data.loader.
     ViewSampler`)."""
     pre = method.backbone.preprocess
-    run_crop = crop_scale(cfg, data)
+    run_crop = tuple(cfg.data.crop_scale)
     transforms: dict[tuple[float, float], Any] = {}
 
     def dataset(scale: tuple[float, float]) -> ImageDataset:
@@ -249,15 +182,16 @@ class Run:
 
 
 def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
-    """Data, backbone, method and optimiser of ``cfg``, and the resolved config."""
-    if not cfg.method.name:
-        raise ConfigError(
-            f"no method given: set method.name (--method), one of {', '.join(_methods())}"
+    """Data, backbone, method and optimiser of ``cfg``, and the resolved config (this machine's
+    loader workers filled in when ``data.workers`` is unset)."""
+    cfg = resolve_config(cfg)
+    if cfg.data.workers is None:
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, workers=default_workers())
         )
     seed_everything(cfg.run.seed)
     data = load_data(cfg, cfg.run.seed)
-    method = build_method(cfg, data.classnames, device, backbone, data.template)
-    cfg = resolve_config(cfg, data, method)
+    method = build_method(cfg, data.classnames, device, backbone)
     check_data(cfg, data, method)
     # data-dependent method state (e.g. Tip-Adapter's cache) exists before the optimiser does
     method.fit_before_training(record_batches(cfg, data, data.train, method, device, augment=True))
@@ -378,9 +312,3 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def _methods() -> list[str]:
-    from ..methods import list_methods
-
-    return list_methods()

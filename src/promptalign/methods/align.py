@@ -83,6 +83,7 @@ class ALIGNConfig(MethodConfig):
     optim: OptimConfig = OptimConfig(
         lr=0.0025, batch_size=4, epochs=20, epochs_by_shots=((1, 30), (4, 50), (16, 80))
     )
+    TOWER_DEPTHS = {"depth": ("text", "vision")}  # coupled prompts: the shallower tower
     PRESETS = {
         "reference": {
             "form": "released",
@@ -134,7 +135,6 @@ class ALIGN(ExplainsOT, PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
-        self.fit_config(depth=self.prompts.depth)  # clamped to the towers
         self.head = HierarchicalOTHead(cfg.solver())
         self.on_classnames_changed()
 

@@ -20,9 +20,10 @@ hooks a method overrides:
 The contract, which tests hold every method file to: a config validates its fields in
 ``check()`` (extending :meth:`MethodConfig.check`, errors name the field), never in its own
 ``__post_init__``; a method never overrides ``training_step``. The one trainer calls only
-``trainable_parameters``, ``training_step`` (the sum of ``loss_terms``), ``logits``,
-``optim_preset`` and the state functions, and turns a published iteration budget
-(:meth:`MethodConfig.iteration_budget`) into epochs.
+``trainable_parameters``, ``training_step`` (the sum of ``loss_terms``), ``logits``, the engine
+hooks and the state functions; a run's optimiser settings come from the config
+(:meth:`MethodConfig.published_optim`, a published iteration budget turned into epochs by
+:func:`promptalign.resolve.resolve_config`).
 
 What a method's released code sets (its defaults, per-dataset templates and hyper-parameters,
 presets) is one table on its config, :attr:`MethodConfig.RELEASED` (:class:`Released`: one
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbone import Backbone, TowerDepths
 from ..config import (
     DEFAULT_OPTIM,
     ConfigError,
@@ -58,6 +59,7 @@ from ..config import (
 from ..registry import METHODS, REGULARIZERS
 from .explainable import ExplainFeatures
 from .heads import cosine_logits, normalize_mean  # noqa: F401  (re-exported for method files)
+from .prompts import check_depth
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +124,6 @@ class Released:
         return out
 
 
-def config_value(config: Any, key: str) -> Any:
-    """The value of a dotted ``key`` ("optim.lr") of a config."""
-    for part in key.split("."):
-        config = getattr(config, part)
-    return config
-
-
 @dataclass(frozen=True)
 class MethodConfig:
     """Fields every method has. Subclasses add their own, with published defaults; values are
@@ -152,6 +147,9 @@ class MethodConfig:
     PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     # what the method's released code sets, row by row with file and line (see Released)
     RELEASED: ClassVar[Released] = Released()
+    # prompt-depth fields and the towers ("text", "vision") each must fit, in the order they are
+    # fitted (e.g. MaPLe's coupled prompts: {"depth": ("text", "vision")}); see fit_towers
+    TOWER_DEPTHS: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:
         self.check()
@@ -175,6 +173,30 @@ class MethodConfig:
         epochs once the run's classes are known
         (:func:`promptalign.config.resolve_optim`)."""
         return None
+
+    def published_optim(self) -> OptimConfig:
+        """The published optimisation settings with every field set (the library defaults,
+        :data:`~promptalign.config.DEFAULT_OPTIM`, under ``optim``): what a run starts from
+        before its own ``optim`` settings. A method that wraps another extends it."""
+        return DEFAULT_OPTIM.merged(self.optim)
+
+    def fit_towers(self, towers: TowerDepths) -> MethodConfig:
+        """This config with every prompt depth of :attr:`TOWER_DEPTHS` fitted to the towers: a
+        depth beyond a tower (e.g. the published 9 on a 4-layer model) becomes the tower's layer
+        count, with a logged note (:func:`~promptalign.methods.prompts.check_depth`), so every
+        method's defaults run on every backbone and a run's config records the depth it uses.
+        Depths below 1 are left to the method's own check."""
+        changes = {}
+        for name, which in self.TOWER_DEPTHS.items():
+            depth = getattr(self, name)
+            if depth < 1:
+                continue
+            for tower in which:
+                label = "text prompt" if tower == "text" else "visual prompt"
+                depth = check_depth(depth, getattr(towers, tower), label)
+            if depth != getattr(self, name):
+                changes[name] = depth
+        return self.replace(**changes) if changes else self
 
     def replace(self, **changes: Any) -> MethodConfig:
         """A copy with ``changes``, converted by field type (``optim`` changes merge into the
@@ -208,28 +230,41 @@ class MethodConfig:
         *,
         dataset: str | None = None,
         template: str | None = None,
+        towers: TowerDepths | Callable[[], TowerDepths] | None = None,
     ) -> MethodConfig:
         """The resolved config of a run on ``dataset`` (a registered name; None for a custom
         one): published defaults < the release's settings for that dataset (the dataset rows of
-        :attr:`RELEASED`, e.g. a per-dataset template) < ``preset`` < ``options``. A method with
-        a ``template`` field gets ``template`` (the dataset's hand-written one) unless the
-        release's rows or ``options`` set it."""
+        :attr:`RELEASED`, e.g. a per-dataset template) < ``preset`` < ``options``, then
+        :meth:`resolved`. A method with a ``template`` field gets ``template`` (the dataset's
+        hand-written one) unless the release's rows or ``options`` set it.
+
+        This is the method's part of :func:`promptalign.resolve.resolve_run`, which gives the
+        ``towers`` of the run's backbone (or a function computing them when first needed)."""
         options = dict(options or {})
         released = cls.RELEASED.changes(dataset) if dataset else {}
         base = cls().replace(**released) if released else cls()
         config = base._layered(preset, options)
         own = "template" in options or "template" in released
-        return config.resolved(None if own else template, dataset=dataset)
+        return config.resolved(None if own else template, dataset=dataset, towers=towers)
 
-    def resolved(self, template: str | None = None, dataset: str | None = None) -> MethodConfig:
+    def resolved(
+        self,
+        template: str | None = None,
+        dataset: str | None = None,
+        towers: TowerDepths | Callable[[], TowerDepths] | None = None,
+    ) -> MethodConfig:
         """This config with everything that decides the method filled in, as a run folder
         records it: the dataset's hand-written ``template`` for a method with a ``template``
-        field (pass None when the run sets its own). A method that wraps another (NPT) also
+        field (pass None when the run sets its own), and prompt depths fitted to ``towers``
+        (:meth:`fit_towers`; None: left as they are). A method that wraps another (NPT) also
         spells out the wrapped method's whole config here (for ``dataset``), so the record and
         a benchmark job's fingerprint change when the wrapped method's defaults do."""
+        config = self
         if template is not None and "template" in {f.name for f in dataclasses.fields(self)}:
-            return self.replace(template=template)
-        return self
+            config = config.replace(template=template)
+        if towers is not None and self.TOWER_DEPTHS:
+            config = config.fit_towers(towers() if callable(towers) else towers)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain data (what a run folder's config.yaml records)."""
@@ -310,19 +345,10 @@ class PromptMethod(nn.Module, abc.ABC):
         self.config = config
         self._classnames = self._check_classnames(classnames)
         self._cache: tuple[torch.device, Any] | None = None
-        # config values the backbone made this method use instead (see fit_config)
-        self.fitted: dict[str, Any] = {}
         self.regularizer_modules = nn.ModuleList(
             REGULARIZERS.get(name)(**dict(config.regularizer_options.get(name, {})))
             for name in config.regularizers
         )
-
-    def fit_config(self, **used: Any) -> None:
-        """Record config values this backbone makes the method use instead of the configured
-        ones (e.g. a prompt depth clamped to a shallower tower) in :attr:`fitted`; the run's
-        config.yaml records them, so a run re-created from it builds the same method without
-        clamping again. :attr:`config` keeps what was asked."""
-        self.fitted.update({k: v for k, v in used.items() if getattr(self.config, k) != v})
 
     # ------------------------------------------------------------------ classes
     @staticmethod
@@ -462,8 +488,9 @@ class PromptMethod(nn.Module, abc.ABC):
 
     @property
     def optim_preset(self) -> OptimConfig:
-        """The published optimisation settings (every field set) the trainer starts from."""
-        return DEFAULT_OPTIM.merged(self.config.optim)
+        """The published optimisation settings (every field set) the trainer starts from
+        (:meth:`MethodConfig.published_optim`)."""
+        return self.config.published_optim()
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())

@@ -39,6 +39,7 @@ class IVLPConfig(MethodConfig):
     ctx_init: str = "a photo of a"
     position: VisionPromptPosition = "after_patches"
     optim: OptimConfig = OptimConfig(lr=0.0035, batch_size=4, epochs=5)
+    TOWER_DEPTHS = {"text_depth": ("text",), "vision_depth": ("vision",)}
 
 
 @METHODS.register("ivlp")
@@ -49,7 +50,6 @@ class IVLP(PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         text_depth = check_depth(cfg.text_depth, backbone.text_layers, "text prompt")
-        self.fit_config(text_depth=text_depth)  # clamped to the tower
         Wt, Wv = backbone.text_width, backbone.vision_width
         if cfg.ctx_init:
             ctx = phrase_init(backbone, cfg.ctx_init, cfg.n_ctx_text)
@@ -60,7 +60,6 @@ class IVLP(PromptMethod):
         self.deep_ctx = nn.Parameter(normal_init(text_depth - 1, cfg.n_ctx_text, Wt))
         if cfg.vision_depth > 0:
             vision_depth = check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
-            self.fit_config(vision_depth=vision_depth)
             self.visual = nn.Parameter(normal_init(cfg.n_ctx_vision, Wv))  # [n_v, Wv]
             self.deep_visual = nn.Parameter(normal_init(vision_depth - 1, cfg.n_ctx_vision, Wv))
         self.on_classnames_changed()

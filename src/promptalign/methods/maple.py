@@ -37,6 +37,7 @@ class MaPLeConfig(MethodConfig):
     ctx_init: str = "a photo of a"
     position: VisionPromptPosition = "after_patches"
     optim: OptimConfig = OptimConfig(lr=0.0035, batch_size=4, epochs=5)
+    TOWER_DEPTHS = {"depth": ("text", "vision")}  # coupled prompts: the shallower tower
     PRESETS = {
         # cross-dataset / domain-generalisation setting of the paper
         "cross_dataset": {"depth": 3, "optim": {"lr": 0.0026, "epochs": 2}},
@@ -51,7 +52,6 @@ class MaPLe(PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init)
-        self.fit_config(depth=self.prompts.depth)  # clamped to the towers
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:

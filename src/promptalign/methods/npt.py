@@ -26,13 +26,14 @@ Use it as ``regularizers=("npt",)`` on any method, or as the method "npt" that w
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from ..backbone import TowerDepths
 from ..config import FieldError, OptimConfig
 from ..registry import METHODS, REGULARIZERS
 from .base import Batch, MethodConfig, MethodOutput, PromptMethod, Regularizer, create_method
@@ -136,13 +137,24 @@ class NPTConfig(MethodConfig):
         """The wrapped method's budget (NPT trains it on its own schedule)."""
         return self.base_config().iteration_budget(shots)
 
-    def resolved(self, template: str | None = None, dataset: str | None = None) -> NPTConfig:
+    def published_optim(self) -> OptimConfig:
+        """The base method's published settings with NPT's own ``optim`` fields on top."""
+        return self.base_config().published_optim().merged(self.optim)
+
+    def resolved(
+        self,
+        template: str | None = None,
+        dataset: str | None = None,
+        towers: TowerDepths | Callable[[], TowerDepths] | None = None,
+    ) -> NPTConfig:
         """``base_options`` spelled out as the base method's whole resolved config for
         ``dataset`` (the dataset's template reaches a base with a ``template`` field unless
-        ``base_options`` or the base's released per-dataset settings set one), so the run
-        record holds every setting of the wrapped method."""
+        ``base_options`` or the base's released per-dataset settings set one; its prompt depths
+        fitted to ``towers``), so the run record holds every setting of the wrapped method."""
         inner_cls = METHODS.get(self.base).config_class
-        inner = inner_cls.for_run(None, self.base_options, dataset=dataset, template=template)
+        inner = inner_cls.for_run(
+            None, self.base_options, dataset=dataset, template=template, towers=towers
+        )
         return self.replace(base_options=inner.to_dict())
 
 
@@ -160,11 +172,6 @@ class NPT(PromptMethod):
         self.regularizer_modules.append(
             NPTRegularizer(cfg.text_weight, cfg.image_weight, cfg.too_many_classes)
         )
-
-    @property
-    def optim_preset(self) -> OptimConfig:
-        """The base method's published settings with NPT's own ``optim`` fields on top."""
-        return self.inner.optim_preset.merged(self.config.optim)
 
     def on_classnames_changed(self) -> None:
         self.inner.set_classnames(self.classnames)

@@ -218,6 +218,7 @@ class PLOTConfig(MethodConfig):
     template: str = ""
     ctx_init: tuple[str, ...] = RELEASED_CTX_INIT
     optim: OptimConfig = OptimConfig(lr=0.002, batch_size=32, epochs=50)
+    TOWER_DEPTHS = {"vision_depth": ("vision",)}
     # multi-run recipes for the benchmark protocols: each entry is one run's config changes, run
     # in order, every run starting from the previous run's prompts (PLOT++'s two stages)
     RECIPES: ClassVar[Mapping[str, tuple[Mapping[str, Any], ...]]] = {
@@ -260,7 +261,6 @@ class PLOT(ExplainsOT, PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         vision_depth = check_depth(cfg.vision_depth, backbone.vision_layers, "visual prompt")
-        self.fit_config(vision_depth=vision_depth)  # clamped to the tower
         Wt, Wv = backbone.text_width, backbone.vision_width
         self.class_template = "{}."
         ctx = normal_init(cfg.n_text_sets, cfg.n_ctx, Wt)  # [N, n, Wt]

@@ -36,6 +36,7 @@ class VPTConfig(MethodConfig):
     position: VisionPromptPosition = "after_patches"
     template: str = "a photo of a {}."
     optim: OptimConfig = OptimConfig(lr=0.0025, batch_size=4, epochs=5)
+    TOWER_DEPTHS = {"depth": ("vision",)}
 
 
 @METHODS.register("vpt")
@@ -47,7 +48,6 @@ class VPT(PromptMethod):
         super().__init__(backbone, classnames, config)
         cfg = self.config
         depth = check_depth(cfg.depth, backbone.vision_layers, "visual prompt")
-        self.fit_config(depth=depth)  # clamped to the tower
         W = backbone.vision_width
         self.prompts = nn.Parameter(normal_init(cfg.n_tokens, W))  # [n, Wv]
         self.deep_prompts = nn.Parameter(

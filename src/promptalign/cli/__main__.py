@@ -1,0 +1,7 @@
+"""``python -m promptalign.cli``: the `promptalign` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
