@@ -283,9 +283,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _check_out(args.out, _dataset_dir(cfg))
         res = train(cfg, args.out, callbacks=[note_step])
     m = res.metrics
+    split = "validation" if res.split == "val" else "test"
     print(
         f"run {res.run_dir}: {res.epochs} epochs, {res.steps} steps; "
-        f"test accuracy {m['accuracy']:.2f}% "
+        f"{split} accuracy {m['accuracy']:.2f}% "
         f"macro-F1 {m['macro_f1']:.2f}% on {m['n']} images"
     )
     return 0
@@ -551,8 +552,12 @@ def _launcher(args: argparse.Namespace) -> tuple[str, dict, str]:
 
 def benchmark_overrides(args: argparse.Namespace) -> list[str]:
     """The ``KEY=VALUE`` overrides of a parsed ``benchmark PROTOCOL`` command: its flags that set
-    config keys first, then the overrides as given (before or after the list options)."""
-    overrides = [*args.overrides, *args.list_overrides]
+    config keys first, then the settings of the ``--tuned`` studies, then the overrides as given
+    (before or after the list options)."""
+    from promptalign.tune import tuned_overrides
+
+    tuned = [o for study in getattr(args, "tuned", None) or () for o in tuned_overrides(study)]
+    overrides = [*tuned, *args.overrides, *args.list_overrides]
     for key, value in (
         ("backbone.arch", args.arch),
         ("backbone.weights", args.weights),
@@ -844,11 +849,23 @@ def _protocol_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch")
     p.add_argument("--weights")
     p.add_argument("--device")
-    g = p.add_argument_group("where the jobs run (docs/cluster.md)")
+    p.add_argument(
+        "--tuned",
+        action="append",
+        metavar="STUDY",
+        help="run the study's method with the settings `promptalign tune` chose in the study "
+        "folder STUDY (repeat for studies of other methods); KEY=VALUE overrides still win",
+    )
+    _add_launcher_options(p.add_argument_group("where the jobs run (docs/cluster.md)"))
+    p.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE")
+
+
+def _add_launcher_options(g, what: str = "jobs") -> None:
+    """The options that say where ``what`` run (benchmark jobs, a study's workers)."""
     g.add_argument(
         "--launcher",
-        help="inline (default: one job after another here), local (worker processes, one GPU "
-        "each), slurm (a job array through submitit), or module:name of your own",
+        help=f"inline (default: one {what[:-1]} after another here), local (worker processes, "
+        "one GPU each), slurm (a job array through submitit), or module:name of your own",
     )
     g.add_argument(
         "--launcher-config",
@@ -859,20 +876,22 @@ def _protocol_options(p: argparse.ArgumentParser) -> None:
         "--parallel",
         type=_positive,
         help="local launcher: worker processes (default: one per visible GPU); implies "
-        "--launcher local",
+        "--launcher local"
+        + ("; with --launcher slurm: the array's tasks" if what == "workers" else ""),
     )
     g.add_argument(
         "--retries",
         type=_int_at_least(0, "must be >= 0"),
         default=0,
-        help="times a failed job is tried again before it counts as failed (default 0)",
+        help=f"times a failed {what[:-1]} is tried again before it counts as failed (default 0)",
     )
-    g.add_argument(
-        "--new-settings",
-        action="store_true",
-        help="run jobs the grid folder already holds with other settings (new folders; the "
-        "old results are kept)",
-    )
+    if what == "jobs":
+        g.add_argument(
+            "--new-settings",
+            action="store_true",
+            help="run jobs the grid folder already holds with other settings (new folders; the "
+            "old results are kept)",
+        )
     for flag, _, kind, text in SLURM_FLAGS:
         g.add_argument(flag, type=kind, help=f"slurm launcher: {text}")
     g.add_argument(
@@ -885,9 +904,148 @@ def _protocol_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-wait",
         action="store_true",
-        help="slurm launcher: submit and return instead of following the jobs",
+        help=f"slurm launcher: submit and return instead of following the {what}",
     )
-    p.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE")
+
+
+# --------------------------------------------------------------------------- tune
+def _add_tune_parser(sub) -> None:
+    """Add ``tune`` (choose hyper-parameters on the validation split) to the subcommands."""
+    p = sub.add_parser(
+        "tune",
+        help="choose hyper-parameters on the validation split, then test the chosen setting once",
+        description="Search config keys of one method on one dataset with Optuna, each trial "
+        "an ordinary run scored on the few-shot validation split (the test split is never "
+        "read), then re-train the best trial's setting once per seed and report its test "
+        "accuracy once. KEY=LOW..HIGH[:log] and KEY=A,B,C are searched (any config key, "
+        "method options included); any other KEY=VALUE is set for every run. The same command "
+        "resumes an interrupted study. Exit status: 0 once the test score is reported (or the "
+        "setting chosen, with --search-only), 1 when no trial or final run finished, 3 while "
+        "trials run elsewhere. See docs/tuning.md.",
+    )
+    p.add_argument("--method", required=True, help="method name (promptalign list methods)")
+    p.add_argument(
+        "--dataset", required=True, help="dataset name or a folder / CSV path (with a val split)"
+    )
+    p.add_argument("--trials", required=True, type=_positive, help="the study's budget (>= 1)")
+    p.add_argument("--out", required=True, help="the study folder (the same one resumes it)")
+    p.add_argument("--shots", type=_positive, default=16, help="labelled images per class")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        default=[1, 2, 3],
+        action=_ListOption,
+        convert=_seed,
+        help="seeds of the final runs (default 1 2 3); the trials use the first",
+    )
+    p.add_argument("--data-root", default=".", help="folder holding the datasets")
+    p.add_argument("--arch", help="backbone architecture (default ViT-B-16)")
+    p.add_argument("--weights", help="open_clip pretrained tag or local weights file")
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--space", metavar="FILE", help="a YAML search space (docs/tuning.md)")
+    p.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
+    p.add_argument(
+        "--pruner",
+        choices=["median", "halving", "none"],
+        default="median",
+        help="stop trials whose validation score lags at the same epoch (default median)",
+    )
+    p.add_argument("--metric", choices=["accuracy", "macro_f1"], default="accuracy")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage, any SQLAlchemy URL (default: study.db in the study folder); "
+        "a database server lets workers on several hosts share the study",
+    )
+    p.add_argument(
+        "--search-only",
+        action="store_true",
+        help="stop once the setting is chosen: no final runs, the test split is not read",
+    )
+    g = p.add_argument_group("where the trials run (docs/cluster.md)")
+    _add_launcher_options(g, "workers")
+    p.add_argument("overrides", nargs="*", metavar="KEY=LOW..HIGH | KEY=A,B,C | KEY=VALUE")
+    p.set_defaults(func=_cmd_tune, list_overrides=[], interrupted=_tune_interrupted)
+
+
+def _tune_interrupted(args: argparse.Namespace) -> str:
+    return "; the study resumes where it stopped: run the same command again"
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from promptalign.benchmark import StillRunning, get_launcher
+    from promptalign.benchmark.launchers import read_launcher_file
+    from promptalign.tune import run_tune
+
+    _check_device(args.device)
+    flags = [("backbone.arch", args.arch), ("backbone.weights", args.weights)]
+    flags.append(("run.device", args.device))
+    items = [f"{k}={v}" for k, v in flags if v is not None]
+    if _ships_own_weights(args):
+        items.append("backbone.weights=null")
+    items += [*args.overrides, *args.list_overrides]
+    # --parallel: worker processes (local) or array tasks (slurm) sharing the study
+    named = args.launcher or (
+        read_launcher_file(args.launcher_config)[0] if args.launcher_config else None
+    )
+    workers = args.parallel
+    if named == "slurm":
+        args.parallel = None
+    name, settings, source = _launcher(args)
+    try:
+        s = run_tune(
+            args.method,
+            args.dataset,
+            out=args.out,
+            trials=args.trials,
+            space=items,
+            space_file=args.space,
+            shots=args.shots,
+            seeds=args.seeds,
+            data_root=args.data_root,
+            sampler=args.sampler,
+            pruner=args.pruner,
+            metric=args.metric,
+            storage=args.storage,
+            launcher=get_launcher(name, settings, source),
+            workers=workers,
+            retries=args.retries,
+            final=not args.search_only,
+        )
+    except StillRunning as e:
+        print(f"promptalign tune: {e}", file=sys.stderr)
+        return 130
+    if s.submitted:
+        ids = sorted({i.split("_")[0] for i in s.submitted.values()})
+        print(
+            f"{len(s.submitted)} worker(s) submitted as Slurm job array {', '.join(ids)}; run "
+            "this command again once they end for the report"
+        )
+        return 0
+    print(s.table)
+    states = ", ".join(f"{n} {k}" for k, n in sorted(s.states.items()))
+    print(f"{s.searched} of {s.budget} trials ended ({states or 'none yet'}); in {s.study_dir}")
+    for note in s.notes:
+        print(f"  {note}")
+    for key, err in s.failed_workers.items():
+        print(f"  FAILED {key}: {err}")
+    if s.running_elsewhere:
+        print(f"  {s.running_elsewhere} trial(s) run in other processes; run again once they end")
+        return 3
+    if s.chosen is None:
+        print("  no trial finished: nothing to choose (see the errors in trials.md)")
+        return 1
+    print(
+        f"chosen: trial {s.chosen['trial']}, validation {s.chosen['metric']} "
+        f"{s.chosen['value']:.2f}: {' '.join(s.chosen['overrides'])} (chosen.yaml)"
+    )
+    if args.search_only:
+        return 0
+    if s.report:
+        print(s.report.strip().splitlines()[-1])
+    for seed, err in s.test_failed.items():
+        print(f"  FAILED final run of seed {seed}: {err}")
+    return 1 if s.test_failed or not s.test else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -990,6 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(func=_cmd_predict)
 
     _add_benchmark_parser(sub)
+    _add_tune_parser(sub)
 
     pd = sub.add_parser(
         "demo",
