@@ -603,16 +603,22 @@ class RunSettings:
     Attributes:
         seed: run seed (sampling, initialisation, data order).
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        eval_every: evaluate on the test split every N epochs (0 = only at the end).
+        eval_every: evaluate on the ``eval_split`` every N epochs (0 = only at the end).
         progress: show a progress bar (only when stderr is a terminal; never changes results).
+        eval_split: the split the run scores itself on, during training (``eval_every``) and at
+            the end: "test" (the default), or "val", the few-shot validation split (sampled like
+            the training split); with "val" the test split is never read, not even by the
+            pre-flight check of the images (what ``promptalign tune`` runs its trials with).
     """
 
     seed: int = 1
     device: str = "auto"
     eval_every: int = 0
     progress: bool = True
+    eval_split: Literal["test", "val"] = "test"
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _at_least(self, eval_every=(0, True))
         if not -SEED_LIMIT < self.seed < SEED_LIMIT:  # seeds are combined with epochs for torch
             raise FieldError(f"seed: {show(self.seed)} must lie between -2**40 and 2**40")

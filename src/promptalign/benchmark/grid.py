@@ -61,6 +61,11 @@ class GridError(ConfigError):
 class Task:
     """One job as a launcher hands it to whatever runs it (picklable).
 
+    It has what :func:`execute` and the launchers use of any task (``key``, ``folder``,
+    ``retries``, ``package``, ``what``, ``device``, ``name``, ``work``, ``progress``,
+    ``result_record``, ``state``; see :class:`.launchers.LaunchTask`): other tasks (e.g. the
+    workers of ``promptalign tune``) provide the same and run on the same launchers.
+
     Attributes:
         job: the job.
         config: its run config.
@@ -75,6 +80,35 @@ class Task:
     job_dir: Path
     retries: int = 0
     package: str = ""
+    what = "benchmark job"  # in its claim, for whoever finds it
+
+    @property
+    def key(self) -> str:
+        return self.job.key
+
+    @property
+    def folder(self) -> Path:
+        return self.job_dir
+
+    @property
+    def device(self) -> str:
+        return self.config.run.device
+
+    @property
+    def name(self) -> str:
+        return self.job.protocol
+
+    def work(self, backbone=None) -> dict[str, Any]:
+        return run_job(self.job, self.config, self.job_dir, backbone)
+
+    def progress(self) -> tuple[int, int, int] | None:
+        return _run_progress(self.job_dir, self.job)
+
+    def result_record(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {"job": self.job.to_dict(), "result": result, "config": to_dict(self.config)}
+
+    def state(self) -> JobState:
+        return job_state(self.job, self.job_dir)
 
 
 @dataclass
@@ -124,27 +158,28 @@ def _record_attempt(job_dir: Path, attempt: dict[str, Any]) -> None:
 
 
 def execute(task: Task, backbone=None) -> Outcome:
-    """Run one job where this process is (inline, a local worker, a Slurm job): claim its folder,
-    train or resume it, evaluate, write ``result.json``; a failure is retried ``task.retries``
-    times, then recorded (``error.txt``, state.json) and returned, never raised. Ctrl-C and
-    scheduler signals propagate (the job stays resumable)."""
-    job, jdir = task.job, task.job_dir
+    """Run one task where this process is (inline, a local worker, a Slurm job): claim its
+    folder, do its work (a benchmark job: train or resume it, evaluate), write ``result.json``;
+    a failure is retried ``task.retries`` times, then recorded (``error.txt``, state.json) and
+    returned, never raised. Ctrl-C and scheduler signals propagate (the task stays
+    resumable)."""
+    key, jdir = task.key, task.folder
     if task.package and task.package != package_folder():
         return Outcome(
-            job.key,
+            key,
             "failed",
             detail=f"this process imports promptalign from {package_folder()}, the submitter "
             f"from {task.package}; make the job's environment import the same one",
         )
     if (jdir / RESULT).is_file():
-        return Outcome(job.key, "skipped")
-    claim = Claim(jdir / LOCK, what="benchmark job")
+        return Outcome(key, "skipped")
+    claim = Claim(jdir / LOCK, what=task.what)
     holder = claim.try_acquire()
     if holder is not None:
-        return Outcome(job.key, "busy", detail=holder)
+        return Outcome(key, "busy", detail=holder)
     try:
         if (jdir / RESULT).is_file():  # finished by another process meanwhile
-            return Outcome(job.key, "skipped")
+            return Outcome(key, "skipped")
         earlier = (_read_json(jdir / STATE) or {}).get("attempts", [])
         for a in earlier:  # its process died without a word (killed, out of memory, node lost)
             if a.get("outcome") == "running":
@@ -153,7 +188,7 @@ def execute(task: Task, backbone=None) -> Outcome:
         me = claim.holder
         assert me is not None
         for n in range(task.retries + 1):
-            progress = _run_progress(jdir, job)
+            progress = task.progress()
             attempt = {
                 "attempt": done + n + 1,
                 "host": me.host,
@@ -166,7 +201,7 @@ def execute(task: Task, backbone=None) -> Outcome:
             }
             _record_attempt(jdir, attempt)
             try:
-                result = run_job(job, task.config, jdir, backbone)
+                result = task.work(backbone)
             except BaseException as e:
                 attempt["ended"] = time.time()
                 if not isinstance(e, Exception):  # Ctrl-C, a scheduler's signal: resumable
@@ -179,34 +214,77 @@ def execute(task: Task, backbone=None) -> Outcome:
                 _record_attempt(jdir, attempt)
                 left = task.retries - n
                 log.info(
-                    "job %s failed (details in %s): %s%s",
-                    job.key,
+                    "%s %s failed (details in %s): %s%s",
+                    task.what,
+                    key,
                     jdir / ERROR,
                     first,
                     f"; retrying ({left} retr{'y' if left == 1 else 'ies'} left)" if left else "",
                 )
                 if left:
                     continue
-                return Outcome(job.key, "failed", detail=attempt["error"])
-            claim.check()  # never write a result for a job another process has taken over
+                return Outcome(key, "failed", detail=attempt["error"])
+            claim.check()  # never write a result for a task another process has taken over
             (jdir / ERROR).unlink(missing_ok=True)
-            write_text(
-                jdir / RESULT,
-                json.dumps(
-                    {"job": job.to_dict(), "result": result, "config": to_dict(task.config)},
-                    indent=2,
-                ),
-            )
+            write_text(jdir / RESULT, json.dumps(task.result_record(result), indent=2))
             attempt.update(outcome="finished", ended=time.time())
             _record_attempt(jdir, attempt)
-            return Outcome(job.key, "ran", result=result)
+            return Outcome(key, "ran", result=result)
         raise AssertionError("unreachable")
     finally:
         claim.release()
 
 
+# --------------------------------------------------------------------------- submissions
+class Submissions:
+    """The submissions recorded in a folder's manifest (who launched which tasks, with which
+    launcher, and whether that run is active, ended or cancelled). A class that keeps a
+    manifest (:class:`Grid`; a tuning study) provides ``folder``, ``_locked()`` (exclusive
+    access across processes and hosts), ``read()`` and ``_write(manifest)``; launchers record
+    and follow their submissions through these methods."""
+
+    folder: Path
+
+    def _locked(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def read(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _write(self, m: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def add_submission(self, record: dict[str, Any]) -> None:
+        with self._locked():
+            m = self.read()
+            m.setdefault("submissions", []).append(record)
+            self._write(m)
+
+    def update_submission(self, sid: str, **changes: Any) -> None:
+        with self._locked():
+            m = self.read()
+            for s in m.get("submissions", []):
+                if s.get("id") == sid:
+                    s.update(changes)
+            self._write(m)
+
+    def submissions(self) -> list[dict[str, Any]]:
+        return list(self.read().get("submissions", []))
+
+    def submission(self, sid: str) -> dict[str, Any] | None:
+        return next((s for s in self.submissions() if s.get("id") == sid), None)
+
+    def follow_hint(self) -> str:
+        """How to follow and cancel this folder's detached tasks, in words (said when the
+        submitting process is interrupted while they run on)."""
+        return (
+            f"follow them with `promptalign benchmark status {self.folder}`, cancel them with "
+            f"`promptalign benchmark cancel {self.folder}`"
+        )
+
+
 # --------------------------------------------------------------------------- the manifest
-class Grid:
+class Grid(Submissions):
     """A grid folder (``<out>/<protocol>``): its manifest, its jobs and their states."""
 
     def __init__(self, folder: str | Path):
@@ -320,27 +398,6 @@ class Grid:
             "run them in this folder (the grid then reports the new settings)"
         )
 
-    # ------------------------------------------------------------------ submissions
-    def add_submission(self, record: dict[str, Any]) -> None:
-        with self._locked():
-            m = self.read()
-            m.setdefault("submissions", []).append(record)
-            self._write(m)
-
-    def update_submission(self, sid: str, **changes: Any) -> None:
-        with self._locked():
-            m = self.read()
-            for s in m.get("submissions", []):
-                if s.get("id") == sid:
-                    s.update(changes)
-            self._write(m)
-
-    def submissions(self) -> list[dict[str, Any]]:
-        return list(self.read().get("submissions", []))
-
-    def submission(self, sid: str) -> dict[str, Any] | None:
-        return next((s for s in self.submissions() if s.get("id") == sid), None)
-
     # ------------------------------------------------------------------ jobs and states
     def jobs(self) -> list[tuple[Job, Path]]:
         return [
@@ -361,9 +418,11 @@ class Grid:
 
 @dataclass
 class JobState:
-    """One job's state as read from its folder.
+    """One job's (or any launched task's) state as read from its folder.
 
     Attributes:
+        job: the job (None for a task of another kind, e.g. a tuning worker).
+        folder: its folder.
         state: ``finished``, ``running``, ``failed`` or ``pending``.
         holder: who runs it (running).
         attempts: its attempts (state.json), oldest first.
@@ -372,7 +431,7 @@ class JobState:
         progress: (stage, epochs done, epochs) of its run folder, when it has one.
     """
 
-    job: Job
+    job: Job | None
     folder: Path
     state: str
     holder: Holder | None = None
@@ -389,8 +448,15 @@ class JobState:
 
 
 def job_state(job: Job, jdir: Path) -> JobState:
+    return folder_state(jdir, job, _run_progress(jdir, job) if jdir.is_dir() else None)
+
+
+def folder_state(
+    jdir: Path, job: Job | None = None, progress: tuple[int, int, int] | None = None
+) -> JobState:
+    """The state of the task whose folder is ``jdir`` (see :func:`execute`), from the folder
+    alone."""
     attempts = (_read_json(jdir / STATE) or {}).get("attempts", [])
-    progress = _run_progress(jdir, job) if jdir.is_dir() else None
     holder = None
     if (jdir / RESULT).is_file():
         state = "finished"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig, apply_overrides, to_dict
-from ..engine import evaluate_run, harmonic_mean, train
+from ..engine import TrainResult, evaluate_run, harmonic_mean, train
 from ..engine.checkpoint import RESUME_STATE, RUN_INFO
 from ..presets import make_preset
 from ..resolve import resolve_config
@@ -168,7 +168,11 @@ _NOT_IN_FINGERPRINT = {("data", "workers"), ("run", "progress")}
 # unset): left out of the fingerprint while they hold one of those, so adding a setting re-runs
 # only the jobs it changes; optimiser keys wherever an optim section appears (the run's and the
 # method's)
-_ADDED_SETTINGS = {("data", "max_image_pixels"): (None,), ("optim", "adam_eps"): (None, 1e-8)}
+_ADDED_SETTINGS = {
+    ("data", "max_image_pixels"): (None,),
+    ("optim", "adam_eps"): (None, 1e-8),
+    ("run", "eval_split"): ("test",),
+}
 
 
 def _drop_added(d: Any) -> None:
@@ -290,14 +294,14 @@ def run_job(job: Job, cfg: RunConfig, job_dir: Path, backbone=None) -> dict[str,
     for i, changes in enumerate(stages):
         if len(stages) > 1:  # recipe: run i starts from run i-1's prompts
             prev, run_dir = run_dir, job_dir / f"run-stage{i + 1}"
-            if _finished(run_dir):
+            if run_finished(run_dir):
                 continue
             stage_cfg = apply_overrides(cfg, {f"method.options.{k}": v for k, v in changes.items()})
             if i:
                 stage_cfg = apply_overrides(stage_cfg, {"method.init_from": str(prev)})
         else:
             stage_cfg = cfg
-        _train_or_resume(stage_cfg, run_dir, backbone)
+        train_or_resume(stage_cfg, run_dir, backbone)
     dev = cfg.run.device
     if job.protocol == "base2new":
         base = evaluate_run(run_dir, subsample="base", device=dev, backbone=backbone)["accuracy"]
@@ -312,18 +316,18 @@ def run_job(job: Job, cfg: RunConfig, job_dir: Path, backbone=None) -> dict[str,
     return out
 
 
-def _train_or_resume(cfg: RunConfig, run_dir: Path, backbone) -> None:
+def train_or_resume(cfg: RunConfig, run_dir: Path, backbone=None, **kwargs: Any) -> TrainResult:
+    """Train ``cfg`` in ``run_dir``, or resume the run there from its last epoch; a folder
+    interrupted before its first checkpoint starts over. ``kwargs`` go to
+    :func:`~promptalign.engine.train` (e.g. ``epoch_callbacks``)."""
     if run_dir.exists():
         if (run_dir / RESUME_STATE).exists():
-            train(None, run_dir, resume=True, backbone=backbone)
-        else:  # interrupted before its first checkpoint: start over
-            shutil.rmtree(run_dir)
-            train(cfg, run_dir, backbone=backbone)
-    else:
-        train(cfg, run_dir, backbone=backbone)
+            return train(None, run_dir, resume=True, backbone=backbone, **kwargs)
+        shutil.rmtree(run_dir)  # interrupted before its first checkpoint: start over
+    return train(cfg, run_dir, backbone=backbone, **kwargs)
 
 
-def _finished(run_dir: Path) -> bool:
+def run_finished(run_dir: Path) -> bool:
     """A run whose final evaluation was written (its run.json holds metrics)."""
     try:
         return bool(json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("metrics"))

@@ -60,9 +60,11 @@ def _load_results(jobs: Sequence[Job], job_dirs: dict[Job, Path]) -> dict[Job, d
     return found
 
 
-def _write_table(
+def write_table(
     out_dir: Path, name: str, header: list[str], rows: list[list[str]], note: str = ""
 ) -> str:
+    """Write ``out_dir/<name>.md`` (with ``note`` under the table) and ``<name>.csv``; returns
+    the Markdown."""
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
     if note:
@@ -134,7 +136,7 @@ def write_tables(
                 + [_average(avg[k], len(datasets)) for k in ("base", "new", "H")]
                 + ([f"{x:.2f}" for x in p] if p else ["–", "–", "–"])
             )
-        tables["base2new"] = _write_table(
+        tables["base2new"] = write_table(
             out_dir,
             "base2new",
             [
@@ -164,7 +166,7 @@ def write_tables(
                 rows.append(
                     [m, "published average"] + [f"{p[k]:.2f}" if k in p else "–" for k in shot_list]
                 )
-        tables["fewshot"] = _write_table(
+        tables["fewshot"] = write_table(
             out_dir,
             "fewshot",
             ["method", "dataset"] + [f"{k} shots" for k in shot_list],
@@ -183,7 +185,7 @@ def write_tables(
                 ]
                 tgt = [statistics.mean(vals(m, d, t)) for t in targets if vals(m, d, t)]
                 rows.append([m, d] + cells + [_average(tgt, len(targets)) if targets else "–"])
-        tables[protocol] = _write_table(
+        tables[protocol] = write_table(
             out_dir,
             protocol,
             ["method", "source", "source acc", *targets, "target average"],

@@ -1,10 +1,10 @@
 """The `promptalign` command line: turns arguments into a config and calls library functions.
 
-One module per command group adds its subcommands (:data:`COMMANDS`, in the order ``--help``
-lists them): :mod:`.tools` (list, demo, explain, selfcheck), :mod:`.runs` (train, eval,
-predict), :mod:`.bench` (benchmark). Their flags come from one table, :mod:`.flags`; what they
-share (one-line errors, input checks) is in :mod:`.common`. This module parses, runs the command
-and turns what goes wrong into one line and an exit status: 0 done, 1 a failure the command
+One module per command group adds its subcommands (:data:`COMMANDS`, in the order ``--help`` lists
+them): :mod:`.tools` (list, demo, explain, selfcheck), :mod:`.runs` (train, eval, predict),
+:mod:`.bench` (benchmark), :mod:`.tune` (tune). Their flags come from one table, :mod:`.flags`; what
+they share (one-line errors, input checks) is in :mod:`.common`. This module parses, runs the
+command and turns what goes wrong into one line and an exit status: 0 done, 1 a failure the command
 reports (or a bug, with -v for the traceback), 2 bad input, 3 benchmark jobs left to other
 processes, 130 interrupted (Ctrl-C).
 """
@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from . import bench, runs, tools
+from . import bench, runs, tools, tune
 from .common import Parser, UsageError, one_line, os_error_line
 
 # each adds one command to the subcommands: a new command is one module and one entry here
@@ -30,6 +30,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     runs.add_eval,
     runs.add_predict,
     bench.add_benchmark,
+    tune.add_tune,
     tools.add_demo,
     tools.add_explain,
     tools.add_selfcheck,

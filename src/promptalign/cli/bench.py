@@ -128,61 +128,79 @@ def _protocol_options(p: argparse.ArgumentParser) -> None:
         data_root={"default": "."},
         out={"default": "benchmark", "help": "grid folder (default: benchmark)"},
     )
-    g = p.add_argument_group("where the jobs run (docs/cluster.md)")
+    p.add_argument(
+        "--tuned",
+        action="append",
+        metavar="STUDY",
+        help="run the study's method with the settings `promptalign tune` chose in the study "
+        "folder STUDY (repeat for studies of other methods); KEY=VALUE overrides still win",
+    )
+    add_launcher_options(p.add_argument_group("where the jobs run (docs/cluster.md)"))
+    p.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE")
+
+
+def add_launcher_options(g, what: str = "jobs") -> None:
+    """The options that say where ``what`` run (benchmark jobs, a study's workers)."""
+    one = what[:-1]
     g.add_argument(
         "--launcher",
-        help="inline (default: one job after another here), local (worker processes, one GPU "
-        "each), slurm (a job array through submitit), or module:name of your own",
+        help=f"inline (default: one {one} after another here), local (worker processes, one "
+        "GPU each), slurm (a job array through submitit), or module:name of your own",
     )
     g.add_argument(
         "--launcher-config",
         metavar="FILE",
         help="YAML file with the launcher's options (and `launcher: NAME`); flags override it",
     )
+    slurm_tasks = "; with --launcher slurm: the array's tasks" if what == "workers" else ""
     g.add_argument(
         "--parallel",
         type=positive,
         help="local launcher: worker processes (default: one per visible GPU); implies "
-        "--launcher local",
+        "--launcher local" + slurm_tasks,
     )
     g.add_argument(
         "--retries",
         type=int_at_least(0, "must be >= 0"),
         default=0,
-        help="times a failed job is tried again before it counts as failed (default 0)",
+        help=f"times a failed {one} is tried again before it counts as failed (default 0)",
     )
-    g.add_argument(
-        "--new-settings",
-        action="store_true",
-        help="run jobs the grid folder already holds with other settings (new folders; the "
-        "old results are kept)",
-    )
+    if what == "jobs":
+        g.add_argument(
+            "--new-settings",
+            action="store_true",
+            help="run jobs the grid folder already holds with other settings (new folders; the "
+            "old results are kept)",
+        )
     for flag, _, kind, text in SLURM_FLAGS:
         g.add_argument(flag, type=kind, help=f"slurm launcher: {text}")
     g.add_argument(
         "--slurm-setup",
         action="append",
         metavar="LINE",
-        help="slurm launcher: a shell line run before each job (repeat for more), e.g. "
+        help=f"slurm launcher: a shell line run before each {one} (repeat for more), e.g. "
         "'module load cuda' or 'source ~/venv/bin/activate'",
     )
     g.add_argument(
         "--no-wait",
         action="store_true",
-        help="slurm launcher: submit and return instead of following the jobs",
+        help=f"slurm launcher: submit and return instead of following the {what}",
     )
-    p.add_argument("overrides", nargs="*", metavar="[METHOD:]KEY=VALUE")
 
 
 def benchmark_overrides(args: argparse.Namespace) -> list[str]:
     """The ``KEY=VALUE`` overrides of a parsed ``benchmark PROTOCOL`` command: its flags that set
-    config keys first, then the overrides as given (before or after the list options)."""
+    config keys first, then the settings of the ``--tuned`` studies, then the overrides as given
+    (before or after the list options)."""
+    from promptalign.tune import tuned_overrides
+
     flags = config_overrides(args, CONFIG_FLAGS)
     given = [f"{k}={'null' if v is None else v}" for k, v in flags.items()]
-    return [*given, *args.overrides, *args.list_overrides]
+    tuned = [o for study in getattr(args, "tuned", None) or () for o in tuned_overrides(study)]
+    return [*given, *tuned, *args.overrides, *args.list_overrides]
 
 
-def _launcher(args: argparse.Namespace) -> tuple[str, dict, str]:
+def launcher_from_args(args: argparse.Namespace) -> tuple[str, dict, str]:
     """(launcher name, its settings, where they came from) from the flags and the YAML file."""
     from promptalign.benchmark import LauncherError
     from promptalign.benchmark.launchers import read_launcher_file
@@ -216,7 +234,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_out(args.out)
     overrides = benchmark_overrides(args)
-    name, settings, source = _launcher(args)
+    name, settings, source = launcher_from_args(args)
     launcher = get_launcher(name, settings, source)
     try:
         s = run_benchmark(

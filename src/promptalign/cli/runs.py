@@ -91,9 +91,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_out(args.out, _dataset_dir(cfg))
         res = train(cfg, args.out, callbacks=[note_step])
     m = res.metrics
+    split = "validation" if res.split == "val" else "test"
     print(
         f"run {res.run_dir}: {res.epochs} epochs, {res.steps} steps; "
-        f"test accuracy {m['accuracy']:.2f}% "
+        f"{split} accuracy {m['accuracy']:.2f}% "
         f"macro-F1 {m['macro_f1']:.2f}% on {m['n']} images"
     )
     return 0

@@ -91,9 +91,10 @@ def build_optimizer(
 
 
 def image_sets(
-    cfg: RunConfig, data: Dataset, method: PromptMethod
+    cfg: RunConfig, data: Dataset, method: PromptMethod, split: str = "test"
 ) -> tuple[ImageDataset, ImageDataset]:
-    """(train, test) image datasets with the backbone's preprocessing."""
+    """(train, evaluation) image datasets with the backbone's preprocessing; the evaluation set
+    holds the ``split`` ("test" or "val") records."""
     pre = method.backbone.preprocess
     train = ImageDataset(
         data.name,
@@ -103,15 +104,30 @@ def image_sets(
         cfg.data.skip_corrupt,
         cfg.data.max_image_pixels,
     )
-    test = ImageDataset(
+    scored = ImageDataset(
         data.name,
         data.image_root,
-        data.test,
+        data.val if split == "val" else data.test,
         build_transform(pre, train=False),
         cfg.data.skip_corrupt,
         cfg.data.max_image_pixels,
     )
-    return train, test
+    return train, scored
+
+
+def check_eval_split(cfg: RunConfig, data: Dataset) -> None:
+    """A run scored on the validation split (``run.eval_split=val``) needs one.
+
+    Raises:
+        DatasetError: the dataset has no validation images, saying how to give some.
+    """
+    if cfg.run.eval_split == "val" and not data.val:
+        raise DatasetError(
+            f"{data.name}: no validation split, and run.eval_split=val scores the run on it: "
+            "give one (a val/ folder of class folders beside train/ in an ImageFolder dataset, "
+            "or a 'val' list in its --split-file), or score on the test split "
+            "(run.eval_split=test)"
+        )
 
 
 def record_batches(
@@ -177,7 +193,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler
     train_set: ImageDataset
-    test_set: ImageDataset
+    eval_set: ImageDataset  # the run.eval_split records: test, or the few-shot validation split
     param_names: dict[int, str]
 
 
@@ -192,6 +208,7 @@ def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
     seed_everything(cfg.run.seed)
     data = load_data(cfg, cfg.run.seed)
     method = build_method(cfg, data.classnames, device, backbone)
+    check_eval_split(cfg, data)
     check_data(cfg, data, method)
     # data-dependent method state (e.g. Tip-Adapter's cache) exists before the optimiser does
     method.fit_before_training(record_batches(cfg, data, data.train, method, device, augment=True))
@@ -199,13 +216,14 @@ def build_run(cfg: RunConfig, device: torch.device, backbone=None) -> Run:
     names = {id(p): n for n, p in method.named_parameters() if p.requires_grad}
     amp = resolve_amp(cfg.optim.amp, device, training=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    train_set, test_set = image_sets(cfg, data, method)
-    return Run(cfg, data, method, build_optimizer(params, cfg), scaler, train_set, test_set, names)
+    train_set, eval_set = image_sets(cfg, data, method, cfg.run.eval_split)
+    return Run(cfg, data, method, build_optimizer(params, cfg), scaler, train_set, eval_set, names)
 
 
 def check_data(cfg: RunConfig, data: Dataset, method: PromptMethod) -> None:
     """Before training: every class the run learns has training images, and every image the run
-    will read (training, validation when the method selects on it, test) opens as an image within
+    will read (training; validation when the method selects on it or the run is scored on it;
+    test unless the run is scored on validation, ``run.eval_split=val``) opens as an image within
     the pixel limit (headers only, so this stays fast). Unreadable images are an error naming the
     first one and how many there are, or, under ``data.skip_corrupt``, a warning (they are then
     skipped and counted as they are met).
@@ -227,8 +245,13 @@ def check_data(cfg: RunConfig, data: Dataset, method: PromptMethod) -> None:
                 "; a prompt cannot learn a class it never sees: add training images for them, "
                 "or remove their folders from every split"
             )
-    uses_val = type(method).select_on_validation is not base.select_on_validation
-    splits = [("train", data.train), ("val", data.val if uses_val else []), ("test", data.test)]
+    on_val = cfg.run.eval_split == "val"
+    uses_val = on_val or type(method).select_on_validation is not base.select_on_validation
+    splits = [
+        ("train", data.train),
+        ("val", data.val if uses_val else []),
+        ("test", [] if on_val else data.test),  # never opened while scoring on validation
+    ]
     paths = [r.path for _, recs in splits for r in recs]
     bad = find_unreadable(data.image_root, paths, cfg.data.max_image_pixels)
     if not bad:

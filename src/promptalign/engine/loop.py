@@ -34,6 +34,7 @@ from .schedule import lr_at
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[[dict[str, Any]], None]
+EpochCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -42,16 +43,19 @@ class TrainResult:
 
     Attributes:
         run_dir: the run folder written.
-        metrics: the final test metrics (``accuracy``, ``macro_f1`` in percent, ``n`` images,
-            ...), as stored in the run folder's ``run.json``.
+        metrics: the final metrics on the run's ``run.eval_split`` (the test split unless the
+            run is scored on validation): ``accuracy``, ``macro_f1`` in percent, ``n`` images,
+            ..., as stored in the run folder's ``run.json``.
         epochs: the epochs of the run's schedule (a resumed run counts those before it too).
         steps: optimiser steps taken, in total.
+        split: the split ``metrics`` were measured on (``run.eval_split``).
     """
 
     run_dir: Path
     metrics: dict[str, Any]
     epochs: int
     steps: int
+    split: str = "test"
 
 
 class _Step(torch.nn.Module):
@@ -156,6 +160,7 @@ def train(
     overrides: Sequence[str] | Mapping[str, Any] = (),
     backbone=None,
     callbacks: Sequence[StepCallback] = (),
+    epoch_callbacks: Sequence[EpochCallback] = (),
 ) -> TrainResult:
     """Train ``cfg``'s method and write the run folder ``out``.
 
@@ -168,9 +173,14 @@ def train(
             progress, workers, data root); any other change is a :class:`ConfigError`.
         backbone: an already built backbone to reuse (tests, benchmarks).
         callbacks: called after every optimiser step with the step record.
+        epoch_callbacks: called at the end of every epoch, once its checkpoint is written, with
+            ``{"epoch": e (0-based), "epochs": n, "split": run.eval_split, "eval": metrics}``;
+            ``eval`` holds the evaluation of that epoch (``run.eval_every``), else None. An
+            exception raised there (e.g. a search pruning the run) ends the run, which stays
+            resumable from that epoch.
 
     Returns:
-        The run folder and its final test metrics (:class:`TrainResult`).
+        The run folder and its final metrics on ``run.eval_split`` (:class:`TrainResult`).
     """
     run_dir = Path(out).expanduser()
     if resume:
@@ -186,7 +196,9 @@ def train(
             r = build_run(cfg, device, backbone)
             if du.is_main():
                 ck.open_run_dir(run_dir, resume=resume)
-            return _train(r, run_dir, resume, distributed, device, callbacks, claim)
+            return _train(
+                r, run_dir, resume, distributed, device, callbacks, epoch_callbacks, claim
+            )
         except BaseException:
             if claim is not None and not resume:
                 ck.remove_failed_start(run_dir, created=False)  # while the folder is still ours
@@ -207,6 +219,7 @@ def _train(
     distributed: bool,
     device: torch.device,
     callbacks: Sequence[StepCallback],
+    epoch_callbacks: Sequence[EpochCallback] = (),
     claim: Claim | None = None,
 ) -> TrainResult:
     cfg, o = r.cfg, r.cfg.optim
@@ -240,17 +253,20 @@ def _train(
         steps, lost = train_epoch(r, step_module, epoch, steps, run_dir, device, callbacks)
         skipped += lost
         r.method.on_epoch_end(epoch, epochs)  # e.g. PromptSRC's prompt aggregation
+        ev = None
         if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 and epoch + 1 < epochs:
-            ev = evaluate(
-                r.method,
-                r.test_set,
-                batch_size=o.eval_batch_size,
-                device=device,
-                amp=o.amp,
-                where=f"evaluation after epoch {epoch + 1}",
+            ev = _short(
+                evaluate(
+                    r.method,
+                    r.eval_set,
+                    batch_size=o.eval_batch_size,
+                    device=device,
+                    amp=o.amp,
+                    where=f"evaluation after epoch {epoch + 1}",
+                )
             )
             if du.is_main():
-                ck.log_metrics(run_dir, {"epoch": epoch, "eval": _short(ev)})
+                ck.log_metrics(run_dir, {"epoch": epoch, "eval": ev})
         if claim is not None:
             claim.check()  # taken over while this process was stopped: write nothing more
         if du.is_main():
@@ -259,6 +275,9 @@ def _train(
                 run_dir, r.method, r.optimizer, r.scaler, r.param_names, epoch + 1, steps
             )
         du.barrier()
+        end = {"epoch": epoch, "epochs": epochs, "split": cfg.run.eval_split, "eval": ev}
+        for cb in epoch_callbacks:
+            cb(end)
     # inference-time choices on the validation split, never on test (e.g. Tip-Adapter's alpha/beta)
     chosen = r.method.select_on_validation(
         record_batches(cfg, r.data, r.data.val, r.method, device, augment=False)
@@ -269,7 +288,7 @@ def _train(
             ck.log_metrics(run_dir, {"validation_selection": chosen})
     metrics = evaluate(
         r.method,
-        r.test_set,
+        r.eval_set,
         batch_size=o.eval_batch_size,
         device=device,
         amp=o.amp,
@@ -279,7 +298,10 @@ def _train(
     metrics["skipped_train_images"] = skipped
     if skipped or metrics["skipped"]:
         log.warning(
-            "skipped %d unreadable training and %d test images", skipped, metrics["skipped"]
+            "skipped %d unreadable training and %d %s images",
+            skipped,
+            metrics["skipped"],
+            "validation" if cfg.run.eval_split == "val" else "test",
         )
     if claim is not None:
         claim.check()
@@ -288,7 +310,7 @@ def _train(
             run_dir, r.method, run_info(cfg, r.method, r.data, epochs, _short(metrics))
         )
         ck.log_metrics(run_dir, {"final": _short(metrics)})
-    return TrainResult(run_dir, metrics, epochs, steps)
+    return TrainResult(run_dir, metrics, epochs, steps, cfg.run.eval_split)
 
 
 def _short(m: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Launchers: where and how the jobs of a benchmark grid run.
+"""Launchers: where and how the jobs of a benchmark grid (or any other tasks) run.
 
 A launcher gets the grid's unfinished jobs as :class:`~promptalign.benchmark.grid.Task` objects
 and has each one run by :func:`~promptalign.benchmark.grid.execute` somewhere: in this process
@@ -7,6 +7,11 @@ scheduler jobs (``slurm``, through submitit). ``execute`` claims the job's folde
 resumes it and writes its result or its error, so results, retries and the folder's states are
 the same whatever the launcher; a launcher only decides where and when (DomainBed's
 ``command_launchers.py`` and Hydra's submitit launcher work the same way).
+
+A launcher runs any picklable task of the :class:`LaunchTask` shape, not only benchmark jobs:
+``promptalign tune`` launches its study's workers the same way. The folder that records the
+submissions (a :class:`~promptalign.benchmark.grid.Grid`, a study folder) is a
+:class:`~promptalign.benchmark.grid.Submissions`.
 
 Adding a launcher is one file in this package (it registers itself when the registry loads the
 package), or a module of your own named as ``--launcher my_module:name``::
@@ -36,18 +41,53 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from ...config import ConfigError
 from ...registry import Registry
-from ..grid import Grid, Outcome, Task
+from ..grid import JobState, Outcome, Submissions
 from ..jobs import Job
 
 LAUNCHERS: Registry = Registry("launcher", ["promptalign.benchmark.launchers"])
 
 OnDone = Callable[[Job, dict], None]
+
+
+class LaunchTask(Protocol):
+    """What a launcher runs (picklable; :class:`~promptalign.benchmark.grid.Task` is one).
+
+    Attributes:
+        key: its name in records and outcomes, unique within a submission.
+        folder: its folder: claim (``.lock``), attempts (``state.json``), ``result.json``,
+            ``error.txt`` (:func:`~promptalign.benchmark.grid.execute` writes them).
+        retries: failed attempts retried in the same process.
+        package: the submitter's ``promptalign`` folder ("" = not checked).
+        what: a few words on the task, in its claim.
+        device: the device it computes on (``run.device``).
+        name: a short word for the scheduler's job name.
+    """
+
+    key: str
+    folder: Path
+    retries: int
+    package: str
+    what: str
+    device: str
+    name: str
+
+    def work(self, backbone=None) -> dict[str, Any]:
+        """Do the task in this process; returns its result."""
+
+    def progress(self) -> tuple[int, int, int] | None:
+        """(stage, epochs done, epochs) of its training run, when it has one."""
+
+    def result_record(self, result: dict[str, Any]) -> dict[str, Any]:
+        """What ``result.json`` holds ( ``result`` under the key "result")."""
+
+    def state(self) -> JobState:
+        """Its state, read from its folder."""
 
 
 class LauncherError(ConfigError):
@@ -97,33 +137,40 @@ class Launcher:
         except (TypeError, ValueError) as e:
             raise LauncherError(f"launcher {cls.registered_name!r}: {e}") from None
 
-    def check(self, tasks: Sequence[Task]) -> None:
+    def workers(self) -> int:
+        """Tasks this launcher runs at once unless told otherwise (the workers a tuning study
+        launches)."""
+        return 1
+
+    def check(self, tasks: Sequence[LaunchTask]) -> None:
         """Refuse settings this machine cannot run (LauncherError), before anything runs."""
 
     def run(
         self,
-        tasks: Sequence[Task],
-        grid: Grid,
+        tasks: Sequence[LaunchTask],
+        grid: Submissions,
         *,
         backbone=None,
         on_done: OnDone | None = None,
     ) -> list[Outcome]:
-        """Run (or submit and follow) every task; returns their outcomes."""
+        """Run (or submit and follow) every task; returns their outcomes. ``grid`` records the
+        submission (any :class:`~promptalign.benchmark.grid.Submissions`); ``on_done`` is
+        called with (job, result) for benchmark jobs."""
         raise NotImplementedError
 
-    def cancel(self, grid: Grid, submission: dict[str, Any]) -> str:
+    def cancel(self, grid: Submissions, submission: dict[str, Any]) -> str:
         """Stop what ``submission`` (a record in the grid folder) started; returns what was
         done, in words."""
         return stop_submitter(submission)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def done(outcome: Outcome, task: Task, on_done: OnDone | None) -> Outcome:
+    def done(outcome: Outcome, task: LaunchTask, on_done: OnDone | None) -> Outcome:
         if on_done is not None and outcome.status == "ran" and outcome.result is not None:
             on_done(task.job, outcome.result)
         return outcome
 
-    def record(self, grid: Grid, tasks: Sequence[Task], **extra: Any) -> str:
+    def record(self, grid: Submissions, tasks: Sequence[LaunchTask], **extra: Any) -> str:
         """Record this process's submission of ``tasks`` in the grid folder; returns its id."""
         sid = extra.pop("id", None) or uuid.uuid4().hex[:12]
         grid.add_submission(
@@ -134,7 +181,7 @@ class Launcher:
                 "pid": os.getpid(),
                 "submitted": time.time(),
                 "state": "active",
-                "jobs": [t.job.key for t in tasks],
+                "jobs": [t.key for t in tasks],
                 **extra,
             }
         )
@@ -196,6 +243,7 @@ def read_launcher_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
 
 __all__ = [
     "LAUNCHERS",
+    "LaunchTask",
     "Launcher",
     "LauncherError",
     "NoOptions",

@@ -1,21 +1,21 @@
-"""``inline``: every job in this process, one after another (the default)."""
+"""``inline``: every task in this process, one after another (the default)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..grid import Grid, Outcome, Task, execute
-from . import LAUNCHERS, Launcher, OnDone
+from ..grid import Outcome, Submissions, execute
+from . import LAUNCHERS, Launcher, LaunchTask, OnDone
 
 
 @LAUNCHERS.register("inline")
 class InlineLauncher(Launcher):
-    """Runs the jobs here, in order; a backbone passed by the caller is shared by all of them."""
+    """Runs the tasks here, in order; a backbone passed by the caller is shared by all of them."""
 
     def run(
         self,
-        tasks: Sequence[Task],
-        grid: Grid,
+        tasks: Sequence[LaunchTask],
+        grid: Submissions,
         *,
         backbone=None,
         on_done: OnDone | None = None,

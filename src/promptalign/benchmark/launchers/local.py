@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..grid import Grid, Outcome, Task, execute
-from . import LAUNCHERS, Launcher, LauncherError, OnDone
+from ..grid import Outcome, Submissions, execute
+from . import LAUNCHERS, Launcher, LauncherError, LaunchTask, OnDone
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class LocalLauncher(Launcher):
         n = self.options.parallel
         return n if n is not None else max(1, len(visible_gpus()))
 
-    def check(self, tasks: Sequence[Task]) -> None:
+    def check(self, tasks: Sequence[LaunchTask]) -> None:
         n = self.options.parallel
         if n is not None and (not isinstance(n, int) or n < 1):
             raise LauncherError(
@@ -90,7 +90,7 @@ class LocalLauncher(Launcher):
             )
         gpus = visible_gpus()
         for t in tasks:
-            dev = t.config.run.device
+            dev = t.device
             if gpus and dev.startswith("cuda:"):
                 raise LauncherError(
                     f"--device {dev}: each local worker sees only its own GPU (as cuda:0); use "
@@ -99,8 +99,8 @@ class LocalLauncher(Launcher):
 
     def run(
         self,
-        tasks: Sequence[Task],
-        grid: Grid,
+        tasks: Sequence[LaunchTask],
+        grid: Submissions,
         *,
         backbone=None,
         on_done: OnDone | None = None,
@@ -165,7 +165,7 @@ class LocalLauncher(Launcher):
                 continue
             i = busy.pop(slot)
             outcomes[i] = Outcome(
-                tasks[i].job.key,
+                tasks[i].key,
                 "failed",
                 detail=f"its worker process died (exit code {p.exitcode}); it resumes from "
                 "its last checkpoint when the grid is run again",

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..grid import RESULT, Grid, Outcome, Task, execute, job_state, package_folder
-from . import LAUNCHERS, Launcher, LauncherError, OnDone, StillRunning
+from ..grid import RESULT, Outcome, Submissions, execute, package_folder
+from . import LAUNCHERS, Launcher, LauncherError, LaunchTask, OnDone, StillRunning
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def time_minutes(value: str | int) -> int:
     return -(-seconds // 60)
 
 
-def _log(grid: Grid, job_id: str) -> Path:
+def _log(grid: Submissions, job_id: str) -> Path:
     return grid.folder / ".slurm" / job_id / f"{job_id}_0_log.err"
 
 
@@ -119,10 +119,10 @@ class SlurmTask:
     """What each array task runs: the job, resumed from its last epoch after a requeue
     (submitit calls ``checkpoint`` on the time-limit signal and requeues what it returns)."""
 
-    def __call__(self, task: Task) -> str:
+    def __call__(self, task: LaunchTask) -> str:
         return execute(task).status
 
-    def checkpoint(self, task: Task):
+    def checkpoint(self, task: LaunchTask):
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, task)
@@ -159,7 +159,7 @@ class SlurmLauncher(Launcher):
     Options = SlurmOptions
     detached = True
 
-    def check(self, tasks: Sequence[Task]) -> None:
+    def check(self, tasks: Sequence[LaunchTask]) -> None:
         try:
             import submitit  # noqa: F401
         except ImportError:
@@ -180,7 +180,7 @@ class SlurmLauncher(Launcher):
                 flag = "--slurm-" + name.replace("_", "-")
                 raise LauncherError(f"{flag} {v}: must be an integer >= {low}")
 
-    def executor(self, grid: Grid, protocol: str):
+    def executor(self, grid: Submissions, protocol: str):
         import submitit
 
         o = self.options
@@ -210,16 +210,18 @@ class SlurmLauncher(Launcher):
         ex.update_parameters(**params)
         return ex
 
-    def submit(self, grid: Grid, tasks: Sequence[Task], attempt: int = 0) -> dict[str, str]:
+    def submit(
+        self, grid: Submissions, tasks: Sequence[LaunchTask], attempt: int = 0
+    ) -> dict[str, str]:
         """Submit ``tasks`` as one job array; returns job key -> Slurm id (``"123_4"``)."""
-        ex = self.executor(grid, tasks[0].job.protocol)
+        ex = self.executor(grid, tasks[0].name)
         runner = SlurmTask()
         try:
             jobs = ex.map_array(runner, list(tasks))
         except Exception as e:  # submitit's FailedJobError / sbatch errors: one line
             first = str(e).strip().splitlines()
             raise LauncherError(f"sbatch refused the job array: {first[-1] if first else e}") from e
-        ids = {t.job.key: j.job_id for t, j in zip(tasks, jobs)}
+        ids = {t.key: j.job_id for t, j in zip(tasks, jobs)}
         array = jobs[0].job_id.split("_")[0]
         self.record(grid, tasks, id=f"slurm-{array}", array=array, slurm_jobs=ids, attempt=attempt)
         log.info("submitted %d job(s) as Slurm array %s", len(tasks), array)
@@ -227,8 +229,8 @@ class SlurmLauncher(Launcher):
 
     def run(
         self,
-        tasks: Sequence[Task],
-        grid: Grid,
+        tasks: Sequence[LaunchTask],
+        grid: Submissions,
         *,
         backbone=None,
         on_done: OnDone | None = None,
@@ -236,28 +238,27 @@ class SlurmLauncher(Launcher):
         if not tasks:
             return []
         ids = self.submit(grid, tasks)
-        arrays = {f"slurm-{ids[tasks[0].job.key].split('_')[0]}"}
+        arrays = {f"slurm-{ids[tasks[0].key].split('_')[0]}"}
         if not self.options.wait:
-            return [Outcome(t.job.key, "submitted", detail=ids[t.job.key]) for t in tasks]
+            return [Outcome(t.key, "submitted", detail=ids[t.key]) for t in tasks]
         try:
             return self._follow(grid, tasks, ids, arrays, on_done)
         except KeyboardInterrupt:
             running = sorted({i.split("_")[0] for i in ids.values()})
             raise StillRunning(
-                f"interrupted: the grid's Slurm job(s) (array {', '.join(running)}) keep running; "
-                f"follow them with `promptalign benchmark status {grid.folder}`, cancel them "
-                f"with `promptalign benchmark cancel {grid.folder}`"
+                f"interrupted: the Slurm job(s) of {grid.folder} (array {', '.join(running)}) keep "
+                f"running; {grid.follow_hint()}"
             ) from None
 
     def _follow(
         self,
-        grid: Grid,
-        tasks: Sequence[Task],
+        grid: Submissions,
+        tasks: Sequence[LaunchTask],
         ids: dict[str, str],
         arrays: set[str],
         on_done: OnDone | None,
     ) -> list[Outcome]:
-        by_key = {t.job.key: t for t in tasks}
+        by_key = {t.key: t for t in tasks}
         outcomes: dict[str, Outcome] = {}
         resubmitted = dict.fromkeys(by_key, 0)
         retries = max((t.retries for t in tasks), default=0)
@@ -274,7 +275,7 @@ class SlurmLauncher(Launcher):
             for key, task in by_key.items():
                 if key in outcomes:
                     continue
-                st = job_state(task.job, task.job_dir)
+                st = task.state()
                 if st.state == "finished":
                     outcomes[key] = self._finished(task, on_done)
                 elif ids[key] in queued:
@@ -299,23 +300,23 @@ class SlurmLauncher(Launcher):
                     )
             if again:
                 log.info("submitting %d job(s) again: their Slurm jobs ended early", len(again))
-                new = self.submit(grid, again, attempt=max(resubmitted[t.job.key] for t in again))
+                new = self.submit(grid, again, attempt=max(resubmitted[t.key] for t in again))
                 ids.update(new)
                 arrays.add(f"slurm-{next(iter(new.values())).split('_')[0]}")
         for a in arrays:
             if (grid.submission(a) or {}).get("state") == "active":
                 grid.update_submission(a, state="ended")
-        return [outcomes[t.job.key] for t in tasks]
+        return [outcomes[t.key] for t in tasks]
 
     @staticmethod
-    def _finished(task: Task, on_done: OnDone | None) -> Outcome:
+    def _finished(task: LaunchTask, on_done: OnDone | None) -> Outcome:
         import json
 
-        result = json.loads((task.job_dir / RESULT).read_text(encoding="utf-8"))["result"]
-        out = Outcome(task.job.key, "ran", result=result)
+        result = json.loads((task.folder / RESULT).read_text(encoding="utf-8"))["result"]
+        out = Outcome(task.key, "ran", result=result)
         return Launcher.done(out, task, on_done)
 
-    def cancel(self, grid: Grid, submission: dict[str, Any]) -> str:
+    def cancel(self, grid: Submissions, submission: dict[str, Any]) -> str:
         array = submission.get("array")
         if not array:
             return "no Slurm job id recorded"
