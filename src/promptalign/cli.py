@@ -489,6 +489,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             classes=classes,
             topk=args.topk,
             panels=args.panels,
+            modes=args.modes,
             device=args.device,
         )
     except ExplainError as e:
@@ -503,7 +504,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         stem = Path(im.path).stem
         stem = stem if stem not in stems else f"{i:03d}-{stem}"
         stems.add(stem)
-        png = viz.draw_image(im, out / f"{stem}.png", method=res.method)
+        if args.modes:  # one map per visual prompt set and the prompt plan
+            stem += "-modes"
+            png = viz.draw_modes(im, out / f"{stem}.png", method=res.method)
+        else:
+            png = viz.draw_image(im, out / f"{stem}.png", method=res.method)
         atomic_write_text(
             out / f"{stem}.json",
             json.dumps({**{k: v for k, v in data.items() if k != "images"}, "image": d}, indent=1),
@@ -526,7 +531,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                     f"; token plans {c.entropy['token'].mean():.3f} of uniform; best-matched words "
                     f"(pair v{m}-t{n}, cosine) " + ", ".join(f"{w} {x:.2f}" for w, x in words)
                 )
-            print(line)
+            print(line + (f"\n    modes: {viz.modes_caption(im, c)}" if args.modes else ""))
         print(f"  wrote {png} and {out / (stem + '.json')}")
     for level, value in res.summary().items():
         print(f"mean {level.replace('_', ' ')}: {value:.3f} (1.0 = uniform plan)")
@@ -691,6 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="ot: transport plans (OT methods only); cosine: patch cosine maps; "
         "auto: ot when available",
+    )
+    px.add_argument(
+        "--modes",
+        action="store_true",
+        help="one patch map per visual prompt set side by side and the prompt plan, captioned "
+        "with the plan's entropy (methods with several prompt sets: ALIGN, PLOT)",
     )
     px.add_argument("--out", help="output folder (default: RUN/explain)")
     px.add_argument(
