@@ -15,6 +15,10 @@ on a trained run folder (``run``), each as one JSON line:
   same cost, so Sinkhorn returns the uniform one), and it does so in proportion to ``R / eps``;
 * **the plan at other prompt-level eps** on the same costs (the trained features held fixed):
   its entropy ratio to uniform for eps in ``--eps``;
+* **whether bigger visual prompts move the sets further apart** (``init``): the image-set
+  distance with every visual prompt token multiplied by each of ``--scales`` (they reach the
+  other tokens only through attention over layer-normalised tokens, so only their direction
+  can matter: measured, the distance does not change);
 * **the gradient per set** on a training batch: the gradient of the cross-entropy with respect
   to each visual set's prompt tokens (all layers) and each text set's context, their norms and
   the mean pairwise cosine between sets (1 = every set is pushed the same way, so their
@@ -107,7 +111,7 @@ def set_gradients(method, images: torch.Tensor, labels: torch.Tensor) -> dict:
         loss = F.cross_entropy(method(images).logits, labels)
         loss.backward()
     finally:
-        del prompts.visual  # the method's own again
+        prompts.__dict__.pop("visual", None)  # the method's own again
     g_vis = torch.cat([x.grad.flatten(1) for x in leaves], 1)  # [M, P]
     g_txt = torch.cat(
         [prompts.ctx.grad.flatten(1), prompts.deep_ctx.grad.transpose(0, 1).flatten(1)], 1
@@ -123,6 +127,24 @@ def set_gradients(method, images: torch.Tensor, labels: torch.Tensor) -> dict:
         out["visual_grad_cos"] = _pairwise_cos(g_vis)
         out["visual_grad_spread"] = float((g_vis - mean).norm(dim=1).mean() / mean.norm())
         out["text_grad_cos"] = _pairwise_cos(g_txt)
+    return out
+
+
+def prompt_reach(method, images: torch.Tensor, scales) -> dict:
+    """How far the visual prompts can move the sets apart: the image-set distance with every
+    visual prompt token (all layers) multiplied by each of ``scales`` (1 = as initialised)."""
+    prompts = method.prompts
+    vis, vdeep = prompts.visual()
+    out = {}
+    try:
+        for scale in scales:
+            scaled = (vis.detach() * scale, [d.detach() * scale for d in vdeep])
+            prompts.visual = lambda scaled=scaled: scaled
+            with torch.no_grad():
+                g = method.explain_features(images).image_global
+            out[f"image_distance_x{scale:g}"] = float(mean_pairwise_distance(g).mean())
+    finally:
+        prompts.__dict__.pop("visual", None)
     return out
 
 
@@ -152,6 +174,7 @@ def cmd_init(a) -> list[dict]:
             row = {"what": "init", "arch": a.arch, "init": init, "seed": seed, "sets": a.sets}
             row |= {"depth": m.prompts.depth, "patches": bb.n_patches, "images": len(x)}
             row |= cost_stats(m, x, a.eps)
+            row |= prompt_reach(m, x, a.scales)
             if a.grad:
                 row["grad"] = {f"eps{m.config.eps:g}": set_gradients(m, xt, yt)}
             rows.append(row)
@@ -184,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     pi.add_argument("--sets", type=int, default=4)
     pi.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     pi.add_argument("--grad", action="store_true", help="also the gradient per set")
+    pi.add_argument(
+        "--scales", type=float, nargs="+", default=[0, 0.1, 1, 10, 100], help="visual prompt scales"
+    )
     pr = sub.add_parser("run", help="a trained ALIGN run folder")
     pr.add_argument("run")
     for q in (pi, pr):
