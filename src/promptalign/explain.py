@@ -22,6 +22,15 @@ Methods without the hook (one prompt per modality: CoOp, MaPLe, ...) are explain
 of each patch token of their image tower with the class feature, recorded while the method itself
 scores the image.
 
+The modes view (the ALIGN paper's qualitative figure: do the M visual prompt sets look at
+different parts of an image?) is :func:`set_maps` of an explained class: one patch map per visual
+prompt set m, each the plan-weighted mean over the text sets n of a per-patch score of the pair
+(m, n) - the token-level match ``patch_match`` (hierarchical OT: the mass-weighted cosine of each
+patch with the class's text tokens its mass goes to) or, without a token level, the patch cosine
+with the class feature. Beside it, how far apart the sets' global features are
+(:func:`mean_pairwise_distance`: per image over its M visual sets, per class over its N text sets;
+:func:`set_separation` averages them over a dataset split).
+
 Plan entropies are reported relative to the uniform coupling (:func:`plan_entropy_ratio`, 1.0 =
 uniform, i.e. the OT does nothing). Following the ALIGN paper's qualitative analysis (Wang et al.,
 NeurIPS 2023, arXiv 2309.13847: transport plans between patches and words, t-SNE of the image
@@ -112,6 +121,11 @@ class ClassExplanation:
         tokens: per text set n, :class:`TokenLabels` of its prompt (None without token level).
         patch_cosine: ``[M, N, gh, gw]`` cosine of every patch token of visual set m with the
             global class feature of text set n (cosine view, every method).
+        patch_match: ``[M, N, gh, gw]`` token-level match per patch (hierarchical OT): the
+            mass-weighted cosine of each patch with the text tokens its token-level mass goes to,
+            ``sum_l T_hat[p, l] S[p, l] / sum_l T_hat[p, l]``.
+        text_set_distance: mean pairwise cosine distance between the class's N global text
+            features (0.0 for one set; :func:`mean_pairwise_distance`).
         entropy: plan entropy ratios: "prompt" (scalar), "token" (``[M, N]``).
     """
 
@@ -134,6 +148,8 @@ class ClassExplanation:
     word_mass: list[np.ndarray] | None = None
     word_cosine: list[np.ndarray] | None = None
     tokens: list[TokenLabels] | None = None
+    patch_match: np.ndarray | None = None
+    text_set_distance: float = 0.0
     entropy: dict[str, Any] = field(default_factory=dict)
 
     def dominant_pairs(self, k: int = 1) -> list[tuple[int, int]]:
@@ -173,6 +189,8 @@ class ImageExplanation:
         grid: (rows, cols) of the patch grid.
         top: (class name, probability) of the top classes.
         classes: one :class:`ClassExplanation` per explained class (top classes, then chosen ones).
+        image_set_distance: mean pairwise cosine distance between the image's M global features
+            (one per visual prompt set; 0.0 for one set).
     """
 
     path: str
@@ -180,11 +198,37 @@ class ImageExplanation:
     grid: tuple[int, int]
     top: list[tuple[str, float]]
     classes: list[ClassExplanation]
+    image_set_distance: float = 0.0
 
-    def lines(self) -> list[str]:
-        """The image's top classes, then one line per explained class."""
+    def lines(self, modes: bool = False) -> list[str]:
+        """The image's top classes, then one line per explained class (and with ``modes`` its
+        :meth:`modes_caption`)."""
         top = f"{self.path}: top " + ", ".join(f"{n} ({p:.2f})" for n, p in self.top)
-        return [top, *(c.line() for c in self.classes)]
+        rows = [top]
+        for c in self.classes:
+            rows.append(c.line())
+            if modes:
+                rows.append(f"    modes: {self.modes_caption(c)}")
+        return rows
+
+    def modes_caption(self, c: ClassExplanation) -> str:
+        """The caption of one row of the modes view: the prompt plan's entropy (ratio to
+        uniform, 1 = uniform) and how far apart the prompt sets are."""
+        M, N = c.patch_cosine.shape[:2]
+        if c.prompt_plan is not None:
+            ent = c.entropy["prompt"]
+            floor = c.entropy.get("prompt_floor_ratio", 0.5)
+            plan = (
+                f"prompt plan entropy {ent:.5f} of uniform (1 = uniform, i.e. a plain average of "
+                f"the {M} x {N} pairs; {floor:.2f} = one text set per visual set)"
+            )
+        else:
+            plan = "no prompt-level plan"
+        return (
+            f"{c.name} (p={c.prob:.2f}): {plan}; mean pairwise cosine distance of the sets' "
+            f"global features: image {self.image_set_distance:.2e}, text "
+            f"{c.text_set_distance:.2e}"
+        )
 
 
 @dataclass
@@ -266,6 +310,7 @@ class Explanation:
                 {
                     "path": im.path,
                     "grid": list(im.grid),
+                    "image_set_distance": im.image_set_distance,
                     "top": [{"label": n, "prob": p} for n, p in im.top],
                     "classes": classes,
                 }
@@ -386,6 +431,7 @@ def explain_images(
     classes: Sequence[str] = (),
     topk: int = 2,
     panels: Panels = "auto",
+    modes: bool = False,
 ) -> Explanation:
     """Explain a method's scores for preprocessed ``images [B, 3, H, W]``.
 
@@ -397,9 +443,12 @@ def explain_images(
         topk: how many of each image's top classes to explain.
         panels: "ot" (plans; an error for a method without OT), "cosine" (patch cosine maps) or
             "auto" (OT when the method has it).
+        modes: the result is for the modes view (:func:`set_maps`): an error for a method
+            without prompt sets scored by OT.
 
     Raises:
-        ExplainError: unknown class names, "ot" for a method without transport plans.
+        ExplainError: unknown class names, "ot" or ``modes`` for a method without transport
+            plans.
     """
     if panels not in ("auto", "ot", "cosine"):
         raise ExplainError(f"panels {panels!r} unknown; use 'auto', 'ot' or 'cosine'")
@@ -409,6 +458,11 @@ def explain_images(
         raise ExplainError(
             f"method {name!r} scores with one prompt per modality and has no transport plans; "
             "use --panels cosine (or auto) for its patch-cosine maps"
+        )
+    if modes and not has_ot(method):
+        raise ExplainError(
+            f"method {name!r} has one prompt per modality and no prompt-level plan; the modes "
+            "view needs a method with several prompt sets scored by OT (ALIGN, PLOT)"
         )
     unknown = [c for c in classes if c not in method.classnames]
     if unknown:
@@ -460,6 +514,7 @@ def explain_images(
         if use_ot:
             ot_res = feats.head.plans(_single(feats, b), idx)
         class_out = []
+        image_global = F.normalize(_image_global(feats, out, b), dim=-1)  # [M, D]
         for j, k in enumerate(wanted):
             ce = ClassExplanation(
                 name=method.classnames[k],
@@ -467,12 +522,9 @@ def explain_images(
                 logit=float(method_logits[b, k]),
                 method_logit=float(method_logits[b, k]),
                 prob=float(probs[b, k]),
-                global_sim=_np(
-                    torch.einsum(
-                        "md,nd->mn", F.normalize(_image_global(feats, out, b), dim=-1), tg[j]
-                    )
-                ),
+                global_sim=_np(torch.einsum("md,nd->mn", image_global, tg[j])),
                 patch_cosine=_np(cos_maps[j]),
+                text_set_distance=float(mean_pairwise_distance(tg[j])),
             )
             if ot_res is not None:
                 _fill_ot(ce, ot_res, j, feats, b, k, patch_idx, grid, backbone.tokenizer)
@@ -486,6 +538,7 @@ def explain_images(
                 grid=grid,
                 top=[(method.classnames[k], float(probs[b, k])) for k in order[:top_k]],
                 classes=class_out,
+                image_set_distance=float(mean_pairwise_distance(image_global)),
             )
         )
     return Explanation(
@@ -559,6 +612,13 @@ def _fill_ot(
     heat = tp[:, :, patch_idx, :]  # [M, N, G, L]
     ce.heat = _np(heat.permute(0, 1, 3, 2).reshape(M, N, L, *grid))
     ce.prompt_token_mass = _np(tp.sum(-2) - heat.sum(-2))
+    # token-level match per patch: cosines of the tokens the plans transport (no OT here)
+    r = F.normalize(feats.image_tokens[b][:, patch_idx].float(), dim=-1)  # [M, G, D]
+    s = F.normalize(feats.text_tokens[k].float(), dim=-1)  # [N, L, D]
+    sim = torch.einsum("mgd,nld->mngl", r, s)  # [M, N, G, L]
+    held = tp[:, :, patch_idx]  # [M, N, G, L] token-level mass of the patches
+    match = (held * sim).sum(-1) / held.sum(-1).clamp_min(1e-30)  # [M, N, G]
+    ce.patch_match = _np(match.reshape(M, N, *grid))
     ce.entropy["token"] = _np(plan_entropy_ratio(tp))
     ce.tokens, ce.word_mass, ce.word_cosine = [], [], []
     sim_mass = res["token_sim_mass"][0, j]  # [M, N, L]
@@ -573,6 +633,112 @@ def _fill_ot(
         cos = labels.word_mass(_np(sim_mass[:, n][:, real.to(tp.device)]))
         ce.word_mass.append(mass)
         ce.word_cosine.append(cos / np.maximum(mass, 1e-30))
+
+
+# --------------------------------------------------------------------------- modes
+def mean_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance ``1 - cos`` over the ``S (S - 1) / 2`` pairs of ``S`` vectors.
+
+    Args:
+        x: ``[..., S, D]`` features (one per prompt set; need not be normalised).
+
+    Returns:
+        ``[...]``; 0 for ``S = 1``.
+    """
+    S = x.shape[-2]
+    if S < 2:
+        return torch.zeros(x.shape[:-2], dtype=torch.float32, device=x.device)
+    z = F.normalize(x.float(), dim=-1)
+    cos = z @ z.transpose(-1, -2)  # [..., S, S]
+    off = cos.sum((-2, -1)) - cos.diagonal(dim1=-2, dim2=-1).sum(-1)  # sum over s != s'
+    return 1.0 - off / (S * (S - 1))
+
+
+def set_maps(c: ClassExplanation) -> tuple[np.ndarray, str]:
+    """One patch map per visual prompt set for an explained (image, class): the prompt-level
+    plan-weighted mean over the text sets n of the pair's per-patch score.
+
+    Returns:
+        (``[M, gh, gw]`` maps, what they show: "token match" - the token-level match
+        ``patch_match`` of the hierarchical OT - or "patch cosine" - the cosine of each patch
+        token with the class feature, for methods without a token level).
+    """
+    if c.patch_match is not None:
+        score, kind = c.patch_match, "token match"
+    else:
+        score, kind = c.patch_cosine, "patch cosine"
+    M, N = score.shape[:2]
+    if c.prompt_plan is not None:
+        w = c.prompt_plan / np.maximum(c.prompt_plan.sum(1, keepdims=True), 1e-30)  # rows sum to 1
+    else:
+        w = np.full((M, N), 1.0 / N)
+    return np.einsum("mn,mnhw->mhw", w, score), kind
+
+
+@dataclass
+class SetSeparation:
+    """How different a run's prompt sets make the features, over a dataset split.
+
+    Attributes:
+        image_distance: mean over the test images of the mean pairwise cosine distance between
+            an image's M global features (one per visual prompt set).
+        text_distance: mean over the classes of the mean pairwise cosine distance between a
+            class's N global features (one per text prompt set).
+        n_images, n_classes: what the means are over.
+        sets: (M, N).
+    """
+
+    image_distance: float
+    text_distance: float
+    n_images: int
+    n_classes: int
+    sets: tuple[int, int]
+
+
+def set_separation(
+    run_dir: str | os.PathLike,
+    *,
+    subsample: str | None = None,
+    batch_size: int = 128,
+    device: str = "auto",
+    backbone=None,
+) -> SetSeparation:
+    """:class:`SetSeparation` of a saved run on the test split of its dataset's ``subsample``
+    classes (default: the run's). Methods with one prompt per modality give 0.0."""
+    from .data import make_loader
+    from .engine import load_run
+    from .engine.build import image_sets, load_data
+
+    method, cfg, _ = load_run(run_dir, device=device, backbone=backbone)
+    data = load_data(cfg, cfg.run.seed, subsample)
+    method.set_classnames(data.classnames)
+    _, test = image_sets(cfg, data, method)
+    dev = method.backbone.device
+    loader = make_loader(test, batch_size, train=False, workers=0, device=dev)
+    image_sum, n_images, text, sets = 0.0, 0, None, (1, 1)
+    with torch.no_grad():
+        for batch in loader:
+            if batch["image"] is None:
+                continue
+            out = method(batch["image"].to(dev))
+            if out.explain is not None:
+                img, txt = out.explain.image_global, out.explain.text_global  # [B, M, D], [K, N, D]
+            else:  # one prompt per modality
+                img, txt = out.image_features.unsqueeze(1), out.text_features.unsqueeze(-2)
+            image_sum += float(mean_pairwise_distance(img).sum())
+            n_images += img.shape[0]
+            if text is None:  # the class features do not depend on the images
+                text = mean_pairwise_distance(txt.reshape(-1, *txt.shape[-2:]))
+                sets = (img.shape[1], txt.shape[-2])
+    if not n_images:
+        raise ExplainError(f"{run_dir}: its test split has no readable images")
+    return SetSeparation(
+        image_distance=image_sum / n_images,
+        text_distance=float(text.mean()),
+        n_images=n_images,
+        n_classes=len(data.classnames),
+        sets=sets,
+    )
 
 
 # --------------------------------------------------------------------------- images and runs
@@ -614,6 +780,7 @@ def explain(
     classes: Sequence[str] = (),
     topk: int = 2,
     panels: Panels = "auto",
+    modes: bool = False,
     device: str = "auto",
     backbone=None,
 ) -> Explanation:
@@ -649,6 +816,7 @@ def explain(
         classes=classes,
         topk=topk,
         panels=panels,
+        modes=modes,
     )
     res.method = str(info.get("method", res.method))
     return res

@@ -4,6 +4,7 @@ scatter. Takes the arrays :mod:`promptalign.explain` computes; computes nothing 
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -275,5 +276,63 @@ def draw_embeddings(
     fig.suptitle(
         f"{method}: {emb.projection.upper()} of image embeddings ({emb.coords.shape[1]} images)",
         fontsize=10,
+    )
+    return _save(fig, path, dpi)
+
+
+def draw_modes(
+    ex: ImageExplanation, path: str | os.PathLike, *, method: str = "", dpi: int = 110
+) -> Path:
+    """The modes view of one image (the ALIGN paper's qualitative figure): per explained class a
+    row with the image, one patch map per visual prompt set side by side on one colour scale
+    (:func:`promptalign.explain.set_maps`), the spread of the maps across the sets, and the
+    prompt-level plan; the caption states the plan's entropy ratio and the sets' distances."""
+    from .explain import set_maps
+
+    plt = _plt()
+    rows = [(c, *set_maps(c)) for c in ex.classes]
+    M = max(maps.shape[0] for _, maps, _ in rows)
+    spread = M > 1
+    ncols = 2 + M + spread
+    panel = 1.7
+    fig = plt.figure(
+        figsize=(ncols * panel + 1.2, len(rows) * (panel + 0.9) + 0.4), layout="constrained"
+    )
+    subs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
+    for sub, (c, maps, kind) in zip(subs, rows):
+        axes = sub.subplots(1, ncols)
+        _show_image(axes[0], ex.image)
+        axes[0].set_title(f"{c.name}\nlogit {c.logit:.2f}", fontsize=8)
+        vmin, vmax = float(maps.min()), float(maps.max())
+        im = None
+        for m in range(maps.shape[0]):
+            im = _overlay(axes[1 + m], ex.image, maps[m], vmin, vmax, "gray")
+            axes[1 + m].set_title(f"visual set v{m}\nmean {maps[m].mean():.3f}", fontsize=7)
+        for ax in axes[1 + maps.shape[0] : 1 + M]:
+            ax.axis("off")
+        if spread:
+            diff = maps.max(0) - maps.min(0)
+            ax = axes[1 + M]
+            shown = ax.imshow(diff, cmap="magma", vmin=0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(
+                f"spread across sets\nmax {diff.max():.2g} of {vmax - vmin:.2g}", fontsize=7
+            )
+            cb = sub.colorbar(shown, ax=ax, shrink=0.7, pad=0.02)
+            cb.ax.tick_params(labelsize=5)
+        if im is not None:
+            cb = sub.colorbar(im, ax=list(axes[1 : 1 + M]), shrink=0.7, pad=0.01)
+            cb.ax.tick_params(labelsize=5)
+            cb.set_label(kind, fontsize=6)
+        if c.prompt_plan is not None:
+            _plan_panel(axes[-1], c.prompt_plan, f"prompt plan T\n{c.entropy['prompt']:.5f}")
+        else:
+            axes[-1].axis("off")
+        sub.supxlabel(textwrap.fill(ex.modes_caption(c), 150), fontsize=7)
+    fig.suptitle(
+        f"{method}: {Path(ex.path).name}  -  one map per visual prompt set "
+        "(bright = high, same scale for every set)",
+        fontsize=9,
     )
     return _save(fig, path, dpi)

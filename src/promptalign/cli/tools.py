@@ -100,6 +100,12 @@ def add_explain(sub) -> None:
         help="ot: transport plans (OT methods only); cosine: patch cosine maps; "
         "auto: ot when available",
     )
+    p.add_argument(
+        "--modes",
+        action="store_true",
+        help="one patch map per visual prompt set side by side and the prompt plan, captioned "
+        "with the plan's entropy (methods with several prompt sets: ALIGN, PLOT)",
+    )
     add_flags(p, ("--out",), out={"help": "output folder (default: RUN/explain)"})
     p.add_argument(
         "--embeddings", action="store_true", help="embedding map of a dataset instead of images"
@@ -157,6 +163,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             classes=classes,
             topk=args.topk,
             panels=args.panels,
+            modes=args.modes,
             device=args.device,
         )
     except ExplainError as e:
@@ -170,12 +177,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stem = Path(im.path).stem
         stem = stem if stem not in stems else f"{i:03d}-{stem}"
         stems.add(stem)
-        png = viz.draw_image(im, out / f"{stem}.png", method=res.method)
+        if args.modes:  # one map per visual prompt set and the prompt plan
+            stem += "-modes"
+            png = viz.draw_modes(im, out / f"{stem}.png", method=res.method)
+        else:
+            png = viz.draw_image(im, out / f"{stem}.png", method=res.method)
         atomic_write_text(
             out / f"{stem}.json",
             json.dumps({**{k: v for k, v in data.items() if k != "images"}, "image": d}, indent=1),
         )
-        print("\n".join(im.lines()))
+        print("\n".join(im.lines(modes=args.modes)))
         print(f"  wrote {png} and {out / (stem + '.json')}")
     for line in res.summary_lines():
         print(line)

@@ -26,7 +26,12 @@ Two forms (``form``):
   (<= ~2e-6, tests/test_fidelity.py), so the preset tracks the released logits within ~5e-5; it
   costs ~10 instead of 5 token-level iterations per problem (checks every 5).
 Text prompts: set 0 initialised from "a photo of a" (first b tokens; "of a" stays literal text:
-"[SOS] c1 c2 of a {class}. [EOT]"), sets n >= 1 random N(0, 0.02) rendered "[SOS] c1 c2 {class}.".
+"[SOS] c1 c2 of a {class}. [EOT]"), sets n >= 1 random N(0, 0.02) rendered "[SOS] c1 c2 {class}."
+(the released code's default). ``ctx_init`` may hold one phrase per set, separated by tabs, as the
+released code's ``CTX_INIT`` does (``ctx_init.split("\t")``, one phrase per text prompt; its config
+keeps a commented-out list "a photo of a", "a nice photo of", "a large picture of", "a small photo
+of a", "a nice sketch of a"): set i then starts from phrase i's first b tokens and keeps the rest
+of it as literal text; sets without a phrase start random as above.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from ..registry import METHODS
 from .base import MethodConfig, MethodOutput, PromptMethod, normalize_mean
 from .explainable import ExplainFeatures, ExplainsOT
 from .heads import HierarchicalOTHead
-from .prompts import CoupledPrompts, build_class_prompts
+from .prompts import CoupledPrompts, build_class_prompts, phrase_init, remaining_words
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,10 @@ class ALIGNConfig(MethodConfig):
     """Attributes:
     n_sets: prompt sets per modality (M = N).
     n_ctx: prompt tokens b per set; depth: prompt depth in both towers.
-    ctx_init: initialisation phrase of text set 0.
+    ctx_init: initialisation phrase of text set 0, or one phrase per set separated by tabs (the
+        released code's convention; at most n_sets phrases): set i starts from the first n_ctx
+        tokens of phrase i and keeps the rest as literal text; sets without a phrase start
+        random N(0, 0.02).
     beta: weight of the token-level distance (paper form).
     eps, eps_token, max_iter, tol: Sinkhorn settings of the prompt / token level.
     tau_token: KL relaxation of the token-level marginals (unbalanced OT: a word need not send
@@ -104,9 +112,24 @@ class ALIGNConfig(MethodConfig):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise FieldError(f"{name}: {value!r} must be > 0")
+        phrases = self.phrases()
+        if len(phrases) > self.n_sets:
+            raise FieldError(
+                f"ctx_init: {len(phrases)} tab-separated phrases for n_sets={self.n_sets}; give "
+                "at most one phrase per prompt set"
+            )
+        if any(not p for p in phrases):
+            raise FieldError(
+                f"ctx_init: {self.ctx_init!r} has an empty phrase between tabs; give one "
+                "non-empty phrase per initialised set"
+            )
         for name, low in (("max_iter", 1), ("tol", 0), ("memory_budget", 1)):
             if getattr(self, name) < low:
                 raise FieldError(f"{name}: {getattr(self, name)!r} must be >= {low}")
+
+    def phrases(self) -> list[str]:
+        """The initialisation phrases of text sets 0, 1, ... (``ctx_init`` split at tabs)."""
+        return [p.strip() for p in self.ctx_init.split("\t")] if self.ctx_init.strip() else []
 
     def solver(self) -> HierarchicalOT:
         """The hierarchical OT these settings describe (both levels check every 5 iterations)."""
@@ -134,20 +157,31 @@ class ALIGN(ExplainsOT, PromptMethod):
     def __init__(self, backbone, classnames, config=None):
         super().__init__(backbone, classnames, config)
         cfg = self.config
-        self.prompts = CoupledPrompts(backbone, cfg.n_ctx, cfg.depth, cfg.ctx_init, sets=cfg.n_sets)
+        phrases = cfg.phrases()
+        self.prompts = CoupledPrompts(
+            backbone, cfg.n_ctx, cfg.depth, phrases[0] if phrases else "", sets=cfg.n_sets
+        )
+        # the literal words after each set's context ("of a" for "a photo of a"; "" when random)
+        self.suffixes = [self.prompts.suffix] + [""] * (cfg.n_sets - 1)
+        with torch.no_grad():  # sets 1.. from their own phrases (the random draw is unchanged)
+            for i, phrase in enumerate(phrases[1:], start=1):
+                self.prompts.ctx[i] = phrase_init(backbone, phrase, cfg.n_ctx)
+                self.suffixes[i] = remaining_words(backbone, phrase, cfg.n_ctx)
         self.head = HierarchicalOTHead(cfg.solver())
         self.on_classnames_changed()
 
     def on_classnames_changed(self) -> None:
-        suffix = self.prompts.suffix
-        first = build_class_prompts(
-            self.backbone,
-            self.classnames,
-            self.config.n_ctx,
-            template=f"{suffix} {{}}." if suffix else "{}.",
-        ).tokens
-        rest = build_class_prompts(self.backbone, self.classnames, self.config.n_ctx).tokens
-        tokens = torch.stack([first] + [rest] * (self.config.n_sets - 1))  # [N, K, T]
+        rendered: dict[str, torch.Tensor] = {}  # one tokenisation per distinct suffix
+        for suffix in self.suffixes:
+            if suffix not in rendered:
+                rendered[suffix] = build_class_prompts(
+                    self.backbone,
+                    self.classnames,
+                    self.config.n_ctx,
+                    template=f"{suffix} {{}}." if suffix else "{}.",
+                ).tokens
+        tokens = torch.stack([rendered[s] for s in self.suffixes])  # [N, K, T]
+        suffix = self.suffixes[0]
         # end of the class name in prompt 0: the same prompt without the final "." (however the
         # tokenizer renders it: one token in CLIP's BPE, none where punctuation is stripped)
         bare_template = f"{suffix} {{}}" if suffix else "{}"
