@@ -30,7 +30,7 @@ OVERRIDES = [
     "optim.epochs=1",
     "optim.batch_size=32",
     "optim.eval_batch_size=256",
-    "coop:optim.epochs=3",
+    "coop:optim.epochs=20",  # a wide window between its first epoch and its end for scancel
     "coop:optim.batch_size=16",
 ]
 SETTINGS = {"poll_s": 0.5, "cpus_per_job": 1, "time": 15}

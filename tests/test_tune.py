@@ -316,7 +316,16 @@ def test_a_study_end_to_end_through_the_cli(tmp_path, shapes, capsys):
     )
     by = {job.method: cfg for job, cfg, _ in plan}
     assert by["coop"].optim.lr == pytest.approx(chosen["params"]["optim.lr"])
-    assert by["zeroshot"].optim.lr is None
+    untuned = plan_jobs(
+        "fewshot",
+        methods=["zeroshot"],
+        datasets=[DATASET],
+        seeds=[1],
+        shots=[4],
+        data_root=str(shapes),
+        out_dir=tmp_path / "b",
+    )
+    assert by["zeroshot"] == untuned[0][1]  # another method's jobs keep their own settings
 
 
 def test_an_interrupted_study_resumes_its_trial_from_its_last_epoch(tmp_path, shapes, bb, caplog):

@@ -81,12 +81,23 @@ def _interrupted(args: argparse.Namespace) -> str:
     return "; the study resumes where it stopped: run the same command again"
 
 
+def _quiet_optuna(verbose: bool) -> None:
+    """Optuna logs every trial at INFO on its own handler; the command prints the table instead
+    (``-v`` keeps Optuna's lines)."""
+    try:
+        import optuna
+    except ImportError:  # run_tune says how to install it
+        return
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from promptalign.benchmark import StillRunning, get_launcher
     from promptalign.benchmark.launchers import read_launcher_file
     from promptalign.tune import run_tune
 
     check_device(args.device)
+    _quiet_optuna(args.verbose)
     flags = config_overrides(args, CONFIG_FLAGS)
     items = [f"{k}={'null' if v is None else v}" for k, v in flags.items()]
     items += [*args.overrides, *args.list_overrides]
