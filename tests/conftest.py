@@ -37,6 +37,17 @@ def _seed_every_test():
 
 
 @pytest.fixture(autouse=True)
+def _same_torch_threads():
+    """Every test runs with the process's torch thread count (a script's ``main`` run in-process,
+    e.g. ``benchmarks/align_modes.py --threads 1``, sets it): results of later tests that depend
+    on the order of float reductions (bit identity) must not depend on test order."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _private_cache_dir(tmp_path_factory, monkeypatch):
     """Few-shot caches go to a fresh folder per test, never the user's ~/.cache."""
     monkeypatch.setenv("PROMPTALIGN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

@@ -139,7 +139,8 @@ def test_base_new_eval_and_predict(setup, tmp_path, capsys):
 
 def test_resume_after_interrupt_is_bit_identical(setup, tmp_path):
     def cfg(out):
-        from promptalign.cli import _train_config, build_parser
+        from promptalign.cli import build_parser
+        from promptalign.cli.runs import train_config as _train_config
 
         return _train_config(
             build_parser().parse_args(_args(setup, out, "coop", ["optim.epochs=3"]))
@@ -330,7 +331,8 @@ def test_two_process_gloo_training_and_sharded_eval(setup, tmp_path):
 
 
 def _cfg(setup, out, method="coop", extra=()):
-    from promptalign.cli import _train_config, build_parser
+    from promptalign.cli import build_parser
+    from promptalign.cli.runs import train_config as _train_config
 
     return _train_config(build_parser().parse_args(_args(setup, out, method, list(extra))))
 
@@ -406,7 +408,7 @@ def test_nan_in_training_and_evaluation_is_an_error_naming_where(setup, tmp_path
     with pytest.raises(
         NonFiniteError, match="after epoch 3: the method's logits are NaN/inf on test batch 0"
     ):
-        evaluate(r.method, r.test_set, batch_size=4, where="evaluation after epoch 3")
+        evaluate(r.method, r.eval_set, batch_size=4, where="evaluation after epoch 3")
     out = tmp_path / "run"
     assert main(_args(setup, out)) == 0
     state = load_file(str(out / "prompts.safetensors"))

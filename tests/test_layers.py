@@ -17,7 +17,7 @@ LAYERS = (
     ("resolve", "__init__"),
     ("engine", "presets"),
     ("benchmark", "explain", "demo"),
-    ("viz",),
+    ("viz", "tune"),
     ("cli",),
 )
 SELF_CONTAINED = ("backbone", "ot")  # import nothing else from promptalign
