@@ -575,3 +575,29 @@ def test_local_workers_share_one_study_and_its_budget(tmp_path, shapes):
     assert sorted(ran) == [0, 1, 2]  # every trial run once, by one of the two workers
     subs = json.loads((tmp_path / "study" / "study.json").read_text())["submissions"]
     assert subs[-1]["launcher"] == "local" and subs[-1]["parallel"] == 2
+
+
+def test_the_median_pruner_compares_trials_at_the_same_point_of_their_schedules():
+    """Trials of 4 and of 20 epochs are compared at the same percent of their schedules; none is
+    pruned in its first quarter (the warm-up), a lagging one is after it."""
+    optuna = pytest.importorskip("optuna")
+    from promptalign.tune.study import PRUNE_AFTER, StudySpec, _pruner, progress_step, report_epoch
+
+    assert [progress_step(e, 4) for e in range(4)] == [25, 50, 75, 100]
+    assert [progress_step(e, 3) for e in range(3)] == [34, 67, 100]
+    spec = StudySpec("coop", "d", 1, (), (), "tpe", "median", "accuracy", 1)
+    study = optuna.create_study(direction="maximize", pruner=_pruner(optuna, spec))
+    for _ in range(3):  # finished 4-epoch trials scoring 50 all along
+        t = study.ask()
+        for e in range(4):
+            report_epoch(t, 50.0, e, 4)
+        study.tell(t, 50.0)
+    assert sorted(study.trials[0].intermediate_values) == list(range(1, 101))
+    lagging = study.ask()  # a 20-epoch trial at 10 throughout
+    pruned_at = None
+    for e in range(20):
+        report_epoch(lagging, 10.0, e, 20)
+        if lagging.should_prune():
+            pruned_at = progress_step(e, 20)
+            break
+    assert pruned_at == PRUNE_AFTER  # at the first step it may be: after epoch 5 of 20, not 1

@@ -58,7 +58,8 @@ def add_tune(sub) -> None:
         "--pruner",
         choices=["median", "halving", "none"],
         default="median",
-        help="stop trials whose validation score lags at the same epoch (default median)",
+        help="stop trials whose validation score lags behind earlier trials at the same point of "
+        "their schedules, never in its first quarter (default median)",
     )
     p.add_argument("--metric", choices=["accuracy", "macro_f1"], default="accuracy")
     p.add_argument(

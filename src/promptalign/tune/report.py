@@ -74,7 +74,8 @@ def write_trials_table(folder: StudyFolder, spec: StudySpec, trials: Sequence[An
         ]
         note = t.user_attrs.get("error", "")
         if t.state.name == "PRUNED":
-            note = f"pruned after epoch {max(t.intermediate_values, default=0)}"
+            done = t.user_attrs.get("epochs_done")  # the steps are percent of the schedule
+            note = f"pruned after epoch {done}" if done else "pruned"
         rows.append(
             [
                 str(t.number),

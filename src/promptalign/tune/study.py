@@ -30,6 +30,7 @@ import logging
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,11 +361,35 @@ def _sampler(op, spec: StudySpec, worker: int):
     return op.samplers.TPESampler(seed=seed)
 
 
+# Trials report their validation score at their progress through their own schedule, in percent
+# (epoch 3 of 10 is step 30), so trials with other epoch counts are compared at the same point of
+# their learning-rate schedules, not at the same epoch (where a 10-epoch cosine schedule has
+# annealed and a 100-epoch one has not). No trial is pruned in its first quarter: it holds the
+# methods' warm-up epochs (CoOp's first epoch trains at a constant 1e-5 whatever optim.lr is,
+# so its score there says nothing about the setting).
+PRUNE_AFTER = 25
+
+
+def progress_step(epoch: int, epochs: int) -> int:
+    """The Optuna step of the end of 0-based ``epoch`` of ``epochs``: percent of the schedule."""
+    return -(-100 * (epoch + 1) // max(epochs, 1))
+
+
+def report_epoch(trial: Any, value: float, epoch: int, epochs: int) -> None:
+    """Report ``value``, the score after 0-based ``epoch`` of ``epochs``, to an Optuna trial at
+    every percent of the schedule since the previous epoch's, so a trial of any epoch count has
+    a value at each step another trial is compared at."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a step reported before an interruption: kept as it was
+        for step in range(progress_step(epoch - 1, epochs) + 1, progress_step(epoch, epochs) + 1):
+            trial.report(value, step)
+
+
 def _pruner(op, spec: StudySpec):
-    if spec.pruner == "median":  # prune below the median of 3 earlier trials at the same epoch
-        return op.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if spec.pruner == "median":  # below the median of earlier trials at the same progress
+        return op.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=PRUNE_AFTER)
     if spec.pruner == "halving":
-        return op.pruners.SuccessiveHalvingPruner()
+        return op.pruners.SuccessiveHalvingPruner(min_resource=PRUNE_AFTER)
     return op.pruners.NopPruner()
 
 
@@ -491,10 +516,9 @@ def run_trial(study, trial, spec, folder, data_root, backbone, resumed, op) -> b
         trial.set_user_attr("epochs_done", end["epoch"] + 1)
         if end["eval"] is None:
             return
-        step = end["epoch"] + 1
-        trial.report(float(end["eval"][spec.metric]), step)
+        report_epoch(trial, float(end["eval"][spec.metric]), end["epoch"], end["epochs"])
         if trial.should_prune():
-            raise op.TrialPruned(f"pruned after epoch {step} of {end['epochs']}")
+            raise op.TrialPruned(f"pruned after epoch {end['epoch'] + 1} of {end['epochs']}")
 
     state = op.trial.TrialState
     try:
