@@ -237,16 +237,36 @@ def execute(task: Task, backbone=None) -> Outcome:
 
 # --------------------------------------------------------------------------- submissions
 class Submissions:
-    """The submissions recorded in a folder's manifest (who launched which tasks, with which
-    launcher, and whether that run is active, ended or cancelled). A class that keeps a
-    manifest (:class:`Grid`; a tuning study) provides ``folder``, ``_locked()`` (exclusive
-    access across processes and hosts), ``read()`` and ``_write(manifest)``; launchers record
-    and follow their submissions through these methods."""
+    """A folder with a JSON manifest, and the submissions recorded in it (who launched which
+    tasks, with which launcher, and whether that run is active, ended or cancelled). A class
+    that keeps a manifest (:class:`Grid`; a tuning study) names it (``manifest_name``), the
+    file whose claim locks it (``lock_name``) and what it is in errors (``what``), and provides
+    ``read()`` and ``_write(manifest)``; launchers record and follow their submissions through
+    these methods."""
 
-    folder: Path
+    manifest_name: str
+    lock_name: str
+    what: str
 
-    def _locked(self) -> contextlib.AbstractContextManager:
-        raise NotImplementedError
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / self.manifest_name
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive access to the manifest, across processes and hosts."""
+        claim = Claim(self.folder / self.lock_name, what=self.what, stale_after_s=60)
+        claim.acquire(wait_s=60)
+        try:
+            yield
+        finally:
+            claim.release()
 
     def read(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -287,24 +307,9 @@ class Submissions:
 class Grid(Submissions):
     """A grid folder (``<out>/<protocol>``): its manifest, its jobs and their states."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder).expanduser()
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.folder / MANIFEST
-
-    def exists(self) -> bool:
-        return self.manifest_path.is_file()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        claim = Claim(self.folder / _MANIFEST_LOCK, what="grid manifest", stale_after_s=60)
-        claim.acquire(wait_s=60)
-        try:
-            yield
-        finally:
-            claim.release()
+    manifest_name = MANIFEST
+    lock_name = _MANIFEST_LOCK
+    what = "grid manifest"
 
     def read(self) -> dict[str, Any]:
         """The manifest; GridError when it is missing, unreadable or of another format."""

@@ -22,7 +22,6 @@ resumes where it stopped, and its folder is the one record of it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,7 +30,7 @@ import time
 import traceback
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,27 +188,12 @@ class StudyFolder(Submissions):
     """A study folder (see the module docstring): its definition, storage, trials and the
     launchers' submissions."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder).expanduser()
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.folder / MANIFEST
-
-    def exists(self) -> bool:
-        return self.manifest_path.is_file()
+    manifest_name = MANIFEST
+    lock_name = _LOCK
+    what = "study manifest"
 
     def trial_dir(self, number: int) -> Path:
         return self.folder / TRIALS / f"{number:04d}"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        claim = Claim(self.folder / _LOCK, what="study manifest", stale_after_s=60)
-        claim.acquire(wait_s=60)
-        try:
-            yield
-        finally:
-            claim.release()
 
     def read(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
