@@ -90,7 +90,7 @@ def _wait(cond, timeout: float, what: str, step: float = 0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_grid_on_slurm_resumes_a_cancelled_job_and_equals_inline(tmp_path, slurm, bb):
+def test_grid_on_slurm_resumes_a_killed_job_and_equals_inline(tmp_path, slurm, bb):
     kw = {
         "methods": ["coop", "zeroshot"],
         "datasets": ["synthetic_shapes"],
@@ -132,7 +132,12 @@ def test_grid_on_slurm_resumes_a_cancelled_job_and_equals_inline(tmp_path, slurm
             return False
 
     _wait(epoch_done, 240, f"the first epoch of {key}")
-    subprocess.run(["scancel", slurm_id], check=True, timeout=30)
+    # killed mid-training, as the OOM killer would kill it: scancel sends SIGTERM, which submitit
+    # lets pass (srun then waits its KillWait before SIGKILL), and a job of a few seconds can
+    # finish in that time, so the job's process gets SIGKILL itself
+    running = json.loads((jdir / "state.json").read_text())["attempts"][-1]
+    assert running["job_id"] == slurm_id and running["outcome"] == "running"
+    os.kill(running["pid"], signal.SIGKILL)
     submitter.join(timeout=480)
     assert not submitter.is_alive(), "the submitter did not finish"
     if "error" in box:
@@ -145,7 +150,7 @@ def test_grid_on_slurm_resumes_a_cancelled_job_and_equals_inline(tmp_path, slurm
     assert attempts[0]["job_id"] == slurm_id and attempts[0]["outcome"] == "killed"
     assert attempts[-1]["outcome"] == "finished" and attempts[-1]["job_id"] != slurm_id
     assert attempts[-1]["resumed_from"][1] >= 1  # resumed from its last epoch, not from scratch
-    assert len(grid.submissions()) == 2  # the array, then the cancelled job again
+    assert len(grid.submissions()) == 2  # the array, then the killed job again
     assert all(j.attempts[-1]["scheduler"] == "slurm" for j in st.values())
 
     def results(out):
